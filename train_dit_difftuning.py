@@ -15,6 +15,7 @@ import argparse
 import copy
 import math
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -319,7 +320,7 @@ def main(args: argparse.Namespace) -> None:
         accelerator.register_for_checkpointing(ema)
 
     # --- Resume -----------------------------------------------------------------------------------
-    step_rng = tp.StepGenerator(args.seed, accelerator.process_index)
+    step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
     per_process_state = {"step_rng": step_rng, **({"replay": replay} if bank is not None else {})}
     resume_path = tp.resolve_resume_checkpoint(args)
     global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
@@ -341,6 +342,7 @@ def main(args: argparse.Namespace) -> None:
     # --- Training loop ---------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
+    loop_start, first_step = time.perf_counter(), global_step
     for epoch in range(global_step // updates_per_epoch, num_epochs):
         transformer.train()
         sampler.set_epoch(epoch)
@@ -394,6 +396,9 @@ def main(args: argparse.Namespace) -> None:
                 break
 
     # --- Save ------------------------------------------------------------------------------------
+    seconds = time.perf_counter() - loop_start
+    logger.info(f"Trained {global_step - first_step} steps in {seconds:.1f} s "
+                f"({seconds / max(1, global_step - first_step):.4f} s/step, validation and checkpoints included)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(transformer)

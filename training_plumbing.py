@@ -62,7 +62,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("Training")
     train.add_argument("--output_dir", type=str, required=False, help="Where the model and checkpoints are written.")
     train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
-    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the data, if no --max_train_steps.")
     train.add_argument("--max_train_steps", type=int, default=None,
                        help="Total optimizer steps; overrides --num_train_epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1,
@@ -79,10 +79,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
     train.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Mixed precision; defaults to accelerate's config.")
@@ -222,26 +222,34 @@ def create_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimiz
 
 
 class StepGenerator:
-    """The one source of randomness of a training step (noise, timesteps, label dropout, flips).
+    """The one source of randomness of a training step (noise, timesteps, label dropout).
 
-    A per-process ``torch.Generator`` on the CPU: results do not depend on the device, and its
-    state is saved in every checkpoint, so a resumed run draws exactly what a straight run would.
+    Per process: a CPU ``torch.Generator`` for small draws (timesteps, dropout masks) and, on a
+    GPU, a device generator for the noise tensors so they are drawn where they are used (no
+    host-to-device copy per step). Both states are saved in every checkpoint, so a resumed run
+    draws exactly what a straight run would.
     """
 
-    def __init__(self, seed: int | None, rank: int) -> None:
-        self.generator = torch.Generator().manual_seed(derive_seed(seed if seed is not None else 0, "step", rank))
+    def __init__(self, seed: int | None, rank: int, device: torch.device | str = "cpu") -> None:
+        seed = derive_seed(seed if seed is not None else 0, "step", rank)
+        self.generator = torch.Generator().manual_seed(seed)
+        device = torch.device(device)
+        self.device_generator = (torch.Generator(device).manual_seed(seed + 1) if device.type != "cpu"
+                                 else self.generator)
 
     def randn(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=self.generator).to(device=device, dtype=dtype, non_blocking=True)
+        return torch.randn(tuple(shape), generator=self.device_generator, device=self.device_generator.device,
+                           dtype=dtype).to(device)
 
     def rand(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.rand(n, generator=self.generator).to(device, non_blocking=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "device_generator": self.device_generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+        self.device_generator.set_state(state["device_generator"])
 
 
 # ----------------------------------------------------------------------------------------------
