@@ -243,12 +243,19 @@ def main(args: argparse.Namespace) -> None:
     args.resolution = args.resolution or transformer.config.sample_size * vae_scale
     if args.resolution != transformer.config.sample_size * vae_scale:
         raise dt.ConfigError(f"--resolution {args.resolution} does not match the model's latent size "
-                         f"{transformer.config.sample_size} x {vae_scale}.")
+                             f"{transformer.config.sample_size} x {vae_scale}.")
     vae.requires_grad_(False)
     # The fp16 VAE is known to give NaNs; bf16 is safe.
     vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     disable_per_block_label_dropout(transformer)
     base_fingerprint = dt.model_fingerprint(transformer) if args.difftuning and args.retention_ratio > 0 else None
+
+    # --- Target data (checked before the expensive bank build) -------------------------------------
+    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
+    if args.train_data_dir is not None:
+        tp.check_images_readable(dataset, args.image_column)
+    class_names, to_index = target_classes(dataset, args.label_column, null_class)
+    image_channels = vae.config.in_channels
 
     # --- Knowledge bank (built with the frozen pre-trained model, before any weight changes) ---
     bank = None
@@ -287,13 +294,7 @@ def main(args: argparse.Namespace) -> None:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = tp.create_optimizer(args, params)
 
-    # --- Data ------------------------------------------------------------------------------------
-    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
-    if args.train_data_dir is not None:
-        tp.check_images_readable(dataset, args.image_column)
-    class_names, to_index = target_classes(dataset, args.label_column, null_class)
-    image_channels = vae.config.in_channels
-
+    # --- Data loader: a seeded permutation per epoch, per-sample augmentation from (seed, epoch, index) ---
     class TargetDataset(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(dataset)

@@ -323,14 +323,16 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-                     rng: np.random.Generator, channels: int = 3) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip;
-    return [channels, H, W] float32 in [-1, 1]. PIL and numpy only (no torchvision here)."""
+                     rng: np.random.Generator, channels: int = 3,
+                     resample: Image.Resampling = Image.BICUBIC) -> torch.Tensor:
+    """Resize the short side to ``resolution`` (``resample``: upstream ControlNet uses bilinear), crop a
+    square (centre or random), maybe flip; return [channels, H, W] float32 in [-1, 1]. PIL and numpy only
+    (no torchvision here)."""
     image = image.convert("L" if channels == 1 else "RGB")
     scale = resolution / min(image.size)
     if scale != 1:
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC)
+        image = image.resize(size, resample)
     if center_crop:
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     else:

@@ -38,3 +38,119 @@ def make_image_folder(path: str, classes: tuple[str, ...] = ("circle", "square",
             array[8 + c * 4: 24 + c * 4, 10:26, c % 3] = 255
             Image.fromarray(array).save(os.path.join(path, name, f"{i}.png"))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny Stable Diffusion and a fill-style ControlNet dataset (train_controlnet_difftuning.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2/CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tiny_clip_tokenizer(path: str, words: tuple[str, ...] = ("circle", "filled", "outline", "red",
+                                                                   "green", "blue", "a", "an", "of")) -> str:
+    """An offline CLIP tokenizer: byte-level vocabulary, a few merges, the two special tokens.
+
+    Ids stay below 1000 so they fit the tiny text encoder's embedding table."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in words:  # merge each word left to right into one end-of-word token
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in dict.fromkeys(merges)))
+    CLIPTokenizer.from_pretrained(path, model_max_length=77).save_pretrained(path)
+    return path
+
+
+def make_tiny_sd_pipeline(path: str, seed: int = 0) -> str:
+    """A StableDiffusionPipeline folder: 2-level UNet with cross-attention, 4x VAE (32 px <-> 8x8
+    latents), a 2-layer CLIP text encoder and an offline CLIP tokenizer. Loads with the real
+    code paths (``from_pretrained(path, subfolder=...)``)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp), model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=8, sample_size=32)
+    text_config = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+CIRCLE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+
+
+def make_circle_dataset(path: str, n: int = 12, size: int = 40, seed: int = 0) -> str:
+    """A fill50k-style ControlNet dataset: the condition is a circle's outline on black, the target
+    the same circle filled with a colour on a light background, the caption names the colour.
+
+    Written as an imagefolder whose metadata.jsonl gives the columns upstream's script expects:
+    ``image`` (``file_name``), ``conditioning_image`` (``conditioning_image_file_name``), ``text``.
+    Loads with ``--train_data_dir path`` or ``--dataset_name path``."""
+    import json
+
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(path, "images"), exist_ok=True)
+    os.makedirs(os.path.join(path, "conditioning_images"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour = list(CIRCLE_COLOURS)[i % len(CIRCLE_COLOURS)]
+        radius = int(rng.integers(size // 6, size // 3))
+        cx, cy = (int(rng.integers(radius + 1, size - radius - 1)) for _ in range(2))
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        condition = Image.new("RGB", (size, size), (0, 0, 0))
+        ImageDraw.Draw(condition).ellipse(box, outline=(255, 255, 255), width=2)
+        target = Image.new("RGB", (size, size), (235, 235, 225))
+        ImageDraw.Draw(target).ellipse(box, fill=CIRCLE_COLOURS[colour])
+        target.save(os.path.join(path, "images", f"{i}.png"))
+        condition.save(os.path.join(path, "conditioning_images", f"{i}.png"))
+        rows.append({"file_name": f"images/{i}.png", "conditioning_image_file_name": f"conditioning_images/{i}.png",
+                     "text": f"a {colour} filled circle"})
+    with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
