@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Chain-of-forgetting analysis: how much of the reverse chain can the pre-trained model do?
+
+For each threshold s, sample with the fine-tuned denoiser for t >= s and the pre-trained one for
+t < s, then measure sample quality. s = 0 is the fine-tuned model alone; s = T is the pre-trained
+model alone. The paper's observation (its Figure 1): quality stays close to the fine-tuned model's
+while the pre-trained model handles the low-noise end, and degrades as it takes over noisier steps,
+i.e. low-t knowledge transfers and high-t knowledge does not.
+
+    python benchmark/chain_of_forgetting.py --base benchmark/source_model \\
+        --finetuned outputs/benchmark/standard-seed0 --reference mnist --output_dir outputs/cof
+    # real models (GPU, online for Inception weights):
+    python benchmark/chain_of_forgetting.py --base facebook/DiT-XL-2-256 --finetuned dit-food101 \\
+        --reference_dir ./food101/val --inception --device cuda --num_samples 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Sample with the fine-tuned model above a timestep threshold and "
+                                                 "the pre-trained one below it; plot quality against the threshold.")
+    parser.add_argument("--base", required=True, help="Pre-trained DiTPipeline (folder or Hub id).")
+    parser.add_argument("--finetuned", required=True, help="Fine-tuned DiTPipeline (folder or Hub id).")
+    parser.add_argument("--thresholds", type=int, nargs="+", default=[0, 100, 200, 300, 400, 500, 600, 700, 800,
+                                                                       900, 1000])
+    parser.add_argument("--num_samples", type=int, default=500, help="Class-balanced samples per threshold.")
+    parser.add_argument("--num_inference_steps", type=int, default=100)
+    parser.add_argument("--guidance_scale", type=float, default=1.5)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="Same noise at every threshold (paired comparison).")
+    parser.add_argument("--reference", choices=["mnist"], default=None,
+                        help="Built-in reference for the CPU miniature: MNIST, classifier-feature FID/KID.")
+    parser.add_argument("--reference_dir", default=None, help="Folder of real target images (Inception FID).")
+    parser.add_argument("--inception", action="store_true", help="Standard Inception FID (downloads weights).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+    if (args.reference is None) == (args.reference_dir is None):
+        parser.error("give exactly one of --reference mnist or --reference_dir.")
+    if args.reference_dir is not None and not args.inception:
+        parser.error("--reference_dir needs --inception (classifier features exist only for the MNIST miniature).")
+    return args
+
+
+def load_reference_folder(folder: str, resolution: int, channels: int) -> torch.Tensor:
+    """Real images [N, C, H, W] in [-1, 1], centre-cropped to the model's resolution."""
+    import numpy as np
+    from PIL import Image
+
+    from training_plumbing import preprocess_image
+
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+    if not paths:
+        raise SystemExit(f"error: --reference_dir {folder} holds no images.")
+    rng = np.random.default_rng(0)
+    return torch.stack([preprocess_image(Image.open(p), resolution, True, False, rng, channels) for p in paths])
+
+
+def main(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from diffusers import DiTPipeline
+
+    from benchmark import evaluate
+
+    base = DiTPipeline.from_pretrained(args.base).to(args.device)
+    finetuned = DiTPipeline.from_pretrained(args.finetuned).to(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.reference == "mnist":
+        digits = [i % 10 for i in range(args.num_samples)]
+        labels = [evaluate.digit_rows(finetuned)[d] for d in digits]
+        classifier, _ = evaluate.load_or_train_classifier()
+        reference, _ = evaluate.load_mnist_split("reference")
+        measure = lambda images: evaluate.compute_metrics(images, digits, reference, classifier, bootstrap=0)  # noqa: E731
+    else:
+        num_classes = len(finetuned.labels) or finetuned.transformer.config.num_embeds_ada_norm
+        labels = [i % num_classes for i in range(args.num_samples)]
+        vae_scale = 2 ** (len(finetuned.vae.config.block_out_channels) - 1)
+        reference = load_reference_folder(args.reference_dir, finetuned.transformer.config.sample_size * vae_scale,
+                                          finetuned.vae.config.in_channels)
+        measure = lambda images: {"fid": evaluate.inception_fid(images, reference, args.device)}  # noqa: E731
+
+    rows = []
+    for threshold in sorted(args.thresholds):
+        images = evaluate.sample_pipeline(finetuned, labels, args.seed, args.num_inference_steps,
+                                          args.guidance_scale, args.batch_size, base_transformer=base.transformer,
+                                          switch_timestep=threshold)
+        metrics = measure(images)
+        rows.append({"threshold": threshold, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
+        print(json.dumps(rows[-1]), flush=True)
+    with open(os.path.join(args.output_dir, "chain_of_forgetting.json"), "w") as f:
+        json.dump({"base": args.base, "finetuned": args.finetuned, "rows": rows, "args": vars(args)}, f, indent=2)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([r["threshold"] for r in rows], [r["fid"] for r in rows], marker="o")
+    ax.set_xlabel("threshold s: pre-trained model denoises t < s")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("Chain of forgetting: swapping in the pre-trained denoiser")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "chain_of_forgetting.png"), dpi=120)
+    print(f"Wrote {args.output_dir}/chain_of_forgetting.(json|png); FID by threshold: "
+          + ", ".join(f"{r['threshold']}: {r['fid']:.2f}" for r in rows))
+
+
+if __name__ == "__main__":
+    main(parse_args())

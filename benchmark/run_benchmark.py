@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""The CPU miniature of the paper's DiT transfer experiment, run through the real training script.
+
+Source: the small Fashion-MNIST DiTPipeline in benchmark/source_model (pre-trained by
+benchmark/pretrain_source.py). Target: MNIST few-shot (10 images per class by default), a label
+space disjoint from the source. Every arm is one `train_dit_difftuning.py` run with the same steps,
+batch and seed; each is evaluated on the same sampling noise (paired comparison) with FID/KID in
+the feature space of a small MNIST classifier, plus that classifier's accuracy on the samples.
+
+    python benchmark/run_benchmark.py --output_dir outputs/benchmark            # full table
+    python benchmark/run_benchmark.py --arms standard difftuning --seeds 0 --max_train_steps 300 ...
+
+Finished runs are skipped, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+
+# Arm name -> extra flags of train_dit_difftuning.py. PEFT arms use the higher lr PEFT needs (DiffFit: 1e-3).
+ARMS: dict[str, list[str]] = {
+    "standard": [],
+    "difftuning": ["--difftuning"],
+    "psi_only": ["--difftuning", "--retention_ratio", "0"],
+    "bank_only": ["--difftuning", "--difftuning_tau", "0"],
+    "lora": ["--finetune", "lora", "--rank", "8", "--learning_rate", "1e-3"],
+    "lora_difftuning": ["--finetune", "lora", "--rank", "8", "--learning_rate", "1e-3", "--difftuning"],
+    "difffit": ["--finetune", "difffit", "--learning_rate", "1e-3"],
+    "difffit_difftuning": ["--finetune", "difffit", "--learning_rate", "1e-3", "--difftuning"],
+}
+BASELINE_OF = {"difftuning": "standard", "psi_only": "standard", "bank_only": "standard",
+               "lora_difftuning": "lora", "difffit_difftuning": "difffit"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the Diff-Tuning CPU miniature benchmark.")
+    parser.add_argument("--source_model", default=os.path.join(ROOT, "benchmark", "source_model"))
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmark"))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shots_per_class", type=int, default=10)
+    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="Short runs: 0.9999 would barely move.")
+    parser.add_argument("--knowledge_bank_size", type=int, default=1000)
+    parser.add_argument("--knowledge_bank_num_inference_steps", type=int, default=100)
+    parser.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples per run.")
+    parser.add_argument("--num_inference_steps", type=int, default=100, help="Ancestral DDPM steps for evaluation.")
+    parser.add_argument("--guidance_scale", type=float, default=1.5)
+    parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
+    parser.add_argument("--table", default=None, help="Also write the markdown table here (e.g. docs/...).")
+    parser.add_argument("--summarize_only", action="store_true",
+                        help="Train nothing: tabulate every finished run in --output_dir/runs.")
+    return parser.parse_args(argv)
+
+
+def write_target_folder(args: argparse.Namespace) -> str:
+    """The few-shot MNIST training set as an imagefolder of 32x32 PNGs (padded like the source data),
+    one folder per digit, so class names are "0".."9"."""
+    from PIL import Image
+
+    from benchmark import evaluate
+    from benchmark.data import from_model_range
+
+    folder = os.path.join(args.output_dir, f"mnist-{args.shots_per_class}shot")
+    if os.path.isdir(folder):
+        return folder
+    images, labels = evaluate.load_mnist_split("train", 0, args.shots_per_class)
+    pixels = from_model_range(images)
+    tmp = folder + ".tmp"
+    for i, label in enumerate(labels.tolist()):
+        os.makedirs(os.path.join(tmp, str(label)), exist_ok=True)
+        Image.fromarray(pixels[i].reshape(32, 32), mode="L").save(os.path.join(tmp, str(label), f"{i:05d}.png"))
+    os.replace(tmp, folder)
+    return folder
+
+
+def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str) -> dict:
+    """One arm = one run of the real script, then its evaluation; both skipped when already done."""
+    out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+    metrics_path = os.path.join(out, "metrics.json")
+    if os.path.exists(metrics_path):
+        return json.load(open(metrics_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if not os.path.exists(os.path.join(out, "model_index.json")):
+        cmd = [sys.executable, os.path.join(ROOT, "train_dit_difftuning.py"),
+               "--pretrained_model_name_or_path", args.source_model, "--train_data_dir", data, "--output_dir", out,
+               "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
+               "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
+               "--center_crop", "--use_ema", "--ema_decay", str(args.ema_decay), "--checkpointing_steps", "100000",
+               "--report_to", "tensorboard", "--num_validation_images", "2", "--validation_num_inference_steps", "50",
+               "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
+               "--knowledge_bank_size", str(args.knowledge_bank_size),
+               "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
+               *ARMS[arm]]
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        start = time.time()
+        with open(out + ".log", "w") as log:
+            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(os.path.join(out, "train_time.json"), "w") as f:
+            json.dump({"seconds": time.time() - start}, f)
+    # Same --seed for every arm: the same sampling noise, a paired comparison.
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
+                    "--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps),
+                    "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
+                    "--shots_per_class", str(args.shots_per_class), "--output_json", metrics_path + ".eval",
+                    "--save_grid", os.path.join(out, "eval_grid.png")], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    metrics = json.load(open(metrics_path + ".eval"))
+    metrics["train_seconds"] = json.load(open(os.path.join(out, "train_time.json")))["seconds"]
+    with open(metrics_path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    return metrics
+
+
+def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
+    """Train and evaluate every (arm, seed), ``--jobs`` at a time; returns metrics by arm and seed."""
+    from benchmark import evaluate
+
+    evaluate.load_or_train_classifier()  # train/cache the feature classifier once, before the pool
+    # Arms of one seed share that seed's knowledge bank: one bank-building run per seed goes first.
+    uses_bank = [a for a in args.arms if "--difftuning" in ARMS[a] and "--retention_ratio" not in ARMS[a]]
+    first = [(uses_bank[0], seed) for seed in args.seeds] if uses_bank else []
+    jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]  # arms in the order given
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda job: train_and_evaluate(args, *job, data), first))
+        metrics = list(pool.map(lambda job: train_and_evaluate(args, *job, data), jobs))
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
+    for (arm, seed), result in zip(jobs, metrics, strict=True):
+        results[arm][seed] = result
+        print(f"[benchmark] {arm} seed {seed}: FID {result['fid']:.2f}, KID {result['kid_mean']:.1f}, "
+              f"accuracy {result['accuracy']:.3f}", flush=True)
+    return results
+
+
+def collect_results(output_dir: str) -> dict[str, dict[int, dict]]:
+    """Every finished run under ``output_dir/runs``, in ARMS order."""
+    results: dict[str, dict[int, dict]] = {}
+    runs = os.path.join(output_dir, "runs")
+    for arm in ARMS:
+        for name in sorted(os.listdir(runs)):
+            path = os.path.join(runs, name, "metrics.json")
+            if name.startswith(f"{arm}-seed") and os.path.exists(path):
+                results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = json.load(open(path))
+    return results
+
+
+def summarize(results: dict[str, dict[int, dict]]) -> str:
+    """Markdown table: mean ± std over seeds, and the paired FID change against each arm's baseline."""
+    def fmt(values: list[float], digits: int = 2) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    lines = ["| arm | seeds | FID ↓ | KID ↓ | accuracy ↑ | FID vs baseline (paired, per seed) | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, by_seed in results.items():
+        seeds = sorted(by_seed)
+        fid = [by_seed[s]["fid"] for s in seeds]
+        kid = [by_seed[s]["kid_mean"] for s in seeds]
+        acc = [by_seed[s]["accuracy"] for s in seeds]
+        secs = [by_seed[s]["train_seconds"] for s in seeds]
+        base = BASELINE_OF.get(arm)
+        change = "—"
+        if base in results:
+            pairs = [(by_seed[s]["fid"], results[base][s]["fid"]) for s in seeds if s in results[base]]
+            if pairs:
+                rel = [100 * (a - b) / b for a, b in pairs]
+                change = f"{statistics.mean(rel):+.1f}% vs {base} ({', '.join(f'{r:+.1f}%' for r in rel)})"
+        lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {fmt(kid, 1)} | {fmt(acc, 3)} | {change} | "
+                     f"{fmt(secs, 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> None:
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.time()
+    data = write_target_folder(args)
+    if args.summarize_only:
+        results = collect_results(args.output_dir)
+    else:
+        results = run_arms(args, data)
+    table = summarize(results)
+    header = (f"Source {os.path.relpath(args.source_model, ROOT)}; target MNIST {args.shots_per_class}-shot; "
+              f"{args.max_train_steps} steps, batch {args.train_batch_size}, lr {args.learning_rate} (PEFT arms "
+              f"1e-3); {args.num_samples} samples, {args.num_inference_steps} DDPM steps, guidance "
+              f"{args.guidance_scale}; wall time {time.time() - start:.0f} s.\n\n")
+    for path in filter(None, [os.path.join(args.output_dir, "results.md"), args.table]):
+        with open(path, "w") as f:
+            f.write(header + table)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main(parse_args())
