@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> None:
                                       [transformer.config.in_channels] + [transformer.config.sample_size] * 2)
         preview = os.path.join(args.knowledge_bank_dir, "preview.png")
         if accelerator.is_main_process and not os.path.exists(preview):
-            dt.save_bank_preview(bank.latents[:16], lambda z: decode_latents(vae, z), preview)
+            dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
         bank_latents = bank.latents.to(accelerator.device)  # small: kept on device, no per-step copy
         replay = dt.ReplayStream(len(bank), num_bank, args.seed or 0, accelerator.process_index)
 
@@ -426,14 +426,6 @@ def main(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 # Validation and output
 # ----------------------------------------------------------------------------------------------
-
-
-def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> list:
-    """Latents -> PIL images (for the bank preview)."""
-    with torch.no_grad():
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
-    return DiTPipeline.numpy_to_pil(images)
 
 
 def label_ids(labels: list[str], class_names: list[str]) -> list[int]:

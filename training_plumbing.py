@@ -273,8 +273,8 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
         if column not in dataset.column_names:
             raise ConfigError(f"{flag} '{column}' is not a column of the dataset; it has: "
                              f"{', '.join(dataset.column_names)}.")
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if args.max_train_samples is not None:  # a seeded random subset, as upstream does
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:
         raise ConfigError("The training dataset is empty.")
     return dataset
@@ -427,6 +427,16 @@ def load_checkpoint(accelerator: Accelerator, path: str, per_process_state: dict
 # ----------------------------------------------------------------------------------------------
 # Logging, model card, Hub
 # ----------------------------------------------------------------------------------------------
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE latents (scaled) -> PIL images, e.g. for the knowledge-bank preview."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    with torch.no_grad():
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+    return VaeImageProcessor.numpy_to_pil(images)
 
 
 def log_images(accelerator: Accelerator, images: Sequence[Image.Image], captions: Sequence[str], step: int,

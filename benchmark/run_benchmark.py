@@ -164,14 +164,16 @@ def summarize(results: dict[str, dict[int, dict]]) -> str:
             return f"{values[0]:.{digits}f}"
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
-    lines = ["| arm | seeds | FID ↓ | KID ↓ | accuracy ↑ | FID vs baseline (paired, per seed) | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | FID ↓ | KID ↓ | accuracy ↑ | copy rate | NN ratio | FID vs baseline (paired, per seed) "
+             "| train s |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, by_seed in results.items():
         seeds = sorted(by_seed)
         fid = [by_seed[s]["fid"] for s in seeds]
         kid = [by_seed[s]["kid_mean"] for s in seeds]
         acc = [by_seed[s]["accuracy"] for s in seeds]
         secs = [by_seed[s]["train_seconds"] for s in seeds]
+        copies = [by_seed[s].get("copy_rate", float("nan")) for s in seeds]
+        ratio = [by_seed[s].get("nn_train_ref_ratio_median", float("nan")) for s in seeds]
         base = BASELINE_OF.get(arm)
         change = "—"
         if base in results:
@@ -179,9 +181,13 @@ def summarize(results: dict[str, dict[int, dict]]) -> str:
             if pairs:
                 rel = [100 * (a - b) / b for a, b in pairs]
                 change = f"{statistics.mean(rel):+.1f}% vs {base} ({', '.join(f'{r:+.1f}%' for r in rel)})"
-        lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {fmt(kid, 1)} | {fmt(acc, 3)} | {change} | "
-                     f"{fmt(secs, 0)} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {fmt(kid, 1)} | {fmt(acc, 3)} | {fmt(copies, 3)} | "
+                     f"{fmt(ratio)} | {change} | {fmt(secs, 0)} |")
+    notes = ("\nFID/KID: classifier-feature space, against 1,900 held-out MNIST digits (real vs real: FID ~8-10). "
+             "Copy rate: share of samples closer to a few-shot training image than 95% of unseen real digits are "
+             "(unseen real digits: 0.04; copies of the training set: 1.0). NN ratio: median distance to the nearest "
+             "training image over distance to the nearest reference image (unseen real digits: 1.56; copies: 0).\n")
+    return "\n".join(lines) + "\n" + notes
 
 
 def main(args: argparse.Namespace) -> None:
