@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=250)
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--samples_per_class", type=int, default=8)
-    p.add_argument("--scheduler_variance_type", default="learned_range",
+    p.add_argument("--scheduler_variance_type", default="fixed_small",
                    choices=["learned_range", "fixed_small"],
                    help="variance_type of the saved DDPMScheduler. DiTPipeline.__call__ drops "
                         "the variance half, so with learned_range it needs fixed_small swapped "
@@ -333,31 +333,6 @@ def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_latents(transformer, scheduler, class_labels: torch.Tensor, guidance_scale: float,
-                   num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Ancestral DDPM with classifier-free guidance and the model's learned variance.
-
-    Same guidance rule as DiTPipeline (guide the epsilon half; null label 1000), but the
-    variance half is passed to ``scheduler.step`` so learned_range uses it, as DiT does.
-    """
-    c = transformer.config.in_channels
-    size = transformer.config.sample_size
-    n = len(class_labels)
-    latents = torch.randn((n, c, size, size), generator=generator)
-    labels_in = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS_ID)])
-    scheduler.set_timesteps(num_inference_steps)
-    for t in scheduler.timesteps:
-        x_in = torch.cat([latents, latents])
-        out = transformer(x_in, timestep=t.expand(2 * n), class_labels=labels_in).sample
-        eps, rest = out[:, :c], out[:, c:]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + guidance_scale * (cond - uncond)
-        model_output = torch.cat([guided, rest[:n]], dim=1)
-        latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
-    return latents
-
-
 def make_samples(args: argparse.Namespace) -> None:
     """Check the saved pipeline: label lookup works and class-conditional samples look right."""
     from diffusers import DiffusionPipeline
@@ -375,8 +350,11 @@ def make_samples(args: argparse.Namespace) -> None:
     k = args.samples_per_class
     labels = torch.arange(len(FASHION_MNIST_CLASSES)).repeat_interleave(k)
     t0 = time.time()
-    latents = sample_latents(pipe.transformer, scheduler, labels, args.guidance_scale,
-                             args.num_inference_steps, gen)
+    # The training script's sampler: ancestral DDPM with the learned variance, guidance on epsilon.
+    from train_dit_difftuning import sample_dit_latents
+
+    latents = sample_dit_latents(pipe.transformer, scheduler, labels.tolist(), args.guidance_scale,
+                                 args.num_inference_steps, gen, NULL_CLASS_ID)
     with torch.no_grad():
         images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     logger.info("sampled %d images in %.1f s (DDPM %d steps, guidance %.1f)", len(labels),

@@ -1,0 +1,53 @@
+"""Smoke version of the miniature benchmark (a few steps, one arm pair), so it cannot rot.
+
+Runs the real pipeline end to end: the shipped source model, the 10-shot MNIST folder, two
+`train_dit_difftuning.py` runs, their evaluation, the table, and the chain-of-forgetting CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SOURCE = os.path.join(ROOT, "benchmark", "source_model")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_shipped_source_model_loads_and_knows_its_classes():
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(SOURCE)
+    assert pipe.transformer.config.num_embeds_ada_norm == 1000  # 1001-row label table, null = 1000
+    assert pipe.transformer.config.out_channels == 2 * pipe.transformer.config.in_channels  # learned sigma
+    assert pipe.get_label_ids(["trouser"]) == [1]
+
+
+def test_benchmark_smoke(tmp_path):
+    out = str(tmp_path / "bench")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--output_dir", out,
+           "--arms", "standard", "difftuning", "--seeds", "0", "--max_train_steps", "3", "--train_batch_size", "8",
+           "--knowledge_bank_size", "8", "--knowledge_bank_num_inference_steps", "4", "--num_samples", "20",
+           "--num_inference_steps", "4"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| standard | 1 |" in table and "| difftuning | 1 |" in table and "% vs standard" in table
+    for arm in ("standard", "difftuning"):
+        metrics = json.load(open(os.path.join(out, "runs", f"{arm}-seed0", "metrics.json")))
+        assert metrics["num_generated"] == 20 and metrics["fid"] > 0 and 0 <= metrics["accuracy"] <= 1
+        assert os.path.exists(os.path.join(out, "runs", f"{arm}-seed0", "eval_grid.png"))
+    assert os.path.exists(os.path.join(out, "bank-seed0", "manifest.json"))
+
+    cof = str(tmp_path / "cof")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", SOURCE,
+                           "--finetuned", os.path.join(out, "runs", "standard-seed0"), "--reference", "mnist",
+                           "--thresholds", "0", "1000", "--num_samples", "10", "--num_inference_steps", "3",
+                           "--output_dir", cof], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(os.path.join(cof, "chain_of_forgetting.json")))["rows"]
+    assert [r["threshold"] for r in rows] == [0, 1000] and all(r["fid"] > 0 for r in rows)
+    assert os.path.exists(os.path.join(cof, "chain_of_forgetting.png"))
