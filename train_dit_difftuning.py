@@ -264,7 +264,8 @@ def main(args: argparse.Namespace) -> None:
         transformer.to(accelerator.device)
         bank_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, variance_type=(
             "learned_range" if learned_sigma else noise_scheduler.config.variance_type))
-        source_classes = sorted(int(k) for k in (pipeline.config.get("id2label") or {})) or list(range(null_class))
+        # The classes the pre-trained model knows (its id2label, e.g. 10 for our miniature), else every row.
+        source_classes = sorted(set(pipeline.labels.values())) or list(range(null_class))
         label_gen = torch.Generator().manual_seed(dt.derive_seed(args.seed or 0, "bank-labels"))
         picks = torch.randint(0, len(source_classes), (args.knowledge_bank_size,), generator=label_gen)
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,

@@ -430,8 +430,7 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
 def digit_rows(pipe) -> list[int]:
     """Label-table row of each digit 0..9: read from the pipeline's id2label when its names are
     the digits (imagefolder class folders "0".."9"), else row = digit."""
-    id2label = {int(k): str(v) for k, v in (pipe.config.get("id2label") or {}).items()}
-    by_name = {name: row for row, name in id2label.items()}
+    by_name = dict(pipe.labels)  # name -> row, parsed by DiTPipeline from model_index.json's id2label
     if all(d in by_name for d in MNIST_CLASSES):
         return [by_name[d] for d in MNIST_CLASSES]
     return list(range(len(MNIST_CLASSES)))

@@ -239,6 +239,16 @@ def test_bank_from_another_model_refused(tiny_dit, image_folder, tmp_path):
     assert json.load(open(os.path.join(bank, "manifest.json")))["complete"]  # the bank is left intact
 
 
+def test_bank_uses_the_classes_the_base_model_knows(image_folder, tmp_path):
+    """A base model with id2label (trained on 2 of its 1000 rows) gets a bank of those classes only."""
+    from difftuning_utils import load_knowledge_bank
+
+    model = make_tiny_dit_pipeline(str(tmp_path / "m"), id2label={3: "cat", 7: "dog"})
+    bank = str(tmp_path / "bank")
+    run(base_args(model, image_folder, str(tmp_path / "o"), steps=1) + ["--difftuning", "--knowledge_bank_dir", bank])
+    assert set(load_knowledge_bank(bank).conditions) == {3, 7}
+
+
 def test_resume_from_missing_checkpoint(tiny_dit, image_folder, tmp_path):
     proc = run(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + [
         "--resume_from_checkpoint", str(tmp_path / "nope")], ok=False)
