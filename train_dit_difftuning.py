@@ -347,18 +347,10 @@ def main(args: argparse.Namespace) -> None:
     loop_start, first_step = time.perf_counter(), global_step
     for epoch in range(global_step // updates_per_epoch, num_epochs):
         transformer.train()
-        sampler.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps if epoch == (
-            global_step // updates_per_epoch) else 0
-        epoch_loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch in epoch_loader:
+        for batch in tp.epoch_loader(accelerator, train_dataloader, sampler, epoch, global_step, updates_per_epoch,
+                                     args.gradient_accumulation_steps):
             with accelerator.accumulate(transformer):
-                pixel_values = batch["pixel_values"].to(vae.dtype)
-                posterior = vae.encode(pixel_values).latent_dist
-                latents = posterior.mean + posterior.std * step_rng.randn(posterior.mean.shape, accelerator.device,
-                                                                           posterior.mean.dtype)
-                latents = latents.float() * vae.config.scaling_factor
+                latents = tp.encode_latents(vae, batch["pixel_values"], step_rng)
                 drop = step_rng.rand(num_target, accelerator.device) < args.label_dropout_prob
                 class_labels = torch.where(drop, null_class, batch["class_labels"])
                 timesteps, weights = psi.sample(num_target, step_rng.generator, accelerator.device)

@@ -322,6 +322,28 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return iter((torch.randperm(self.num_items, generator=generator) + offset).tolist())
 
 
+def epoch_loader(accelerator: Accelerator, train_dataloader: Any, sampler: EpochShuffleSampler, epoch: int,
+                 global_step: int, updates_per_epoch: int, gradient_accumulation_steps: int) -> Any:
+    """The dataloader for ``epoch``, skipping the batches a resumed run has already seen in it.
+
+    Both the sampler and accelerate's dataloader get the epoch explicitly (accelerate's own
+    counter restarts at 0 after a resume), so the order is the straight run's.
+    """
+    sampler.set_epoch(epoch)
+    train_dataloader.set_epoch(epoch)
+    first_epoch = global_step // updates_per_epoch
+    skip = (global_step % updates_per_epoch) * gradient_accumulation_steps if epoch == first_epoch else 0
+    return accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+
+
+def encode_latents(vae: torch.nn.Module, pixel_values: torch.Tensor, step_rng: StepGenerator) -> torch.Tensor:
+    """VAE posterior sample x scaling factor, float32; the sample's noise comes from ``step_rng``
+    (not the global RNG) so resumed runs are exact."""
+    posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+    noise = step_rng.randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
+    return (posterior.mean + posterior.std * noise).float() * vae.config.scaling_factor
+
+
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                      rng: np.random.Generator, channels: int = 3,
                      resample: Image.Resampling = Image.BICUBIC) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -26,3 +27,26 @@ def tiny_dit(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> str:
     return make_image_folder(str(tmp_path_factory.mktemp("shapes")))
+
+
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+              "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(script: str, args: list[str], launcher: list[str] | None = None,
+               ok: bool = True) -> subprocess.CompletedProcess:
+    """Run a training script as a user would (a subprocess); with ``ok``, fail the test on a non-zero exit."""
+    proc = subprocess.run((launcher or [sys.executable]) + [script] + args, env=SCRIPT_ENV, capture_output=True,
+                          text=True, timeout=600)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one-sentence error of a bad-input run: exit code 2, an 'error: ' line, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return lines[-1]

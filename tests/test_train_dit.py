@@ -10,13 +10,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, error_line, run_script
 from safetensors.torch import load_file
 from tiny_models import make_image_folder, make_tiny_dit_pipeline
 
 SCRIPT = os.path.join(ROOT, "train_dit_difftuning.py")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def base_args(model: str, data: str, out: str, steps: int = 4) -> list[str]:
@@ -28,19 +26,7 @@ def base_args(model: str, data: str, out: str, steps: int = 4) -> list[str]:
 
 
 def run(args: list[str], launcher: list[str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [SCRIPT] + args
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert lines, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return lines[-1]
+    return run_script(SCRIPT, args, launcher, ok)
 
 
 def load_and_generate(out: str, label: str) -> None:
