@@ -552,10 +552,18 @@ def add_difftuning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     return group
 
 
-def validate_difftuning_args(args: argparse.Namespace) -> None:
-    """Fail fast, naming the flag, on Diff-Tuning settings that cannot work."""
+def validate_difftuning_args(args: argparse.Namespace, bank_num_inference_steps: int | None = None,
+                             bank_guidance_scale: float | None = None) -> None:
+    """Fail fast, naming the flag, on Diff-Tuning settings that cannot work; fill the defaults
+    that depend on the script (its sampler's steps and guidance) or on ``--output_dir``."""
     if args.retention_tau is None:
         args.retention_tau = args.difftuning_tau
+    if args.knowledge_bank_dir is None and getattr(args, "output_dir", None):
+        args.knowledge_bank_dir = os.path.join(args.output_dir, "knowledge_bank")
+    if args.knowledge_bank_num_inference_steps is None:
+        args.knowledge_bank_num_inference_steps = bank_num_inference_steps
+    if args.knowledge_bank_guidance_scale is None:
+        args.knowledge_bank_guidance_scale = bank_guidance_scale
     for flag in ("difftuning_tau", "retention_tau", "retention_weight"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")

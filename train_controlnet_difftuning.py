@@ -210,7 +210,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(output_dir="controlnet-model", tracker_project_name="train_controlnet")
     args = parser.parse_args(input_args)
     tp.validate_common_args(args)
-    dt.validate_difftuning_args(args)
+    dt.validate_difftuning_args(args, bank_num_inference_steps=50, bank_guidance_scale=7.5)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise dt.ConfigError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}.")
     if args.controlnet_lora and args.rank < 1:
@@ -225,9 +225,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         for path in args.validation_image:
             if not os.path.isfile(path):
                 raise dt.ConfigError(f"--validation_image {path}: no such file.")
-    args.knowledge_bank_dir = args.knowledge_bank_dir or os.path.join(args.output_dir, "knowledge_bank")
-    args.knowledge_bank_num_inference_steps = args.knowledge_bank_num_inference_steps or 50
-    args.knowledge_bank_guidance_scale = args.knowledge_bank_guidance_scale or 7.5
     return args
 
 

@@ -205,14 +205,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         train_batch_size=32)
     args = parser.parse_args(input_args)
     tp.validate_common_args(args)
-    dt.validate_difftuning_args(args)
+    dt.validate_difftuning_args(args, bank_num_inference_steps=250, bank_guidance_scale=1.5)
     if args.finetune == "lora" and args.rank < 1:
         raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
     if not 0 <= args.label_dropout_prob < 1:
         raise dt.ConfigError(f"--label_dropout_prob must be in [0, 1), got {args.label_dropout_prob}.")
-    args.knowledge_bank_dir = args.knowledge_bank_dir or os.path.join(args.output_dir, "knowledge_bank")
-    args.knowledge_bank_num_inference_steps = args.knowledge_bank_num_inference_steps or 250
-    args.knowledge_bank_guidance_scale = args.knowledge_bank_guidance_scale or 1.5
     return args
 
 

@@ -50,3 +50,29 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert lines, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return lines[-1]
+
+
+@pytest.fixture
+def captured_hub(monkeypatch) -> dict:
+    """The Hub is unreachable: record create_repo/upload_folder calls instead (keys 'create', 'upload')."""
+    import training_plumbing
+
+    calls: dict = {}
+
+    class Repo:
+        def __init__(self, repo_id: str) -> None:
+            self.repo_id = repo_id
+
+    monkeypatch.setattr(training_plumbing, "create_repo",
+                        lambda **kw: calls.setdefault("create", kw) and Repo(kw["repo_id"]))
+    monkeypatch.setattr(training_plumbing, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    return calls
+
+
+def files_uploaded(upload: dict) -> list[str]:
+    """Paths under the uploaded folder that the upload's ignore patterns let through."""
+    import fnmatch
+
+    root = upload["folder_path"]
+    paths = [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files]
+    return [p for p in paths if not any(fnmatch.fnmatch(p, pat) for pat in upload["ignore_patterns"])]

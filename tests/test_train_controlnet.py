@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, error_line, run_script
+from conftest import ROOT, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 from tiny_models import make_circle_dataset, make_tiny_sd_pipeline
 
@@ -154,21 +154,11 @@ def test_two_processes_on_cpu(tiny_sd, circles, tmp_path):
     assert manifest["count"] == 6 and len(manifest["shards"]) == 2  # one shard built by each process
 
 
-def test_push_to_hub_uploads_without_checkpoints(tiny_sd, circles, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_without_checkpoints(tiny_sd, circles, tmp_path, captured_hub):
     """The Hub is unreachable: capture create_repo/upload_folder and check what would be sent.
     Also the run (in-process, for speed) of the adaptation-only mode, --retention none."""
-    import fnmatch
-
     import train_controlnet_difftuning as script
-    import training_plumbing
 
-    calls = {}
-
-    class Repo:
-        repo_id = "me/controlnet-circles"
-
-    monkeypatch.setattr(training_plumbing, "create_repo", lambda **kw: calls.setdefault("create", kw) and Repo())
-    monkeypatch.setattr(training_plumbing, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     out = str(tmp_path / "out")
     script.main(script.parse_args(base_args(tiny_sd, circles, out) + [
         "--difftuning", "--retention", "none", "--push_to_hub", "--hub_model_id", "me/controlnet-circles",
@@ -176,14 +166,9 @@ def test_push_to_hub_uploads_without_checkpoints(tiny_sd, circles, tmp_path, mon
     assert_trained(out)
     generate(tiny_sd, out, circles)
     assert not os.path.exists(os.path.join(out, "knowledge_bank"))
-    upload = calls["upload"]
-    assert calls["create"]["repo_id"] == upload["repo_id"] == "me/controlnet-circles"
-    sent = []
-    for folder, _, files in os.walk(out):
-        for name in files:
-            rel = os.path.relpath(os.path.join(folder, name), out)
-            if not any(fnmatch.fnmatch(rel, pat) for pat in upload["ignore_patterns"]):
-                sent.append(rel)
+    upload = captured_hub["upload"]
+    assert captured_hub["create"]["repo_id"] == upload["repo_id"] == "me/controlnet-circles"
+    sent = files_uploaded(upload)
     assert {"config.json", WEIGHTS, "README.md", "samples.png"} <= set(sent)
     assert not any(p.startswith("checkpoint-") for p in sent)
     assert os.path.isdir(os.path.join(out, "checkpoint-1", "controlnet"))

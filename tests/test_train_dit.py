@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, error_line, run_script
+from conftest import ROOT, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 from tiny_models import make_image_folder, make_tiny_dit_pipeline
 
@@ -149,33 +149,18 @@ def test_two_processes_on_cpu(tiny_dit, image_folder, tmp_path):
     assert manifest["count"] == 6 and len(manifest["shards"]) == 2  # one shard built by each process
 
 
-def test_push_to_hub_uploads_without_checkpoints(tiny_dit, image_folder, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_without_checkpoints(tiny_dit, image_folder, tmp_path, captured_hub):
     """The Hub is unreachable: capture create_repo/upload_folder and check what would be sent."""
-    import fnmatch
-
     import train_dit_difftuning as script
-    import training_plumbing
 
-    calls = {}
-
-    class Repo:
-        repo_id = "me/dit-shapes"
-
-    monkeypatch.setattr(training_plumbing, "create_repo", lambda **kw: calls.setdefault("create", kw) and Repo())
-    monkeypatch.setattr(training_plumbing, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     out = str(tmp_path / "out")
     args = script.parse_args(base_args(tiny_dit, image_folder, out, steps=2) + [
         "--difftuning", "--push_to_hub", "--hub_model_id", "me/dit-shapes", "--checkpointing_steps", "1"])
     script.main(args)
-    assert calls["create"]["repo_id"] == "me/dit-shapes"
-    upload = calls["upload"]
+    assert captured_hub["create"]["repo_id"] == "me/dit-shapes"
+    upload = captured_hub["upload"]
     assert upload["repo_id"] == "me/dit-shapes" and upload["folder_path"] == out
-    sent = []
-    for folder, _, files in os.walk(out):
-        for name in files:
-            rel = os.path.relpath(os.path.join(folder, name), out)
-            if not any(fnmatch.fnmatch(rel, pat) for pat in upload["ignore_patterns"]):
-                sent.append(rel)
+    sent = files_uploaded(upload)
     assert "model_index.json" in sent and "README.md" in sent
     assert any(p.startswith("transformer/") for p in sent)
     assert not any(p.startswith(("checkpoint-", "knowledge_bank")) for p in sent)
