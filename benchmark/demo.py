@@ -22,15 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--num_samples", type=int, default=500)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
     source = os.path.join(ROOT, "benchmark", "source_model")
     if not os.path.exists(os.path.join(source, "model_index.json")):
-        sys.exit(f"error: the source model {source} is missing; make it with `python benchmark/pretrain_source.py`.")
+        raise FileNotFoundError(f"the source model {source} is missing; make it with "
+                                "`python benchmark/pretrain_source.py`.")
 
     import run_benchmark
 
@@ -56,4 +60,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from training_plumbing import run_cli
+
+    run_cli(main, parse_args)

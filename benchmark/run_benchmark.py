@@ -27,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 
+from difftuning_utils import ConfigError  # noqa: E402
+from training_plumbing import run_cli  # noqa: E402
+
 # Arm name -> extra flags of train_dit_difftuning.py. PEFT arms use the higher lr PEFT needs (DiffFit: 1e-3).
 ARMS: dict[str, list[str]] = {
     "standard": [],
@@ -40,6 +43,11 @@ ARMS: dict[str, list[str]] = {
 }
 BASELINE_OF = {"difftuning": "standard", "psi_only": "standard", "bank_only": "standard",
                "lora_difftuning": "lora", "difffit_difftuning": "difffit"}
+# The flags that define a run. A finished run is reused only with the same values, so a table never
+# mixes runs of different lengths or sample counts without saying so.
+RUN_SETTINGS = ("source_model", "shots_per_class", "max_train_steps", "train_batch_size", "learning_rate",
+                "ema_decay", "knowledge_bank_size", "knowledge_bank_num_inference_steps", "num_samples",
+                "num_inference_steps", "guidance_scale")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,14 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots_per_class", type=int, default=10)
-    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--max_train_steps", type=int, default=1000)
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--ema_decay", type=float, default=0.999, help="Short runs: 0.9999 would barely move.")
     parser.add_argument("--knowledge_bank_size", type=int, default=1000)
     parser.add_argument("--knowledge_bank_num_inference_steps", type=int, default=100)
     parser.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples per run.")
-    parser.add_argument("--num_inference_steps", type=int, default=100, help="Ancestral DDPM steps for evaluation.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Ancestral DDPM steps for evaluation.")
     parser.add_argument("--guidance_scale", type=float, default=1.5)
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
     parser.add_argument("--table", default=None, help="Also write the markdown table here (e.g. docs/...).")
@@ -86,6 +94,28 @@ def write_target_folder(args: argparse.Namespace) -> str:
     return folder
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    """The values of RUN_SETTINGS, as stored in each run's settings.json."""
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    settings["source_model"] = os.path.abspath(settings["source_model"])
+    return settings
+
+
+def check_run_settings(out: str, settings: dict) -> None:
+    """Refuse to reuse (or continue) a run made with other settings; leaves the run untouched."""
+    path = os.path.join(out, "settings.json")
+    if not os.path.exists(out):
+        return
+    if not os.path.exists(path):
+        raise ConfigError(f"{out} has no settings.json, so it cannot be reused safely: delete it or use another "
+                          "--output_dir.")
+    stored = json.load(open(path))
+    for name, value in settings.items():
+        if stored.get(name) != value:
+            raise ConfigError(f"{out} was run with --{name} {stored.get(name)}, not {value}: use another "
+                              "--output_dir or the same settings.")
+
+
 def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str) -> dict:
     """One arm = one run of the real script, then its evaluation; both skipped when already done."""
     out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
@@ -93,6 +123,11 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
     if os.path.exists(metrics_path):
         return json.load(open(metrics_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if not os.path.exists(os.path.join(out, "settings.json")):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "settings.json.tmp"), "w") as f:
+            json.dump(run_settings(args), f, indent=2)
+        os.replace(os.path.join(out, "settings.json.tmp"), os.path.join(out, "settings.json"))
     if not os.path.exists(os.path.join(out, "model_index.json")):
         cmd = [sys.executable, os.path.join(ROOT, "train_dit_difftuning.py"),
                "--pretrained_model_name_or_path", args.source_model, "--train_data_dir", data, "--output_dir", out,
@@ -104,7 +139,6 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                "--knowledge_bank_size", str(args.knowledge_bank_size),
                "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
                *ARMS[arm]]
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         start = time.time()
         with open(out + ".log", "w") as log:
             subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -129,6 +163,10 @@ def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
     """Train and evaluate every (arm, seed), ``--jobs`` at a time; returns metrics by arm and seed."""
     from benchmark import evaluate
 
+    settings = run_settings(args)
+    for arm in args.arms:  # fail fast, before any work, on a finished run with other settings
+        for seed in args.seeds:
+            check_run_settings(os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}"), settings)
     evaluate.load_or_train_classifier()  # train/cache the feature classifier once, before the pool
     # Arms of one seed share that seed's knowledge bank: one bank-building run per seed goes first.
     uses_bank = [a for a in args.arms if "--difftuning" in ARMS[a] and "--retention_ratio" not in ARMS[a]]
@@ -145,16 +183,23 @@ def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
     return results
 
 
-def collect_results(output_dir: str) -> dict[str, dict[int, dict]]:
-    """Every finished run under ``output_dir/runs``, in ARMS order."""
+def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
+    """Every finished run under ``output_dir/runs``, in ARMS order, and the settings they share."""
     results: dict[str, dict[int, dict]] = {}
+    settings: dict | None = None
     runs = os.path.join(output_dir, "runs")
     for arm in ARMS:
         for name in sorted(os.listdir(runs)):
             path = os.path.join(runs, name, "metrics.json")
-            if name.startswith(f"{arm}-seed") and os.path.exists(path):
-                results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = json.load(open(path))
-    return results
+            if not (name.startswith(f"{arm}-seed") and os.path.exists(path)):
+                continue
+            if settings is None:
+                settings = json.load(open(os.path.join(runs, name, "settings.json")))
+            check_run_settings(os.path.join(runs, name), settings)
+            results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = json.load(open(path))
+    if settings is None:
+        raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
+    return results, settings
 
 
 def summarize(results: dict[str, dict[int, dict]]) -> str:
@@ -193,23 +238,25 @@ def summarize(results: dict[str, dict[int, dict]]) -> str:
 def main(args: argparse.Namespace) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
-    data = write_target_folder(args)
     if args.summarize_only:
-        results = collect_results(args.output_dir)
+        results, settings = collect_results(args.output_dir)
+        wall = ""
     else:
-        results = run_arms(args, data)
+        results, settings = run_arms(args, write_target_folder(args)), run_settings(args)
+        wall = f"; wall time {time.time() - start:.0f} s"
     table = summarize(results)
-    header = (f"Source {os.path.relpath(args.source_model, ROOT)}; target MNIST {args.shots_per_class}-shot; "
-              f"{args.max_train_steps} steps, batch {args.train_batch_size}, lr {args.learning_rate} (PEFT arms "
-              f"1e-3); {args.num_samples} samples, {args.num_inference_steps} DDPM steps, guidance "
-              f"{args.guidance_scale}; wall time {time.time() - start:.0f} s.\n\n")
+    header = (f"Source {os.path.relpath(settings['source_model'], ROOT)}; target MNIST "
+              f"{settings['shots_per_class']}-shot; {settings['max_train_steps']} steps, batch "
+              f"{settings['train_batch_size']}, lr {settings['learning_rate']} (PEFT arms 1e-3); "
+              f"{settings['num_samples']} samples, {settings['num_inference_steps']} DDPM steps, guidance "
+              f"{settings['guidance_scale']}{wall}.\n\n")
     for path in filter(None, [os.path.join(args.output_dir, "results.md"), args.table]):
         with open(path, "w") as f:
             f.write(header + table)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+        json.dump({"settings": settings, "results": results}, f, indent=2)
     print(header + table)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args)

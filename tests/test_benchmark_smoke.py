@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, error_line
 
 SOURCE = os.path.join(ROOT, "benchmark", "source_model")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -41,6 +41,18 @@ def test_benchmark_smoke(tmp_path):
         assert metrics["num_generated"] == 20 and metrics["fid"] > 0 and 0 <= metrics["accuracy"] <= 1
         assert os.path.exists(os.path.join(out, "runs", f"{arm}-seed0", "eval_grid.png"))
     assert os.path.exists(os.path.join(out, "bank-seed0", "manifest.json"))
+
+    # The table can be rebuilt from the finished runs, with their settings (not the runner's defaults)...
+    proc = subprocess.run(cmd[:4] + ["--summarize_only"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 steps, batch 8" in proc.stdout and "4 DDPM steps" in proc.stdout and "| difftuning | 1 |" in proc.stdout
+    # ...and a finished run is never silently reused for other settings: one sentence, nothing touched.
+    metrics_path = os.path.join(out, "runs", "standard-seed0", "metrics.json")
+    before = open(metrics_path).read()
+    longer = cmd[:cmd.index("--max_train_steps") + 1] + ["4"] + cmd[cmd.index("--max_train_steps") + 2:]
+    line = error_line(subprocess.run(longer, env=ENV, capture_output=True, text=True, timeout=300))
+    assert "standard-seed0" in line and "--max_train_steps 3, not 4" in line
+    assert open(metrics_path).read() == before
 
     cof = str(tmp_path / "cof")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", SOURCE,
