@@ -94,6 +94,13 @@ def write_target_folder(args: argparse.Namespace) -> str:
     return folder
 
 
+def write_json(path: str, data: dict) -> None:
+    """Write then rename: an interrupted benchmark never leaves a half-written file that looks finished."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
 def run_settings(args: argparse.Namespace) -> dict:
     """The values of RUN_SETTINGS, as stored in each run's settings.json."""
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
@@ -125,9 +132,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if not os.path.exists(os.path.join(out, "settings.json")):
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "settings.json.tmp"), "w") as f:
-            json.dump(run_settings(args), f, indent=2)
-        os.replace(os.path.join(out, "settings.json.tmp"), os.path.join(out, "settings.json"))
+        write_json(os.path.join(out, "settings.json"), run_settings(args))
     if not os.path.exists(os.path.join(out, "model_index.json")):
         cmd = [sys.executable, os.path.join(ROOT, "train_dit_difftuning.py"),
                "--pretrained_model_name_or_path", args.source_model, "--train_data_dir", data, "--output_dir", out,
@@ -142,8 +147,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
         start = time.time()
         with open(out + ".log", "w") as log:
             subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-        with open(os.path.join(out, "train_time.json"), "w") as f:
-            json.dump({"seconds": time.time() - start}, f)
+        write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
     # Same --seed for every arm: the same sampling noise, a paired comparison.
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
                     "--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps),
@@ -153,9 +157,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                    stdout=subprocess.DEVNULL)
     metrics = json.load(open(metrics_path + ".eval"))
     metrics["train_seconds"] = json.load(open(os.path.join(out, "train_time.json")))["seconds"]
-    with open(metrics_path + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    write_json(metrics_path, metrics)
     return metrics
 
 
@@ -253,8 +255,7 @@ def main(args: argparse.Namespace) -> None:
     for path in filter(None, [os.path.join(args.output_dir, "results.md"), args.table]):
         with open(path, "w") as f:
             f.write(header + table)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"settings": settings, "results": results}, f, indent=2)
+    write_json(os.path.join(args.output_dir, "results.json"), {"settings": settings, "results": results})
     print(header + table)
 
 
