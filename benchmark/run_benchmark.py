@@ -195,9 +195,10 @@ def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
             path = os.path.join(runs, name, "metrics.json")
             if not (name.startswith(f"{arm}-seed") and os.path.exists(path)):
                 continue
-            if settings is None:
-                settings = json.load(open(os.path.join(runs, name, "settings.json")))
-            check_run_settings(os.path.join(runs, name), settings)
+            settings_path = os.path.join(runs, name, "settings.json")
+            if settings is None and os.path.exists(settings_path):
+                settings = json.load(open(settings_path))
+            check_run_settings(os.path.join(runs, name), settings or {})  # also refuses a run without settings
             results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = json.load(open(path))
     if settings is None:
         raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
