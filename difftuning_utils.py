@@ -308,10 +308,11 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_json(path: str, data: dict) -> None:
+def atomic_write_json(path: str, data: dict) -> None:
+    """Write then rename: an interrupted run never leaves a half-written file that looks finished."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -360,8 +361,8 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
         return existing
     if state.is_main_process:
         os.makedirs(bank_dir, exist_ok=True)
-        _atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME),
-                           {"format_version": BANK_FORMAT_VERSION, "complete": False, "settings": build_settings})
+        atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME),
+                          {"format_version": BANK_FORMAT_VERSION, "complete": False, "settings": build_settings})
     state.wait_for_everyone()
 
     my_shards = [i for i in range(num_shards) if i % state.num_processes == state.process_index]
@@ -392,7 +393,7 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
         first = load_file(os.path.join(bank_dir, _shard_name(0)))["latents"]
         manifest.update(count=len(conditions), latent_shape=list(first.shape[1:]), dtype=str(first.dtype),
                         shards=shards)
-        _atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
+        atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
     state.wait_for_everyone()
     return _read_manifest(bank_dir)
 

@@ -26,6 +26,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 
+import difftuning_utils as dt  # noqa: E402
+from training_plumbing import run_cli  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample with the fine-tuned model above a timestep threshold and "
@@ -50,7 +53,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give exactly one of --reference mnist or --reference_dir.")
     if args.reference_dir is not None and not args.inception:
         parser.error("--reference_dir needs --inception (classifier features exist only for the MNIST miniature).")
+    if min(args.thresholds) < 0 or args.num_samples < 2 or args.batch_size < 1 or args.num_inference_steps < 1:
+        parser.error("--thresholds must be >= 0, --num_samples >= 2, --batch_size and --num_inference_steps >= 1.")
     return args
+
+
+def load_pipeline(flag: str, name_or_path: str, device: str):
+    """A DiTPipeline, or one sentence naming the flag whose folder or Hub id could not be loaded."""
+    from diffusers import DiTPipeline
+
+    try:
+        return DiTPipeline.from_pretrained(name_or_path).to(device)
+    except (OSError, ValueError) as err:
+        raise dt.ConfigError(f"{flag} {name_or_path} could not be loaded as a DiTPipeline "
+                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
 
 
 def load_reference_folder(folder: str, resolution: int, channels: int) -> torch.Tensor:
@@ -73,12 +89,11 @@ def main(args: argparse.Namespace) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from diffusers import DiTPipeline
 
     from benchmark import evaluate
 
-    base = DiTPipeline.from_pretrained(args.base).to(args.device)
-    finetuned = DiTPipeline.from_pretrained(args.finetuned).to(args.device)
+    base = load_pipeline("--base", args.base, args.device)
+    finetuned = load_pipeline("--finetuned", args.finetuned, args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.reference == "mnist":
         digits = [i % 10 for i in range(args.num_samples)]
@@ -102,8 +117,8 @@ def main(args: argparse.Namespace) -> None:
         metrics = measure(images)
         rows.append({"threshold": threshold, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
         print(json.dumps(rows[-1]), flush=True)
-    with open(os.path.join(args.output_dir, "chain_of_forgetting.json"), "w") as f:
-        json.dump({"base": args.base, "finetuned": args.finetuned, "rows": rows, "args": vars(args)}, f, indent=2)
+    dt.atomic_write_json(os.path.join(args.output_dir, "chain_of_forgetting.json"),
+                         {"base": args.base, "finetuned": args.finetuned, "rows": rows, "args": vars(args)})
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([r["threshold"] for r in rows], [r["fid"] for r in rows], marker="o")
@@ -112,10 +127,12 @@ def main(args: argparse.Namespace) -> None:
     ax.set_title("Chain of forgetting: swapping in the pre-trained denoiser")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "chain_of_forgetting.png"), dpi=120)
+    plot_path = os.path.join(args.output_dir, "chain_of_forgetting.png")
+    fig.savefig(f"{plot_path}.tmp.png", dpi=120)
+    os.replace(f"{plot_path}.tmp.png", plot_path)
     print(f"Wrote {args.output_dir}/chain_of_forgetting.(json|png); FID by threshold: "
           + ", ".join(f"{r['threshold']}: {r['fid']:.2f}" for r in rows))
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args)

@@ -510,7 +510,7 @@ def main(args: argparse.Namespace) -> dict:
               "classifier": {"val_accuracy": classifier_info["val_accuracy"], "dir": args.classifier_dir},
               "sample_seconds": round(sample_seconds, 1), "total_seconds": round(time.time() - start, 1)}
     out = args.output_json or os.path.join(args.pipeline, f"eval_seed{args.seed}.json")
-    Path(out).write_text(json.dumps(result, indent=2))
+    dt.atomic_write_json(out, result)
     if args.save_grid:
         save_grid(images, digits, args.save_grid)
     if args.save_samples:

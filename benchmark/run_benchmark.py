@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 
 from difftuning_utils import ConfigError  # noqa: E402
+from difftuning_utils import atomic_write_json as write_json  # noqa: E402
 from training_plumbing import run_cli  # noqa: E402
 
 # Arm name -> extra flags of train_dit_difftuning.py. PEFT arms use the higher lr PEFT needs (DiffFit: 1e-3).
@@ -92,13 +93,6 @@ def write_target_folder(args: argparse.Namespace) -> str:
         Image.fromarray(pixels[i].reshape(32, 32), mode="L").save(os.path.join(tmp, str(label), f"{i:05d}.png"))
     os.replace(tmp, folder)
     return folder
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write then rename: an interrupted benchmark never leaves a half-written file that looks finished."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(f"{path}.tmp", path)
 
 
 def run_settings(args: argparse.Namespace) -> dict:

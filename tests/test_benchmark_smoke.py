@@ -63,3 +63,17 @@ def test_benchmark_smoke(tmp_path):
     rows = json.load(open(os.path.join(cof, "chain_of_forgetting.json")))["rows"]
     assert [r["threshold"] for r in rows] == [0, 1000] and all(r["fid"] > 0 for r in rows)
     assert os.path.exists(os.path.join(cof, "chain_of_forgetting.png"))
+
+
+def test_chain_of_forgetting_bad_input_names_the_flag(tmp_path):
+    cof = tmp_path / "cof"
+    base = [sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--reference", "mnist",
+            "--output_dir", str(cof)]
+    missing = str(tmp_path / "no_such_pipeline")
+    line = error_line(subprocess.run(base + ["--base", missing, "--finetuned", SOURCE], env=ENV,
+                                     capture_output=True, text=True, timeout=300))
+    assert line.startswith(f"error: --base {missing} could not be loaded as a DiTPipeline")
+    proc = subprocess.run(base + ["--base", SOURCE, "--finetuned", SOURCE, "--thresholds", "-1"], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error: --thresholds must be >= 0" in proc.stderr  # argparse's usage + error
+    assert not cof.exists()  # refused before anything was written
