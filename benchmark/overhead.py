@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
+import os
 import re
 import statistics
 import sys
@@ -353,6 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_threads", type=int, default=1, help="CPU threads.")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
+    if args.pipeline and not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        p.error(f"--pipeline {args.pipeline} is not a pipeline folder (no model_index.json).")
+    if args.repeats < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 2):
+        p.error("--repeats must be >= 1, --warmup >= 0 and --batch_size >= 2 (one target and one bank row).")
+    if not 0 < args.retention_ratio < 1:
+        p.error(f"--retention_ratio must be in (0, 1), got {args.retention_ratio}.")
     torch.set_num_threads(args.num_threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for but no CUDA device is available.")
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
                        args.peak_tflops, args.retention_ratio, args.pipeline, args.retention)
     print(markdown_table(res))
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(res, indent=2))
+        dt.atomic_write_json(args.output_json, res)
     return res
 
 

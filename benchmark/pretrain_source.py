@@ -91,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="variance_type of the saved DDPMScheduler. DiTPipeline.__call__ drops "
                         "the variance half, so with learned_range it needs fixed_small swapped "
                         "in; custom sampling loops can pass the full output and use it.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("vae_steps", "vae_batch_size", "max_train_steps", "train_batch_size", "logging_steps",
+                 "checkpointing_steps", "num_inference_steps", "samples_per_class", "num_threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    return args
 
 
 # ------------------------------------------------------------------------------------------

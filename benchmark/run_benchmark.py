@@ -71,7 +71,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", default=None, help="Also write the markdown table here (e.g. docs/...).")
     parser.add_argument("--summarize_only", action="store_true",
                         help="Train nothing: tabulate every finished run in --output_dir/runs.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here, before any folder is written: a run directory records its settings on creation.
+    for flag in ("shots_per_class", "max_train_steps", "train_batch_size", "knowledge_bank_size",
+                 "knowledge_bank_num_inference_steps", "num_inference_steps", "jobs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.num_samples < 2 or args.learning_rate <= 0 or not 0 <= args.ema_decay < 1:
+        parser.error("--num_samples must be >= 2, --learning_rate > 0 and --ema_decay in [0, 1).")
+    if not args.summarize_only and not os.path.isfile(os.path.join(args.source_model, "model_index.json")):
+        parser.error(f"--source_model {args.source_model} is not a pipeline folder (no model_index.json).")
+    return args
+
+
+def run_step(cmd: list[str], env: dict, log_path: str, what: str) -> None:
+    """Run one child script with its output in ``log_path``; a failure is one sentence naming the log."""
+    with open(log_path, "w") as log:
+        returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        errors = [line.strip() for line in open(log_path) if line.startswith("error: ") or "Error: " in line]
+        reason = errors[-1].rstrip(".") if errors else "no error line"
+        raise SystemExit(f"error: {what} exited with status {returncode} ({reason}); full log: {log_path}")
 
 
 def write_target_folder(args: argparse.Namespace) -> str:
@@ -139,16 +159,15 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
                *ARMS[arm]]
         start = time.time()
-        with open(out + ".log", "w") as log:
-            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        run_step(cmd, env, out + ".log", f"train_dit_difftuning.py for {arm} seed {seed}")
         write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
     # Same --seed for every arm: the same sampling noise, a paired comparison.
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
-                    "--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps),
-                    "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
-                    "--shots_per_class", str(args.shots_per_class), "--output_json", metrics_path + ".eval",
-                    "--save_grid", os.path.join(out, "eval_grid.png")], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    run_step([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
+              "--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps),
+              "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
+              "--shots_per_class", str(args.shots_per_class), "--output_json", metrics_path + ".eval",
+              "--save_grid", os.path.join(out, "eval_grid.png")], env, out + ".eval.log",
+             f"evaluate.py for {arm} seed {seed}")
     metrics = json.load(open(metrics_path + ".eval"))
     metrics["train_seconds"] = json.load(open(os.path.join(out, "train_time.json")))["seconds"]
     write_json(metrics_path, metrics)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmark import evaluate as ev
-from benchmark import overhead
+from benchmark import overhead, run_benchmark
 
 SPLITS = ("train", "classifier", "classifier_val", "reference")
 
@@ -198,3 +198,29 @@ def test_overhead_tiny_controlnet(retention: str) -> None:
     assert res["config"]["difftuning_split"] == [3, 1] and res["ratios"]["step_time"] > 0
     # distill: every row is VAE-encoded and the frozen UNet runs once more on the retention rows
     assert (res["ratios"]["flops"] > 1) == (retention == "distill")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_train_steps", "0"], "--max_train_steps must be >= 1, got 0."),
+    (["--knowledge_bank_size", "-5"], "--knowledge_bank_size must be >= 1, got -5."),
+    (["--ema_decay", "1.0"], "--ema_decay in [0, 1)"),
+    (["--source_model", "/no/such/model"], "--source_model /no/such/model is not a pipeline folder"),
+])
+def test_run_benchmark_bad_flags_refused_before_any_write(tmp_path, capsys, argv, message) -> None:
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exc:
+        run_benchmark.parse_args(["--output_dir", str(out), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline", "/no/such/pipeline"], "--pipeline /no/such/pipeline is not a pipeline folder"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--retention_ratio", "1"], "--retention_ratio must be in (0, 1), got 1.0."),
+])
+def test_overhead_bad_flags(tmp_path, capsys, argv, message) -> None:
+    with pytest.raises(SystemExit) as exc:
+        overhead.main([*argv, "--output_json", str(tmp_path / "o.json")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
