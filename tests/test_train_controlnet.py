@@ -7,11 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, error_line, files_uploaded, run_script
+from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 from tiny_models import make_circle_dataset, make_tiny_sd_pipeline
 
@@ -145,8 +144,7 @@ def test_retention_modes_train_save_and_generate(tiny_sd, circles, tmp_path, ext
 
 def test_two_processes_on_cpu(tiny_sd, circles, tmp_path):
     out = str(tmp_path / "out")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = run(base_args(tiny_sd, circles, out) + ["--difftuning", "--train_batch_size", "3"], launcher=launcher)
+    proc = run(base_args(tiny_sd, circles, out) + ["--difftuning", "--train_batch_size", "3"], launcher=TWO_PROCESSES)
     assert "Distributed environment: DistributedType.MULTI_CPU" in proc.stderr and "Num processes: 2" in proc.stderr
     assert_trained(out)
     generate(tiny_sd, out, circles)

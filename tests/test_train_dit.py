@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, error_line, files_uploaded, run_script
+from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 from tiny_models import make_image_folder, make_tiny_dit_pipeline
 
@@ -140,9 +139,8 @@ def test_checkpoint_limit_never_prunes_resume_source(tiny_dit, image_folder, tmp
 
 def test_two_processes_on_cpu(tiny_dit, image_folder, tmp_path):
     out = str(tmp_path / "out")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = run(base_args(tiny_dit, image_folder, out, steps=2) + ["--difftuning", "--train_batch_size", "3"],
-               launcher=launcher)
+               launcher=TWO_PROCESSES)
     assert "Distributed environment: DistributedType.MULTI_CPU" in proc.stderr and "Num processes: 2" in proc.stderr
     load_and_generate(out, "cross")
     manifest = json.load(open(os.path.join(out, "knowledge_bank", "manifest.json")))

@@ -1,0 +1,32 @@
+"""The subprocess runner itself: a hung multi-process run must end, report stacks and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import psutil
+from conftest import TWO_PROCESSES, run_command
+
+HANGING_SCRIPT = """
+import time, torch.distributed as dist
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    time.sleep(1000)  # rank 0 waits in the barrier below forever
+dist.barrier()
+"""
+
+
+def test_hung_two_process_run_is_aborted_with_stacks(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_SCRIPT)
+    result = run_command(TWO_PROCESSES + [str(script)], timeout=8)
+    assert isinstance(result, str) and "hung for 8 s" in result
+    assert "in barrier" in result and 'hang.py", line 5' in result  # both workers' stacks
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_finished_run_is_returned(tmp_path):
+    result = run_command(["python3", "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
+    assert isinstance(result, subprocess.CompletedProcess)
+    assert result.returncode == 3 and result.stdout == "out\n" and os.path.basename(result.args[0]) == "python3"
