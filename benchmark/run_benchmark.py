@@ -27,8 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 
-from difftuning_utils import ConfigError  # noqa: E402
-from difftuning_utils import atomic_write_json as write_json  # noqa: E402
+from difftuning_utils import ConfigError, atomic_write_json  # noqa: E402
 from training_plumbing import run_cli  # noqa: E402
 
 # Arm name -> extra flags of train_dit_difftuning.py. PEFT arms use the higher lr PEFT needs (DiffFit: 1e-3).
@@ -146,7 +145,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if not os.path.exists(os.path.join(out, "settings.json")):
         os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "settings.json"), run_settings(args))
+        atomic_write_json(os.path.join(out, "settings.json"), run_settings(args))
     if not os.path.exists(os.path.join(out, "model_index.json")):
         cmd = [sys.executable, os.path.join(ROOT, "train_dit_difftuning.py"),
                "--pretrained_model_name_or_path", args.source_model, "--train_data_dir", data, "--output_dir", out,
@@ -160,7 +159,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                *ARMS[arm]]
         start = time.time()
         run_step(cmd, env, out + ".log", f"train_dit_difftuning.py for {arm} seed {seed}")
-        write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
+        atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
     # Same --seed for every arm: the same sampling noise, a paired comparison.
     run_step([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
               "--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps),
@@ -170,7 +169,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
              f"evaluate.py for {arm} seed {seed}")
     metrics = json.load(open(metrics_path + ".eval"))
     metrics["train_seconds"] = json.load(open(os.path.join(out, "train_time.json")))["seconds"]
-    write_json(metrics_path, metrics)
+    atomic_write_json(metrics_path, metrics)
     return metrics
 
 
@@ -269,7 +268,7 @@ def main(args: argparse.Namespace) -> None:
     for path in filter(None, [os.path.join(args.output_dir, "results.md"), args.table]):
         with open(path, "w") as f:
             f.write(header + table)
-    write_json(os.path.join(args.output_dir, "results.json"), {"settings": settings, "results": results})
+    atomic_write_json(os.path.join(args.output_dir, "results.json"), {"settings": settings, "results": results})
     print(header + table)
 
 
