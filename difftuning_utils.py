@@ -27,9 +27,12 @@ from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
+from accelerate.logging import get_logger
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
 
 
 class ConfigError(ValueError):
@@ -212,10 +215,11 @@ class LearnedSigmaVB:
 
 def per_sample_denoising_loss(model_output: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                               noisy_latents: torch.Tensor, timesteps: torch.Tensor, scheduler: Any,
-                              vb: LearnedSigmaVB | None = None) -> torch.Tensor:
+                              vb: LearnedSigmaVB | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss of each sample, shape [B], computed in float32.
 
-    MSE between the prediction and the scheduler's target (epsilon, v or x0). If the model
+    MSE between the prediction and ``target``, by default the scheduler's (epsilon, v or x0; a
+    distillation target replaces some rows, as ControlNet's ``distill`` retention does). If the model
     predicts its variance (output has 2C channels for C latent channels, like DiT), the output
     is split into mean and variance halves, the MSE uses the mean half, and ``vb`` (when given)
     adds the learned-sigma variational bound, exactly as DiT trains.
@@ -227,7 +231,8 @@ def per_sample_denoising_loss(model_output: torch.Tensor, latents: torch.Tensor,
     elif vb is not None:
         raise ConfigError("A learned-sigma VB term was requested but the model predicts no variance "
                          f"({model_output.shape[1]} output channels for {channels} latent channels).")
-    target = prediction_target(scheduler, latents, noise, timesteps)
+    if target is None:
+        target = prediction_target(scheduler, latents, noise, timesteps)
     loss = _mean_over_non_batch((model_output.float() - target.float()) ** 2)
     if vb is not None:
         loss = loss + vb(model_output, model_var_values, latents, noisy_latents, timesteps)
@@ -275,9 +280,14 @@ def split_batch_size(train_batch_size: int, retention_ratio: float) -> tuple[int
 # Knowledge bank: the pre-trained model's own samples, stored as latents
 # ----------------------------------------------------------------------------------------------
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: shards also hold the re-encoded posterior of each sample (both flips)
+READABLE_BANK_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SampleFn = Callable[[list, torch.Generator], torch.Tensor]
+ReencodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+REPLAY_MODES = ("images", "latents")
+OLD_BANK_HELP = ("it was written before bank samples were re-encoded (format 1: the sampler's raw latents "
+                 "only); delete it to rebuild it, or pass --knowledge_bank_replay latents to replay it as it is")
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -333,11 +343,15 @@ def _read_manifest(bank_dir: str) -> dict | None:
 
 def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequence[int] | Sequence[str],
                          batch_size: int, seed: int, settings: dict[str, Any],
-                         state: PartialState | None = None) -> dict:
+                         state: PartialState | None = None, reencode_fn: ReencodeFn | None = None) -> dict:
     """Generate the knowledge bank with the frozen pre-trained model; resumable and multi-process.
 
     ``sample_fn(conditions_batch, generator)`` returns the sampler's final latents
-    [b, C, H, W] for a list of class ids or prompts. Shard i holds conditions
+    [b, C, H, W] for a list of class ids or prompts. ``reencode_fn(latents)`` returns the VAE
+    posterior (mean, std), each [b, 2, C, H, W], of the samples decoded to 8-bit images, unflipped
+    and flipped: what the authors' bank, a folder of images replayed through the data pipeline, is
+    encoded to. Stored beside the raw latents, it lets replay draw exactly that distribution without
+    a VAE pass per step (:func:`replay_tensors`). Shard i holds conditions
     ``[i*batch_size, (i+1)*batch_size)`` and uses a CPU generator seeded with (seed, i), so the
     bank is the same whatever the number of processes; processes take shards round-robin.
     Every shard is written to a temporary file and renamed, so a finished shard is always
@@ -353,11 +367,18 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
     num_shards = math.ceil(len(conditions) / batch_size)
     build_settings = {**settings, "seed": seed, "size": len(conditions), "batch_size": batch_size}
     existing = _read_manifest(bank_dir)
+    if existing is not None and existing.get("format_version") == 1:  # no VAE settings then
+        build_settings = {k: v for k, v in build_settings.items() if not k.startswith("vae_")}
+        if not existing.get("complete"):
+            raise ConfigError(f"Knowledge bank {bank_dir} is incomplete and {OLD_BANK_HELP.split(';')[0]}; "
+                              "delete it to rebuild it.")
     if existing is not None and existing.get("settings") != json.loads(json.dumps(build_settings)):
         raise ConfigError(f"Knowledge bank {bank_dir} was built with other settings "
                          f"({_describe_mismatch(existing.get('settings', {}), build_settings)}); "
                          "delete it or pass another --knowledge_bank_dir.")
     if existing is not None and existing.get("complete"):
+        if state.is_main_process:
+            logger.info(f"Reusing the knowledge bank in {bank_dir} ({existing.get('count')} samples).")
         return existing
     if state.is_main_process:
         os.makedirs(bank_dir, exist_ok=True)
@@ -367,6 +388,14 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
 
     my_shards = [i for i in range(num_shards) if i % state.num_processes == state.process_index]
     todo = [i for i in my_shards if not os.path.exists(os.path.join(bank_dir, _shard_name(i)))]
+    if state.is_main_process:
+        done = num_shards - len(todo) * state.num_processes
+        logger.info(f"Building the knowledge bank in {bank_dir}: {len(conditions)} samples of the frozen pre-trained "
+                    f"model ({settings.get('num_inference_steps')} sampling steps, guidance "
+                    f"{settings.get('guidance_scale')}), {num_shards} shards of {batch_size}"
+                    f"{f', {done} already done' if done > 0 else ''}. This runs once: later runs with the same "
+                    "settings and --knowledge_bank_dir reuse it, and an interrupted build resumes. The progress "
+                    "bar below gives the time left.")
     for shard_index in tqdm(todo, desc="Building knowledge bank", disable=not state.is_local_main_process):
         batch = conditions[shard_index * batch_size:(shard_index + 1) * batch_size]
         generator = torch.Generator().manual_seed(derive_seed(seed, "bank", shard_index))
@@ -374,6 +403,10 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
         if latents.shape[0] != len(batch):
             raise RuntimeError(f"The bank sampler returned {latents.shape[0]} latents for {len(batch)} conditions.")
         tensors = {"latents": latents}
+        if reencode_fn is not None:
+            mean, std = reencode_fn(latents)
+            tensors["posterior_mean"] = mean.detach().to("cpu", torch.float32).contiguous()
+            tensors["posterior_std"] = std.detach().to("cpu", torch.float32).contiguous()
         metadata = {}
         if isinstance(batch[0], str):
             metadata["prompts"] = json.dumps(batch)
@@ -405,11 +438,15 @@ def _describe_mismatch(found: dict, expected: dict) -> str:
 
 @dataclass
 class KnowledgeBank:
-    """A loaded, validated bank: latents [N, C, H, W] (float32, CPU) and the conditions used."""
+    """A loaded, validated bank: the sampler's latents [N, C, H, W] (float32, CPU), the conditions used
+    and, from format 2 on, the re-encoded posterior of each sample, mean and std [N, 2, C, H, W]
+    (view 0 unflipped, view 1 flipped)."""
 
     latents: torch.Tensor
     conditions: list
     manifest: dict
+    posterior_mean: torch.Tensor | None = None
+    posterior_std: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -424,10 +461,10 @@ def load_knowledge_bank(bank_dir: str, fingerprint: str | None = None,
     """
     manifest = _read_manifest(bank_dir)
     if manifest is None:
-        raise FileNotFoundError(f"No knowledge bank in {bank_dir}: {MANIFEST_NAME} is missing.")
-    if manifest.get("format_version") != BANK_FORMAT_VERSION:
+        raise ConfigError(f"No knowledge bank in {bank_dir}: {MANIFEST_NAME} is missing.")
+    if manifest.get("format_version") not in READABLE_BANK_VERSIONS:
         raise ConfigError(f"Knowledge bank {bank_dir} has format version {manifest.get('format_version')}; "
-                         f"this code reads version {BANK_FORMAT_VERSION}.")
+                         f"this code reads versions {READABLE_BANK_VERSIONS}.")
     if not manifest.get("complete"):
         raise ConfigError(f"Knowledge bank {bank_dir} is incomplete; run the training script again to finish it.")
     built_for = manifest["settings"].get("fingerprint")
@@ -438,7 +475,7 @@ def load_knowledge_bank(bank_dir: str, fingerprint: str | None = None,
     if latent_shape is not None and list(manifest["latent_shape"]) != list(latent_shape):
         raise ConfigError(f"Knowledge bank {bank_dir} holds latents of shape {manifest['latent_shape']}, "
                          f"but the model trains on {list(latent_shape)}.")
-    latents, conditions = [], []
+    latents, conditions, means, stds = [], [], [], []
     for shard in manifest["shards"]:
         path = os.path.join(bank_dir, shard["file"])
         if not os.path.exists(path) or _sha256_file(path) != shard["sha256"]:
@@ -446,11 +483,43 @@ def load_knowledge_bank(bank_dir: str, fingerprint: str | None = None,
                              "delete the bank folder to rebuild it.")
         tensors = load_file(path)
         latents.append(tensors["latents"])
+        if "posterior_mean" in tensors:
+            means.append(tensors["posterior_mean"])
+            stds.append(tensors["posterior_std"])
         if "class_labels" in tensors:
             conditions.extend(tensors["class_labels"].tolist())
         else:
             conditions.extend(_read_prompts(path))
-    return KnowledgeBank(torch.cat(latents), conditions, manifest)
+    reencoded = len(means) == len(latents)
+    return KnowledgeBank(torch.cat(latents), conditions, manifest, torch.cat(means) if reencoded else None,
+                         torch.cat(stds) if reencoded else None)
+
+
+def replay_tensors(bank: KnowledgeBank, mode: str, random_flip: bool,
+                   bank_dir: str = "") -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """What replay draws from: (means [N*V, C, H, W], stds or None, V views per sample).
+
+    ``images`` (the authors' recipe): V = 2 views (unflipped, flipped) with ``random_flip``, else 1,
+    and a posterior sample mean + std * noise per step, as encoding the bank's images each step
+    would give. ``latents``: the sampler's raw latents, V = 1, no noise. Rows of sample i are
+    i*V .. i*V+V-1 (see :func:`replay_rows`)."""
+    if mode == "latents":
+        return bank.latents, None, 1
+    if mode != "images":
+        raise ConfigError(f"--knowledge_bank_replay must be one of {REPLAY_MODES}, got {mode!r}.")
+    if bank.posterior_mean is None:
+        raise ConfigError(f"Knowledge bank {bank_dir} cannot be replayed as images: {OLD_BANK_HELP}.")
+    views = 2 if random_flip else 1
+    return (bank.posterior_mean[:, :views].flatten(0, 1).contiguous(),
+            bank.posterior_std[:, :views].flatten(0, 1).contiguous(), views)
+
+
+def replay_rows(indices: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rows of :func:`replay_tensors` for bank samples ``indices`` [B] (CPU): a uniformly random view
+    (flip) of each, as RandomHorizontalFlip picks one for an image."""
+    if num_views == 1:
+        return indices
+    return indices * num_views + torch.randint(num_views, indices.shape, generator=generator)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -497,6 +566,38 @@ class ReplayStream:
         self.seed, self.rank = state["seed"], state["rank"]
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
+
+
+class BankReplay:
+    """The retention half of each batch: the next bank samples of a :class:`ReplayStream`, a random
+    view (flip) of each and, for ``images`` replay, a posterior sample (see :func:`replay_tensors`).
+    The bank's tensors live on ``device`` (small: no per-step host-to-device copy but the indices);
+    the replay state is the stream's, saved in checkpoints."""
+
+    def __init__(self, bank: KnowledgeBank, mode: str, random_flip: bool, batch_size: int, seed: int, rank: int,
+                 device: torch.device | str, bank_dir: str = "") -> None:
+        means, stds, self.views = replay_tensors(bank, mode, random_flip, bank_dir)
+        self.means = means.to(device)
+        self.stds = stds.to(device) if stds is not None else None
+        self.stream = ReplayStream(len(bank), batch_size, seed, rank)
+        self.device = torch.device(device)
+
+    def next(self, generator: torch.Generator | None,
+             randn: Callable[[torch.Size], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents [b, C, H, W], bank indices [b]) on the device; ``generator`` (CPU) picks the views,
+        ``randn(shape)`` draws the posterior noise on the device."""
+        indices = self.stream.next_indices()
+        rows = replay_rows(indices, self.views, generator).to(self.device, non_blocking=True)
+        latents = self.means[rows]
+        if self.stds is not None:
+            latents = latents + self.stds[rows] * randn(latents.shape)
+        return latents, rows // self.views
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
 
 
 def save_bank_preview(latents: torch.Tensor, decode_fn: Callable[[torch.Tensor], list], path: str,
@@ -550,6 +651,12 @@ def add_difftuning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                             "Stable Diffusion 7.5.")
     group.add_argument("--knowledge_bank_batch_size", type=int, default=16,
                        help="Samples generated per sampler call (and per bank shard).")
+    group.add_argument("--knowledge_bank_replay", choices=REPLAY_MODES, default="images",
+                       help="'images' (the authors' recipe): replay each bank sample as its 8-bit image would be, "
+                            "re-encoded with a fresh VAE posterior sample each step (and a random flip with "
+                            "--random_flip); the re-encoding is done once, when the bank is built, so a step has no "
+                            "extra VAE pass. 'latents': the sampler's raw output latents, which the model never saw "
+                            "in pre-training (our first design; also reads banks written before re-encoding).")
     return group
 
 

@@ -17,24 +17,19 @@ import argparse
 import copy
 import math
 import os
-import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
-from diffusers import (
-    ControlNetModel,
-    DDPMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
 from PIL import Image
 from tqdm.auto import tqdm
 
 import difftuning_utils as dt
 import training_plumbing as tp
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 
 logger = get_logger(__name__)
 RETENTION_MODES = ("none", "replay", "distill")
@@ -68,12 +63,8 @@ def configure_finetuning(controlnet: ControlNetModel, args: argparse.Namespace) 
     if not args.controlnet_lora:
         controlnet.requires_grad_(True)
         return list(controlnet.parameters())
-    from peft import LoraConfig
-
     controlnet.requires_grad_(False)
-    controlnet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank,
-                                      init_lora_weights="gaussian",
-                                      target_modules=[m.strip() for m in args.lora_target_modules.split(",")]))
+    controlnet.add_adapter(tp.lora_config(args))
     for name in NEW_MODULES:
         getattr(controlnet, name).requires_grad_(True)
     return [p for p in controlnet.parameters() if p.requires_grad]
@@ -94,6 +85,7 @@ def load_controlnet_lora(folder: str, base: UNet2DConditionModel | ControlNetMod
     """Rebuild the trained ControlNet from ``output_dir/controlnet_lora``: the base (the UNet it was
     initialised from, or the --controlnet_model_name_or_path ControlNet) + the LoRA + the fully trained
     new ControlNet layers, merged into a plain ControlNetModel."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
     from safetensors.torch import load_file
 
     if isinstance(base, UNet2DConditionModel):
@@ -108,29 +100,31 @@ def load_controlnet_lora(folder: str, base: UNet2DConditionModel | ControlNetMod
     return export_controlnet(controlnet, lora=True)
 
 
-def register_checkpoint_hooks(accelerator, lora: bool) -> None:
+def register_checkpoint_hooks(accelerator: Any, lora: bool) -> None:
     """Upstream's checkpoint layout: ``checkpoint-N/controlnet`` is a ControlNet folder usable for
     inference. Without LoRA it is also the model's resume state (accelerate does not store the weights
     twice); with LoRA it holds the merged model and accelerate keeps the adapter state for resuming.
     The hooks write into tp.save_checkpoint's temporary folder, so the save stays atomic."""
 
+    from diffusers import ControlNetModel
+
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
-            model = export_controlnet(accelerator.unwrap_model(models[0]), lora)
+            model = export_controlnet(tp.unwrap(accelerator, models[0]), lora)
             model.save_pretrained(os.path.join(output_dir, "controlnet"))
         if weights and not lora:
             weights.pop()
 
     def load_hook(models: list, input_dir: str) -> None:
         if not lora:
-            model = accelerator.unwrap_model(models.pop())
+            model = tp.unwrap(accelerator, models.pop())
             model.load_state_dict(ControlNetModel.from_pretrained(input_dir, subfolder="controlnet").state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def check_image_pairs(dataset, image_column: str, conditioning_column: str) -> None:
+def check_image_pairs(dataset: Any, image_column: str, conditioning_column: str) -> None:
     """Open both images of every row (headers only) before the first step: an unreadable file, or a
     condition whose size differs from its image's (it would no longer be pixel-aligned after the
     resize and crop), fails here naming the row and file, not thousands of steps in."""
@@ -171,7 +165,8 @@ def check_captions(captions: list) -> None:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a ControlNet on Stable Diffusion, with Diff-Tuning.")
+    parser = argparse.ArgumentParser(description="Train a ControlNet on Stable Diffusion, with Diff-Tuning.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                         help="A Stable Diffusion pipeline on the Hub or in a local folder.")
     tp.add_common_args(parser)
@@ -187,19 +182,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                     help="The column holding a caption or a list of captions.")
     cn.add_argument("--proportion_empty_prompts", type=float, default=0,
                     help="Proportion of training prompts replaced by the empty prompt.")
-    cn.add_argument("--validation_prompt", type=str, default=None, nargs="+",
-                    help="Prompts for validation: as many as --validation_image, or one for all of them.")
-    cn.add_argument("--validation_image", type=str, default=None, nargs="+",
-                    help="Conditioning images for validation: as many as --validation_prompt, or one for all.")
-    cn.add_argument("--validation_num_inference_steps", type=int, default=20,
-                    help="UniPC steps for validation images (upstream: 20).")
     cn.add_argument("--controlnet_lora", action="store_true",
                     help="Train LoRA adapters on the ControlNet's UNet copy (and the layers ControlNet adds, in full) "
                          "instead of all its weights.")
-    cn.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    cn.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; default: the rank.")
-    cn.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
-                    help="Comma-separated module names that get LoRA adapters.")
+    tp.add_lora_args(cn)
+    val = next(g for g in parser._action_groups if g.title == "Validation")
+    val.add_argument("--validation_prompt", type=str, default=None, nargs="+",
+                     help="Prompts for validation: as many as --validation_image, or one for all of them.")
+    val.add_argument("--validation_image", type=str, default=None, nargs="+",
+                     help="Conditioning images for validation: as many as --validation_prompt, or one for all.")
+    val.add_argument("--validation_num_inference_steps", type=int, default=20,
+                     help="UniPC steps for validation images (upstream: 20).")
     group = dt.add_difftuning_args(parser)
     group.add_argument("--retention", choices=RETENTION_MODES, default="replay",
                        help="How the pre-trained model's knowledge is kept (provisional default, see "
@@ -210,11 +203,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(output_dir="controlnet-model", tracker_project_name="train_controlnet")
     args = parser.parse_args(input_args)
     tp.validate_common_args(args)
+    if args.controlnet_lora and args.rank < 1:
+        raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
     dt.validate_difftuning_args(args, bank_num_inference_steps=50, bank_guidance_scale=7.5)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise dt.ConfigError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}.")
-    if args.controlnet_lora and args.rank < 1:
-        raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
     if (args.validation_prompt is None) != (args.validation_image is None):
         raise dt.ConfigError("--validation_prompt and --validation_image must be given together.")
     if args.validation_image is not None:
@@ -228,30 +221,167 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class PairImages(torch.utils.data.Dataset):
+    """The training pairs as the loader sees them, per :class:`tp.SampleKey`: the target image (or, with a
+    latent cache, its cached posterior), the condition in [0, 1], and the token ids of its caption (one
+    drawn at random when a row holds several)."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace, input_ids: list[torch.Tensor],
+                 latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.dataset, self.input_ids, self.latent_cache = dataset, input_ids, latent_cache
+        self.image_column, self.condition_column = args.image_column, args.conditioning_image_column
+        self.resolution, self.seed = args.resolution, args.seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tp.SampleKey) -> dict:
+        rng = tp.sample_rng(self.seed, key)
+        row = self.dataset[key.index]
+        columns = (self.condition_column,) if self.latent_cache is not None else (self.image_column,
+                                                                                   self.condition_column)
+        # Upstream resizes with bilinear interpolation and centre-crops; no flips (a flip would need the
+        # condition flipped too).
+        images = [tp.preprocess_image(row[c], self.resolution, True, False, rng, resample=Image.BILINEAR)
+                  for c in columns]
+        ids = self.input_ids[key.index]
+        item = {"conditioning_pixel_values": images[-1] * 0.5 + 0.5,  # [0, 1]
+                "input_ids": ids[int(rng.integers(len(ids)))] if ids.ndim == 2 else ids}
+        if self.latent_cache is None:
+            item["pixel_values"] = images[0]
+        else:
+            item["latent_mean"], item["latent_std"] = (x[key.index, 0] for x in self.latent_cache)
+        return item
+
+
+class TargetPixels(torch.utils.data.Dataset):
+    """Every target image as training sees it (resized, centre-cropped): what --cache_latents encodes."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace) -> None:
+        self.dataset, self.column, self.resolution = dataset, args.image_column, args.resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return tp.preprocess_image(self.dataset[index][self.column], self.resolution, True, False, None,
+                                   resample=Image.BILINEAR)
+
+
+def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """Token ids [len(prompts), max_length], padded to the tokenizer's length as Stable Diffusion is trained."""
+    return tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@dataclass
+class ControlNetStep:
+    """One training step's loss, given a batch: target pairs with psi timesteps and, for retention,
+    ``num_retention`` rows with xi timesteps: knowledge-bank latents with their prompts and a null
+    (all-zero) control (``replay``), or the batch's last rows with the frozen UNet's own prediction
+    without control as the target (``distill``). One text-encoder call, the ControlNet and the UNet, the
+    Diff-Tuning combination. The training loop calls it; benchmark/overhead.py times it."""
+
+    controlnet: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module | None  # None when batches carry cached latents
+    noise_scheduler: Any
+    psi: dt.TimestepSampler
+    xi: dt.TimestepSampler
+    empty_ids: torch.Tensor
+    proportion_empty_prompts: float
+    retention_weight: float
+    use_weights: bool
+    weight_dtype: torch.dtype
+    num_retention: int = 0
+    distill: bool = False
+    bank: dt.BankReplay | None = None
+    bank_input_ids: torch.Tensor | None = None
+
+    def loss(self, batch: dict, step_rng: tp.StepGenerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = tp.batch_latents(self.vae, batch, step_rng)
+        device, num_rows = latents.device, latents.shape[0]
+        num_target = num_rows - (self.num_retention if self.distill else 0)
+        drop = step_rng.rand(num_rows, device) < self.proportion_empty_prompts
+        input_ids = torch.where(drop[:, None], self.empty_ids, batch["input_ids"])
+        controlnet_image = batch["conditioning_pixel_values"]
+        timesteps, weights = self.psi.sample(num_target, step_rng.generator, device)
+        if self.num_retention:
+            bank_t, bank_w = self.xi.sample(self.num_retention, step_rng.generator, device)
+            timesteps, weights = torch.cat([timesteps, bank_t]), torch.cat([weights, bank_w])
+        if self.bank is not None:  # replay: the bank's latents, their prompts, a null (all-zero) control
+            bank_latents, indices = self.bank.next(step_rng.generator, lambda shape: step_rng.randn(shape, device))
+            latents = torch.cat([latents, bank_latents])
+            input_ids = torch.cat([input_ids, self.bank_input_ids[indices]])
+            controlnet_image = torch.cat([controlnet_image, controlnet_image.new_zeros(
+                (self.num_retention, *controlnet_image.shape[1:]))])
+        noise = step_rng.randn(latents.shape, device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
+        encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
+        down_block_res_samples, mid_block_res_sample = self.controlnet(
+            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_image.to(self.weight_dtype), return_dict=False)
+        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                               down_block_additional_residuals=[r.to(self.weight_dtype)
+                                                                for r in down_block_res_samples],
+                               mid_block_additional_residual=mid_block_res_sample.to(self.weight_dtype)).sample
+        target = None
+        if self.distill:  # retention rows: the frozen UNet's own prediction, without control
+            target = dt.prediction_target(self.noise_scheduler, latents, noise, timesteps)
+            with torch.no_grad():
+                teacher = self.unet(noisy_latents[num_target:], timesteps[num_target:],
+                                    encoder_hidden_states=encoder_hidden_states[num_target:]).sample
+            target = torch.cat([target[:num_target], teacher.to(target.dtype)])
+        per_sample = dt.per_sample_denoising_loss(model_pred, latents, noise, noisy_latents, timesteps,
+                                                  self.noise_scheduler, target=target)
+        return dt.difftuning_loss(per_sample, num_target, self.retention_weight, weights if self.use_weights else None)
+
+
+def denoiser_flops_per_image(controlnet: torch.nn.Module, unet: torch.nn.Module, latent_shape: list[int],
+                             resolution: int, context: torch.Tensor) -> int:
+    """Forward + backward FLOPs of the ControlNet and the frozen UNet it feeds, for one training image."""
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    x = torch.zeros(2, *latent_shape, device=device, dtype=dtype)
+    t, cond = torch.tensor([10, 900], device=device), torch.zeros(2, 3, resolution, resolution, device=device)
+    context = context.expand(2, -1, -1).to(dtype)
+
+    def fwd_bwd() -> None:
+        down, mid = controlnet(x.float(), t, encoder_hidden_states=context.float(), controlnet_cond=cond,
+                               return_dict=False)
+        unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=[d.to(dtype) for d in down],
+             mid_block_additional_residual=mid.to(dtype)).sample.float().square().mean().backward()
+
+    flops = tp.count_flops(fwd_bwd)
+    controlnet.zero_grad(set_to_none=True)
+    return flops // 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
 
 def main(args: argparse.Namespace) -> None:
+    from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
+
     accelerator, weight_dtype = tp.setup_accelerator(args)
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- Models -------------------------------------------------------------------------------
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-            cache_dir=args.cache_dir, safety_checker=None, requires_safety_checker=False)
-        if args.tokenizer_name:
-            from transformers import AutoTokenizer
+    pipeline = tp.load_pretrained(StableDiffusionPipeline.from_pretrained, "--pretrained_model_name_or_path",
+                                  args.pretrained_model_name_or_path, "a Stable Diffusion pipeline",
+                                  revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                                  safety_checker=None, requires_safety_checker=False)
+    if args.tokenizer_name:
+        from transformers import AutoTokenizer
 
-            pipeline.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
-        controlnet = (ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
-                      if args.controlnet_model_name_or_path else None)
-    except (OSError, ValueError) as err:
-        raise dt.ConfigError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} (or the ControlNet "
-                             f"or tokenizer) could not be loaded ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0]}).") from err
+        pipeline.tokenizer = tp.load_pretrained(AutoTokenizer.from_pretrained, "--tokenizer_name", args.tokenizer_name,
+                                                "a tokenizer", revision=args.revision)
+    controlnet = None
+    if args.controlnet_model_name_or_path:
+        controlnet = tp.load_pretrained(ControlNetModel.from_pretrained, "--controlnet_model_name_or_path",
+                                        args.controlnet_model_name_or_path, "a ControlNet", cache_dir=args.cache_dir)
     tokenizer, text_encoder, vae, unet = pipeline.tokenizer, pipeline.text_encoder, pipeline.vae, pipeline.unet
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -268,15 +398,11 @@ def main(args: argparse.Namespace) -> None:
     base_fingerprint = dt.model_fingerprint(unet) if args.difftuning and args.retention == "replay" else None
     for frozen in (vae, unet, text_encoder):  # upstream: frozen parts in the mixed-precision dtype
         frozen.requires_grad_(False)
-        frozen.to(accelerator.device, dtype=weight_dtype)
+        tp.cast(frozen, accelerator.device, weight_dtype)
     pipeline.set_progress_bar_config(disable=True)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
-
-    def tokenize(prompts: list[str]) -> torch.Tensor:
-        return tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                         return_tensors="pt").input_ids
 
     # --- Target data (checked before the expensive bank build) -------------------------------------
     dataset = tp.load_train_dataset(args, {"--image_column": args.image_column,
@@ -285,18 +411,22 @@ def main(args: argparse.Namespace) -> None:
     check_image_pairs(dataset, args.image_column, args.conditioning_image_column)
     captions = list(dataset[args.caption_column])
     check_captions(captions)
+    tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
+    input_ids = [tokenize(tokenizer, [c] if isinstance(c, str) else c) for c in captions]
+    input_ids = [ids[0] if len(ids) == 1 else ids for ids in input_ids]
 
     # --- Knowledge bank (replay: the frozen SD's own samples for the dataset's captions) -----------
-    bank = None
+    bank, bank_input_ids = None, None
     ratio = args.retention_ratio if args.difftuning and args.retention != "none" else 0
-    num_target, num_bank = dt.split_batch_size(args.train_batch_size, ratio)
-    distill = bool(num_bank) and args.retention == "distill"
-    if num_bank and args.retention == "replay":
+    num_target, num_retention = dt.split_batch_size(args.train_batch_size, ratio)
+    distill = bool(num_retention) and args.retention == "distill"
+    if num_retention and args.retention == "replay":
         prompt_gen = torch.Generator().manual_seed(dt.derive_seed(args.seed or 0, "bank-prompts"))
         picks = torch.randint(0, len(captions), (args.knowledge_bank_size,), generator=prompt_gen).tolist()
         prompts = [c if isinstance(c, str) else c[0] for c in (captions[i] for i in picks)]
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": base_fingerprint, "scheduler": type(pipeline.scheduler).__name__,
+                    "fingerprint": base_fingerprint, "vae_fingerprint": dt.model_fingerprint(vae),
+                    "scheduler": type(pipeline.scheduler).__name__,
                     "num_inference_steps": args.knowledge_bank_num_inference_steps,
                     "guidance_scale": args.knowledge_bank_guidance_scale, "resolution": args.resolution}
         sample_fn = lambda batch, gen: pipeline(  # noqa: E731
@@ -305,19 +435,20 @@ def main(args: argparse.Namespace) -> None:
             guidance_scale=args.knowledge_bank_guidance_scale).images
         with accelerator.autocast():
             dt.build_knowledge_bank(args.knowledge_bank_dir, sample_fn, prompts, args.knowledge_bank_batch_size,
-                                    args.seed or 0, settings)
+                                    args.seed or 0, settings, reencode_fn=lambda z: tp.reencode_latents(vae, z))
         latent_size = args.resolution // vae_scale
         bank = dt.load_knowledge_bank(args.knowledge_bank_dir, base_fingerprint,
                                       [unet.config.in_channels, latent_size, latent_size])
         preview = os.path.join(args.knowledge_bank_dir, "preview.png")
         if accelerator.is_main_process and not os.path.exists(preview):
             dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
-        bank_latents = bank.latents.to(accelerator.device)  # small: kept on device, no per-step copy
         # Token ids, not embeddings: the bank's prompts ride in the target batch's one text-encoder
         # call (about 1% of a step), so memory does not grow with the bank.
-        bank_input_ids = tokenize([""] * len(bank) if args.retention_empty_prompt else bank.conditions)
+        bank_input_ids = tokenize(tokenizer, [""] * len(bank) if args.retention_empty_prompt else bank.conditions)
         bank_input_ids = bank_input_ids.to(accelerator.device)
-        replay = dt.ReplayStream(len(bank), num_bank, args.seed or 0, accelerator.process_index)
+        # No flips: upstream's ControlNet data pipeline has none, so the bank's images are not flipped either.
+        bank = dt.BankReplay(bank, args.knowledge_bank_replay, False, num_retention, args.seed or 0,
+                             accelerator.process_index, accelerator.device, args.knowledge_bank_dir)
 
     # --- What to train --------------------------------------------------------------------------
     register_checkpoint_hooks(accelerator, args.controlnet_lora)
@@ -325,33 +456,29 @@ def main(args: argparse.Namespace) -> None:
     controlnet.train()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
+    latent_size = args.resolution // vae_scale
+    with torch.no_grad():
+        context = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
+    # Counted before accelerator.prepare: a pass outside DDP's forward would upset its gradient hooks.
+    flops_per_image = denoiser_flops_per_image(controlnet.to(accelerator.device), unet,
+                                               [unet.config.in_channels, latent_size, latent_size], args.resolution,
+                                               context)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = tp.create_optimizer(args, params)
 
     # --- Data loader: a seeded permutation per epoch, per-sample choices from (seed, epoch, index) ---
-    class PairDataset(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(dataset)
-
-        def __getitem__(self, sampler_index: int) -> dict:
-            rng = tp.sample_rng(args.seed, sampler_index)[1]
-            row = dataset[sampler_index % len(dataset)]
-            pixels, condition = (tp.preprocess_image(row[column], args.resolution, True, False, rng,
-                                                     resample=Image.BILINEAR)
-                                 for column in (args.image_column, args.conditioning_image_column))
-            caption = row[args.caption_column]
-            caption = caption if isinstance(caption, str) else caption[int(rng.integers(len(caption)))]
-            return {"pixel_values": pixels, "conditioning_pixel_values": condition * 0.5 + 0.5,  # [0, 1]
-                    "input_ids": tokenize([caption])[0]}
-
-    num_data = num_target + (num_bank if distill else 0)  # distill: retention rows are training pairs too
-    sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(PairDataset(), batch_size=num_data, sampler=sampler,
-                                                   num_workers=args.dataloader_num_workers, drop_last=True)
+    num_data = num_target + (num_retention if distill else 0)  # distill: retention rows are training pairs too
     if len(dataset) < num_data * accelerator.num_processes:
         raise dt.ConfigError(f"The dataset has {len(dataset)} pairs, fewer than one batch of {num_data} on each of "
                              f"{accelerator.num_processes} process(es); lower --train_batch_size.")
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = tp.cache_posteriors(vae, TargetPixels(dataset, args), False, 32, args.dataloader_num_workers,
+                                           accelerator.device)
+    sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
+    train_dataloader = tp.make_dataloader(PairImages(dataset, args, input_ids, latent_cache), num_data, sampler,
+                                          args.dataloader_num_workers)
     controlnet, optimizer, train_dataloader = accelerator.prepare(controlnet, optimizer, train_dataloader)
     max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
     lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
@@ -359,93 +486,67 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
-    per_process_state = {"step_rng": step_rng, **({"replay": replay} if bank is not None else {})}
+    per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
     resume_path = tp.resolve_resume_checkpoint(args)
     global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracked)
 
-    tau_target = args.difftuning_tau if args.difftuning else 0.0
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    psi = dt.TimestepSampler(num_timesteps, tau_target, "adaptation", args.timestep_sampling)
-    xi = dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling)
-    use_weights = args.difftuning and args.timestep_sampling == "weighting"
-    empty_ids = tokenize([""]).to(accelerator.device)
+    empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
+    step = ControlNetStep(
+        controlnet, unet, text_encoder, None if args.cache_latents else vae, noise_scheduler,
+        dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
+                           args.timestep_sampling),
+        dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling),
+        empty_ids, args.proportion_empty_prompts, args.retention_weight,
+        args.difftuning and args.timestep_sampling == "weighting", weight_dtype, num_retention, distill, bank,
+        bank_input_ids)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    logger.info(f"***** Training: {len(dataset)} pairs, {max_train_steps} steps, {num_target} target + {num_bank} "
-                f"retention samples per device batch, difftuning={args.difftuning}, retention={args.retention}, "
-                f"lora={args.controlnet_lora} *****")
+    log = tp.TrainingLog(accelerator, args.logging_steps,
+                         args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision))
+    logger.info(f"***** Training: {len(dataset)} pairs, {max_train_steps} steps, {num_target} target + "
+                f"{num_retention} retention samples per device batch, difftuning={args.difftuning}, "
+                f"retention={args.retention}, lora={args.controlnet_lora}, cache_latents={args.cache_latents} *****")
 
     # --- Training loop ---------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    loop_start, first_step = time.perf_counter(), global_step
     for epoch in range(global_step // updates_per_epoch, num_epochs):
         controlnet.train()
         for batch in tp.epoch_loader(accelerator, train_dataloader, sampler, epoch, global_step, updates_per_epoch,
                                      args.gradient_accumulation_steps):
             with accelerator.accumulate(controlnet):
-                latents = tp.encode_latents(vae, batch["pixel_values"], step_rng)
-                drop = step_rng.rand(num_data, accelerator.device) < args.proportion_empty_prompts
-                input_ids = torch.where(drop[:, None], empty_ids, batch["input_ids"])
-                controlnet_image = batch["conditioning_pixel_values"]
-                timesteps, weights = psi.sample(num_target, step_rng.generator, accelerator.device)
-                if num_bank:
-                    bank_t, bank_w = xi.sample(num_bank, step_rng.generator, accelerator.device)
-                    timesteps, weights = torch.cat([timesteps, bank_t]), torch.cat([weights, bank_w])
-                if bank is not None:  # replay: the bank's latents, their prompts, a null (all-zero) control
-                    indices = replay.next_indices().to(accelerator.device)
-                    latents = torch.cat([latents, bank_latents[indices]])
-                    input_ids = torch.cat([input_ids, bank_input_ids[indices]])
-                    controlnet_image = torch.cat([controlnet_image,
-                                                  controlnet_image.new_zeros((num_bank, *controlnet_image.shape[1:]))])
-                noise = step_rng.randn(latents.shape, accelerator.device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
-                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-                down_block_res_samples, mid_block_res_sample = controlnet(
-                    noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                    controlnet_cond=controlnet_image.to(weight_dtype), return_dict=False)
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                                  down_block_additional_residuals=[s.to(weight_dtype) for s in down_block_res_samples],
-                                  mid_block_additional_residual=mid_block_res_sample.to(weight_dtype)).sample
-                target = dt.prediction_target(noise_scheduler, latents, noise, timesteps)
-                if distill:  # retention rows: the frozen UNet's own prediction, without control
-                    with torch.no_grad():
-                        teacher = unet(noisy_latents[num_target:], timesteps[num_target:],
-                                       encoder_hidden_states=encoder_hidden_states[num_target:]).sample
-                    target = torch.cat([target[:num_target], teacher.to(target.dtype)])
-                # The MSE against `target` itself (not dt.per_sample_denoising_loss): distill swaps its rows' target.
-                per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss, logs = dt.difftuning_loss(per_sample, num_target, args.retention_weight,
-                                                weights if use_weights else None)
+                loss, logs = step.loss(batch, step_rng)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            log.add(logs)
 
             if accelerator.sync_gradients:
                 global_step += 1
                 progress_bar.update(1)
-                logs = {k: v.item() for k, v in logs.items()} | {"lr": lr_scheduler.get_last_lr()[0]}
-                progress_bar.set_postfix(loss=logs["loss"])
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0:
-                    tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
-                if args.validation_prompt and global_step % args.validation_steps == 0:
-                    run_validation(args, accelerator, pipeline, controlnet, global_step)
+                logged = log.step(global_step, lr_scheduler.get_last_lr()[0], force=global_step >= max_train_steps)
+                if logged:
+                    progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
+                with log.paused():
+                    if global_step % args.checkpointing_steps == 0:
+                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
+                    if args.validation_prompt and global_step % args.validation_steps == 0:
+                        run_validation(args, accelerator, pipeline, controlnet, global_step)
             if global_step >= max_train_steps:
                 break
 
     # --- Save ------------------------------------------------------------------------------------
-    seconds = time.perf_counter() - loop_start
-    logger.info(f"Trained {global_step - first_step} steps in {seconds:.1f} s "
-                f"({seconds / max(1, global_step - first_step):.4f} s/step, validation and checkpoints included)")
+    tp.log_throughput(accelerator, log, global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        controlnet = accelerator.unwrap_model(controlnet)
+        controlnet = tp.unwrap(accelerator, controlnet)
         final = export_controlnet(controlnet, args.controlnet_lora)
         final.save_pretrained(args.output_dir)
         if args.controlnet_lora:
@@ -458,6 +559,8 @@ def main(args: argparse.Namespace) -> None:
         tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, pairs),
                            ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers",
                             "controlnet", "diffusers-training", "diff-tuning"], images)
+        logger.info(f"Saved the ControlNet to {args.output_dir} (load it with "
+                    f"ControlNetModel.from_pretrained({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
     accelerator.end_training()
@@ -480,9 +583,11 @@ def validation_pairs(args: argparse.Namespace) -> list[tuple[str, Image.Image]]:
     return [(p, Image.open(path).convert("RGB")) for p, path in zip(prompts, paths, strict=True)]
 
 
-def generate_images(args: argparse.Namespace, accelerator, pipeline: StableDiffusionPipeline,
+def generate_images(args: argparse.Namespace, accelerator: Any, pipeline: StableDiffusionPipeline,
                     controlnet: ControlNetModel, pairs: list) -> tuple[list, list[str]]:
     """For each pair: the conditioning image, then --num_validation_images samples (UniPC)."""
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
     pipe = StableDiffusionControlNetPipeline(
         vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=pipeline.unet,
         controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(pipeline.scheduler.config),
@@ -507,19 +612,20 @@ def sampling_controlnet(controlnet: ControlNetModel, lora: bool, dtype: torch.dt
     meta device and given the trained tensors, so no fp32 copy is made (none at all without mixed
     precision)."""
     from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
 
     with init_empty_weights():
         model = ControlNetModel.from_config(controlnet.config)
     model.load_state_dict(export_controlnet(controlnet, lora).state_dict(), assign=True)
-    return model.to(dtype).eval()
+    return tp.cast(model, model.device, dtype).eval()
 
 
-def run_validation(args: argparse.Namespace, accelerator, pipeline: StableDiffusionPipeline, controlnet,
-                   global_step: int) -> None:
+def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: StableDiffusionPipeline,
+                   controlnet: torch.nn.Module, global_step: int) -> None:
     """Sample the validation pairs with the current weights and log them (main process only)."""
     if not accelerator.is_main_process:
         return
-    model = sampling_controlnet(accelerator.unwrap_model(controlnet), args.controlnet_lora, pipeline.unet.dtype)
+    model = sampling_controlnet(tp.unwrap(accelerator, controlnet), args.controlnet_lora, pipeline.unet.dtype)
     images, labels = generate_images(args, accelerator, pipeline, model, validation_pairs(args))
     tp.log_images(accelerator, images, labels, global_step)
 

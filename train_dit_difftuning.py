@@ -15,21 +15,28 @@ import argparse
 import copy
 import math
 import os
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.logging import get_logger
-from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
-from diffusers.models.embeddings import LabelEmbedding
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 import difftuning_utils as dt
 import training_plumbing as tp
 
+if TYPE_CHECKING:
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
 logger = get_logger(__name__)
 FINETUNE_MODES = ("full", "lora", "difffit", "bitfit")
+# The training settings of the authors' released code (--authors_recipe); the method's own defaults
+# (tau, bank fraction and weight, null label) are the authors' already.
+AUTHORS_RECIPE = {"use_ema": True, "ema_decay": 0.9999, "ema_warmup": False, "max_grad_norm": 0.0,
+                  "center_crop": True, "random_flip": True, "knowledge_bank_replay": "images",
+                  "learning_rate": 1e-4, "adam_weight_decay": 0.0, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                  "train_batch_size": 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,75 +44,29 @@ FINETUNE_MODES = ("full", "lora", "difffit", "bitfit")
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_dit_latents(transformer: torch.nn.Module, scheduler: DDPMScheduler, class_labels: list[int],
-                       guidance_scale: float, num_inference_steps: int, generator: torch.Generator,
-                       null_class: int, base_transformer: torch.nn.Module | None = None,
-                       switch_timestep: int = -1) -> torch.Tensor:
-    """Final latents [B, C, H, W] of DiT's ancestral sampler with classifier-free guidance.
-
-    DiTPipeline always decodes with the VAE and drops the learned variance; the knowledge bank
-    wants latents, and DiT's own sampler uses the learned variance, so this is the short loop
-    both need. Guidance is applied to the noise half, as DiTPipeline does. With
-    ``base_transformer``, it denoises steps with t < ``switch_timestep`` with that model instead
-    (the chain-of-forgetting analysis).
-    """
-    config = transformer.config
-    device, dtype = transformer.device, transformer.dtype
-    channels, size = config.in_channels, config.sample_size
-    batch = len(class_labels)
-    latents = torch.randn((batch, channels, size, size), generator=generator).to(device, dtype)
-    labels = torch.tensor(class_labels, device=device)
-    if guidance_scale > 1:
-        labels = torch.cat([labels, torch.full_like(labels, null_class)])
-    learned_sigma = config.out_channels == 2 * channels
-    scheduler.set_timesteps(num_inference_steps)
-    for t in scheduler.timesteps:
-        model = base_transformer if base_transformer is not None and t < switch_timestep else transformer
-        model_input = torch.cat([latents, latents]) if guidance_scale > 1 else latents
-        output = model(model_input, timestep=t.expand(model_input.shape[0]).to(device), class_labels=labels).sample
-        eps, rest = output[:, :channels], output[:, channels:]
-        if guidance_scale > 1:
-            cond_eps, uncond_eps = eps.chunk(2)
-            eps, rest = uncond_eps + guidance_scale * (cond_eps - uncond_eps), rest.chunk(2)[0]
-        model_output = torch.cat([eps, rest], dim=1) if learned_sigma and scheduler.config.variance_type in (
-            "learned", "learned_range") else eps
-        latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
-    return latents
-
-
-def disable_per_block_label_dropout(transformer: torch.nn.Module) -> None:
-    """diffusers gives every DiT block its own LabelEmbedding with dropout 0.1, and in train mode
-    each block drops labels independently: almost every sample then sees the null label in some
-    blocks. Turn that off; we drop labels once at the input instead, so all blocks agree."""
-    for module in transformer.modules():
-        if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0
-
-
 def configure_finetuning(transformer: DiTTransformer2DModel, args: argparse.Namespace) -> list[torch.nn.Parameter]:
     """Freeze what the --finetune mode does not train; return the trainable parameters.
 
     full: everything. bitfit: biases. difffit (Xie et al. 2023): biases, norm affines, label
-    embeddings and new per-block scale factors gamma on the attention and MLP outputs of the
-    first half of the blocks (the authors' 14 of 28). lora: peft LoRA adapters (DiT has no
-    adapter mixin in diffusers, so peft injects them directly).
+    embeddings and new scale factors gamma (see add_difffit_gammas) in the first half of the blocks
+    (the authors' 14 of 28). lora: peft LoRA adapters (DiT has no adapter mixin in diffusers, so
+    peft injects them directly).
     """
     if args.finetune == "full":
         transformer.requires_grad_(True)
         return [p for p in transformer.parameters() if p.requires_grad]
     transformer.requires_grad_(False)
     if args.finetune == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
-        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
-                            target_modules=[m.strip() for m in args.lora_target_modules.split(",")])
-        inject_adapter_in_model(config, transformer)
+        inject_adapter_in_model(tp.lora_config(args), transformer)
         return [p for n, p in transformer.named_parameters() if "lora_" in n]
     for name, param in transformer.named_parameters():
         if name.endswith(".bias"):
             param.requires_grad_(True)
     if args.finetune == "difffit":
+        from diffusers.models.embeddings import LabelEmbedding
+
         for module in transformer.modules():
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm, LabelEmbedding)):
                 module.requires_grad_(True)
@@ -115,17 +76,44 @@ def configure_finetuning(transformer: DiTTransformer2DModel, args: argparse.Name
 
 
 def add_difffit_gammas(block: torch.nn.Module) -> None:
-    """Scale a block's attention and MLP outputs by learnable gammas (initialised to 1)."""
+    """DiffFit's four learnable scales (initialised to 1), where the authors put them: on the q, k and v
+    projections (one 3d vector), on the attention output projection, on the attention branch and on
+    the MLP branch. All of them scale the outputs of linear layers, so export folds them into those."""
     dim = block.attn1.to_out[0].out_features
-    for name, module in (("difffit_gamma_attn", block.attn1), ("difffit_gamma_ff", block.ff)):
+    block.register_parameter("difffit_gamma_qkv", torch.nn.Parameter(torch.ones(3 * dim)))
+    for name in ("difffit_gamma_proj", "difffit_gamma_attn", "difffit_gamma_ff"):
         block.register_parameter(name, torch.nn.Parameter(torch.ones(dim)))
-        module.register_forward_hook(lambda _m, _inp, out, b=block, n=name: out * getattr(b, n))
+    for i, linear in enumerate((block.attn1.to_q, block.attn1.to_k, block.attn1.to_v)):
+        linear.register_forward_hook(lambda _m, _i, out, b=block, s=slice(i * dim, (i + 1) * dim):
+                                     out * b.difffit_gamma_qkv[s])
+    block.attn1.to_out[0].register_forward_hook(lambda _m, _i, out, b=block: out * b.difffit_gamma_proj)
+    for name, module in (("difffit_gamma_attn", block.attn1), ("difffit_gamma_ff", block.ff)):
+        module.register_forward_hook(lambda _m, _i, out, b=block, n=name: out * getattr(b, n))
+
+
+def fold_difffit_gammas(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """Multiply each block's DiffFit gammas into the linear layers whose outputs they scale (q/k/v;
+    the attention output projection takes both the projection and the branch gamma; the MLP's last
+    layer) and drop them, leaving a plain DiTTransformer2DModel state dict."""
+    for i in range(num_blocks):
+        prefix = f"transformer_blocks.{i}."
+        if f"{prefix}difffit_gamma_qkv" not in state:
+            continue
+        qkv = state.pop(f"{prefix}difffit_gamma_qkv").chunk(3)
+        proj, attn, ff = (state.pop(f"{prefix}difffit_gamma_{n}") for n in ("proj", "attn", "ff"))
+        for linear, gamma in (("attn1.to_q", qkv[0]), ("attn1.to_k", qkv[1]), ("attn1.to_v", qkv[2]),
+                              ("attn1.to_out.0", proj * attn), ("ff.net.2", ff)):
+            state[f"{prefix}{linear}.weight"] = state[f"{prefix}{linear}.weight"] * gamma[:, None]
+            state[f"{prefix}{linear}.bias"] = state[f"{prefix}{linear}.bias"] * gamma
+    return state
 
 
 def export_transformer(transformer: torch.nn.Module, finetune: str) -> DiTTransformer2DModel:
     """A plain DiTTransformer2DModel with the fine-tuning folded in (LoRA merged, DiffFit gammas
-    multiplied into the output projections), so DiffusionPipeline.from_pretrained loads it as is.
+    multiplied into the layers they scale), so DiffusionPipeline.from_pretrained loads it as is.
     Saving unmerged peft layers would write base_layer keys that reload silently wrong."""
+    from diffusers import DiTTransformer2DModel
+
     transformer = copy.deepcopy(transformer).float()
     state = transformer.state_dict()
     if finetune == "lora":
@@ -136,19 +124,25 @@ def export_transformer(transformer: torch.nn.Module, finetune: str) -> DiTTransf
                 module.merge()
         state = {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}
     if finetune == "difffit":
-        for i in range(len(transformer.transformer_blocks)):
-            for gamma_name, linear in (("difffit_gamma_attn", "attn1.to_out.0"), ("difffit_gamma_ff", "ff.net.2")):
-                gamma = state.pop(f"transformer_blocks.{i}.{gamma_name}", None)
-                if gamma is not None:
-                    prefix = f"transformer_blocks.{i}.{linear}"
-                    state[f"{prefix}.weight"] = state[f"{prefix}.weight"] * gamma[:, None]
-                    state[f"{prefix}.bias"] = state[f"{prefix}.bias"] * gamma
+        state = fold_difffit_gammas(state, len(transformer.transformer_blocks))
     clean = DiTTransformer2DModel.from_config(transformer.config)
     clean.load_state_dict(state)
     return clean.eval()
 
 
-def target_classes(dataset, label_column: str, num_model_classes: int) -> tuple[list[str], Callable]:
+def make_ema(params: list[torch.nn.Parameter], args: argparse.Namespace) -> Any:
+    """diffusers' EMAModel of the trained parameters, starting from their pre-trained values. With
+    --ema_warmup its decay at step s is min((1+s)/(10+s), --ema_decay); without, --ema_decay from the
+    first step, as DiT and the Diff-Tuning authors update theirs (min_decay pins the decay, and
+    update_after_step=-1 keeps the first update from being a plain copy)."""
+    from diffusers.training_utils import EMAModel
+
+    if args.ema_warmup:
+        return EMAModel(params, decay=args.ema_decay, foreach=True)
+    return EMAModel(params, decay=args.ema_decay, min_decay=args.ema_decay, update_after_step=-1, foreach=True)
+
+
+def target_classes(dataset: Any, label_column: str, num_model_classes: int) -> tuple[list[str], Callable]:
     """Class names of the target dataset and a function mapping a raw label to row 0..K-1.
 
     Target classes reuse rows 0..K-1 of the pre-trained label table; the null row stays last, so
@@ -169,47 +163,151 @@ def target_classes(dataset, label_column: str, num_model_classes: int) -> tuple[
     return names, to_index
 
 
+class TargetImages(torch.utils.data.Dataset):
+    """The target dataset as the loader sees it: pixels and a label row per :class:`tp.SampleKey`, or,
+    with a latent cache, the cached posterior of the image or of its mirror image, and no decoding."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace, labels: list[int], channels: int,
+                 latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.dataset, self.labels, self.channels, self.latent_cache = dataset, labels, channels, latent_cache
+        self.image_column, self.resolution, self.seed = args.image_column, args.resolution, args.seed
+        self.center_crop, self.random_flip = args.center_crop, args.random_flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tp.SampleKey) -> dict:
+        rng = tp.sample_rng(self.seed, key)
+        if self.latent_cache is not None:  # centre crop: the only draw is the flip, as in preprocess_image
+            view = int(self.random_flip and rng.random() < 0.5)
+            mean, std = self.latent_cache
+            return {"latent_mean": mean[key.index, view], "latent_std": std[key.index, view],
+                    "class_labels": self.labels[key.index]}
+        pixels = tp.preprocess_image(self.dataset[key.index][self.image_column], self.resolution, self.center_crop,
+                                     self.random_flip, rng, channels=self.channels)
+        return {"pixel_values": pixels, "class_labels": self.labels[key.index]}
+
+
+class CenteredImages(torch.utils.data.Dataset):
+    """Every image centre-cropped, unflipped: what --cache_latents encodes (and mirrors)."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace, channels: int) -> None:
+        self.dataset, self.args, self.channels = dataset, args, channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return tp.preprocess_image(self.dataset[index][self.args.image_column], self.args.resolution, True, False,
+                                   None, channels=self.channels)
+
+
+@dataclass
+class DiTStep:
+    """One training step's loss, given a batch: target latents with psi timesteps and (with a bank)
+    replayed bank latents with xi timesteps and the null label, one forward pass, MSE (+ VB for learned
+    sigma), the Diff-Tuning combination. The training loop calls it; benchmark/overhead.py times it."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module | None  # None when batches carry cached latents
+    noise_scheduler: Any
+    vb: dt.LearnedSigmaVB | None
+    psi: dt.TimestepSampler
+    xi: dt.TimestepSampler
+    null_class: int
+    label_dropout_prob: float
+    retention_weight: float
+    use_weights: bool
+    bank: dt.BankReplay | None = None
+
+    def loss(self, batch: dict, step_rng: tp.StepGenerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = tp.batch_latents(self.vae, batch, step_rng)
+        device, num_target = latents.device, latents.shape[0]
+        drop = step_rng.rand(num_target, device) < self.label_dropout_prob
+        class_labels = torch.where(drop, self.null_class, batch["class_labels"])
+        timesteps, weights = self.psi.sample(num_target, step_rng.generator, device)
+        if self.bank is not None:
+            bank_latents, _ = self.bank.next(step_rng.generator, lambda shape: step_rng.randn(shape, device))
+            bank_t, bank_w = self.xi.sample(bank_latents.shape[0], step_rng.generator, device)
+            latents = torch.cat([latents, bank_latents])
+            class_labels = torch.cat([class_labels, torch.full_like(bank_t, self.null_class)])
+            timesteps, weights = torch.cat([timesteps, bank_t]), torch.cat([weights, bank_w])
+        noise = step_rng.randn(latents.shape, device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        model_pred = self.transformer(noisy_latents, timestep=timesteps, class_labels=class_labels).sample
+        per_sample = dt.per_sample_denoising_loss(model_pred, latents, noise, noisy_latents, timesteps,
+                                                  self.noise_scheduler, self.vb)
+        return dt.difftuning_loss(per_sample, num_target, self.retention_weight, weights if self.use_weights else None)
+
+
+def denoiser_flops_per_image(transformer: torch.nn.Module, latent_shape: list[int], null_class: int) -> int:
+    """The transformer's forward + backward FLOPs for one training image (its requires_grad as trained)."""
+    device = next(transformer.parameters()).device
+    x = torch.zeros(2, *latent_shape, device=device)
+    t, y = torch.tensor([10, 900], device=device), torch.tensor([0, null_class], device=device)
+    flops = tp.count_flops(lambda: transformer(x, timestep=t, class_labels=y).sample.float().square().mean().backward())
+    transformer.zero_grad(set_to_none=True)
+    return flops // 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune a DiT on a class-conditional dataset with Diff-Tuning.")
+    parser = argparse.ArgumentParser(description="Fine-tune a DiT on a class-conditional dataset with Diff-Tuning.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, default="facebook/DiT-XL-2-256",
                         help="A DiTPipeline on the Hub or in a local folder.")
     tp.add_common_args(parser)
     dit = parser.add_argument_group("DiT")
-    dit.add_argument("--label_column", type=str, default="label", help="The column holding the class labels.")
+    dit.add_argument("--label_column", type=str, default="label",
+                     help="The column holding the class labels (an image folder gets it from its class sub-folders).")
     dit.add_argument("--resolution", type=int, default=None,
                      help="Training resolution; default: the model's (sample_size x VAE downsampling).")
-    dit.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop (DiT: on).")
-    dit.add_argument("--random_flip", action="store_true", help="Random horizontal flips (DiT: on).")
+    dit.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=False,
+                     help="Centre-crop instead of random-crop (DiT and the Diff-Tuning authors: on).")
+    dit.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
+                     help="Random horizontal flips of target images (and bank images) (DiT: on).")
     dit.add_argument("--label_dropout_prob", type=float, default=0.1,
                      help="Probability of replacing a target label by the null label (classifier-free guidance).")
-    dit.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights and save it.")
+    dit.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+                     help="Keep an EMA of the trained weights; validation samples and the saved model use it.")
     dit.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (DiT: 0.9999 every step).")
+    dit.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=True,
+                     help="diffusers' EMA warm-up, decay min((1+s)/(10+s), --ema_decay) at step s; --no-ema_warmup "
+                          "uses --ema_decay from the first step, from the pre-trained weights (DiT, the authors).")
     dit.add_argument("--finetune", choices=FINETUNE_MODES, default="full",
                      help="What to train: all weights, LoRA adapters, DiffFit or BitFit parameters.")
-    dit.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    dit.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; default: the rank.")
-    dit.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
-                     help="Comma-separated module names that get LoRA adapters.")
-    dit.add_argument("--validation_class_labels", type=str, nargs="*", default=None,
+    tp.add_lora_args(dit)
+    dit.add_argument("--authors_recipe", action="store_true",
+                     help="The Diff-Tuning authors' training settings as defaults (explicit flags still win): "
+                          + ", ".join(f"{k}={v}" for k, v in AUTHORS_RECIPE.items()) + ". Add --difftuning for "
+                          "their method; without it, their standard fine-tuning.")
+    val = next(g for g in parser._action_groups if g.title == "Validation")
+    val.add_argument("--validation_class_labels", type=str, nargs="*", default=None,
                      help="Target class names (or indices) to sample at each validation.")
-    dit.add_argument("--validation_guidance_scale", type=float, default=4.0, help="Guidance scale for validation.")
-    dit.add_argument("--validation_num_inference_steps", type=int, default=50, help="Sampling steps for validation.")
+    val.add_argument("--validation_guidance_scale", type=float, default=4.0, help="Guidance scale for validation.")
+    val.add_argument("--validation_num_inference_steps", type=int, default=50, help="Sampling steps for validation.")
     dt.add_difftuning_args(parser)
     # The authors' DiT transfer setting: AdamW lr 1e-4, no weight decay, constant lr, batch 32.
     parser.set_defaults(output_dir="dit-difftuning", learning_rate=1e-4, adam_weight_decay=0.0, lr_warmup_steps=0,
                         train_batch_size=32)
+    if parser.parse_known_args(input_args)[0].authors_recipe:
+        parser.set_defaults(**AUTHORS_RECIPE)
     args = parser.parse_args(input_args)
     tp.validate_common_args(args)
-    dt.validate_difftuning_args(args, bank_num_inference_steps=250, bank_guidance_scale=1.5)
     if args.finetune == "lora" and args.rank < 1:
         raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
+    dt.validate_difftuning_args(args, bank_num_inference_steps=250, bank_guidance_scale=1.5)
     if not 0 <= args.label_dropout_prob < 1:
         raise dt.ConfigError(f"--label_dropout_prob must be in [0, 1), got {args.label_dropout_prob}.")
+    if not 0 <= args.ema_decay < 1:
+        raise dt.ConfigError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
+    if args.cache_latents and not args.center_crop:
+        raise dt.ConfigError("--cache_latents keeps one encoding per image (and its mirror image): add --center_crop, "
+                             "since random crops would differ every epoch, or leave --cache_latents out.")
     return args
 
 
@@ -219,16 +317,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
+    from diffusers import DDPMScheduler, DiTPipeline
+
     accelerator, weight_dtype = tp.setup_accelerator(args)
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- Models -------------------------------------------------------------------------------
-    try:
-        pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                               variant=args.variant, cache_dir=args.cache_dir)
-    except (OSError, ValueError) as err:
-        raise dt.ConfigError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} could not be "
-                             f"loaded as a DiTPipeline ({type(err).__name__}: {str(err).splitlines()[0]}).") from err
+    pipeline = tp.load_pretrained(DiTPipeline.from_pretrained, "--pretrained_model_name_or_path",
+                                  args.pretrained_model_name_or_path, "a DiTPipeline", revision=args.revision,
+                                  variant=args.variant, cache_dir=args.cache_dir)
     transformer, vae = pipeline.transformer, pipeline.vae
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if pipeline.scheduler.config.get("variance_type") in ("learned", "learned_range"):
@@ -237,22 +334,27 @@ def main(args: argparse.Namespace) -> None:
     null_class = transformer.config.num_embeds_ada_norm
     learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    args.resolution = args.resolution or transformer.config.sample_size * vae_scale
-    if args.resolution != transformer.config.sample_size * vae_scale:
-        raise dt.ConfigError(f"--resolution {args.resolution} does not match the model's latent size "
-                             f"{transformer.config.sample_size} x {vae_scale}.")
+    model_resolution = transformer.config.sample_size * vae_scale
+    args.resolution = args.resolution or model_resolution
+    if args.resolution != model_resolution:
+        raise dt.ConfigError(f"--resolution {args.resolution} does not fit the model, which works on "
+                             f"{model_resolution}x{model_resolution} px images ({transformer.config.sample_size}x"
+                             f"{transformer.config.sample_size} latents x {vae_scale}): use --resolution "
+                             f"{model_resolution} or leave it out.")
     vae.requires_grad_(False)
     # The fp16 VAE is known to give NaNs; bf16 is safe.
-    vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
-    disable_per_block_label_dropout(transformer)
-    base_fingerprint = dt.model_fingerprint(transformer) if args.difftuning and args.retention_ratio > 0 else None
+    tp.cast(vae, accelerator.device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    tp.disable_per_block_label_dropout(transformer)
+    uses_bank = args.difftuning and args.retention_ratio > 0
+    base_fingerprint = dt.model_fingerprint(transformer) if uses_bank else None
 
     # --- Target data (checked before the expensive bank build) -------------------------------------
     dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
     if args.train_data_dir is not None:
         tp.check_images_readable(dataset, args.image_column)
+    tp.describe_image_conversion(dataset, args.image_column, vae.config.in_channels, args.resolution)
     class_names, to_index = target_classes(dataset, args.label_column, null_class)
-    image_channels = vae.config.in_channels
+    labels = [to_index(label) for label in dataset[args.label_column]]
 
     # --- Knowledge bank (built with the frozen pre-trained model, before any weight changes) ---
     bank = None
@@ -266,50 +368,48 @@ def main(args: argparse.Namespace) -> None:
         label_gen = torch.Generator().manual_seed(dt.derive_seed(args.seed or 0, "bank-labels"))
         picks = torch.randint(0, len(source_classes), (args.knowledge_bank_size,), generator=label_gen)
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": base_fingerprint, "scheduler": type(bank_scheduler).__name__,
+                    "fingerprint": base_fingerprint, "vae_fingerprint": dt.model_fingerprint(vae),
+                    "scheduler": type(bank_scheduler).__name__,
                     "num_inference_steps": args.knowledge_bank_num_inference_steps,
                     "guidance_scale": args.knowledge_bank_guidance_scale}
-        sample_fn = lambda labels, gen: sample_dit_latents(  # noqa: E731
+        sample_fn = lambda labels, gen: tp.sample_dit_latents(  # noqa: E731
             transformer, bank_scheduler, labels, args.knowledge_bank_guidance_scale,
             args.knowledge_bank_num_inference_steps, gen, null_class)
         with accelerator.autocast():
             dt.build_knowledge_bank(args.knowledge_bank_dir, sample_fn, [source_classes[i] for i in picks.tolist()],
-                                    args.knowledge_bank_batch_size, args.seed or 0, settings)
+                                    args.knowledge_bank_batch_size, args.seed or 0, settings,
+                                    reencode_fn=lambda z: tp.reencode_latents(vae, z))
         bank = dt.load_knowledge_bank(args.knowledge_bank_dir, base_fingerprint,
                                       [transformer.config.in_channels] + [transformer.config.sample_size] * 2)
         preview = os.path.join(args.knowledge_bank_dir, "preview.png")
         if accelerator.is_main_process and not os.path.exists(preview):
             dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
-        bank_latents = bank.latents.to(accelerator.device)  # small: kept on device, no per-step copy
-        replay = dt.ReplayStream(len(bank), num_bank, args.seed or 0, accelerator.process_index)
+        bank = dt.BankReplay(bank, args.knowledge_bank_replay, args.random_flip, num_bank, args.seed or 0,
+                             accelerator.process_index, accelerator.device, args.knowledge_bank_dir)
 
     # --- What to train --------------------------------------------------------------------------
     params = configure_finetuning(transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
+    latent_shape = [transformer.config.in_channels] + [transformer.config.sample_size] * 2
+    # Counted before accelerator.prepare: a pass outside DDP's forward would upset its gradient hooks.
+    flops_per_image = denoiser_flops_per_image(transformer.to(accelerator.device), latent_shape, null_class)
+    ema = make_ema(params, args) if args.use_ema else None
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = tp.create_optimizer(args, params)
 
     # --- Data loader: a seeded permutation per epoch, per-sample augmentation from (seed, epoch, index) ---
-    class TargetDataset(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(dataset)
-
-        def __getitem__(self, sampler_index: int) -> dict:
-            rng = tp.sample_rng(args.seed, sampler_index)[1]
-            row = dataset[sampler_index % len(dataset)]
-            pixels = tp.preprocess_image(row[args.image_column], args.resolution, args.center_crop, args.random_flip,
-                                         rng, channels=image_channels)
-            return {"pixel_values": pixels, "class_labels": to_index(row[args.label_column])}
-
-    sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(TargetDataset(), batch_size=num_target, sampler=sampler,
-                                                   num_workers=args.dataloader_num_workers, drop_last=True)
     if len(dataset) < num_target * accelerator.num_processes:
         raise dt.ConfigError(f"The dataset has {len(dataset)} images, fewer than one batch of {num_target} target "
-                         f"samples on each of {accelerator.num_processes} process(es); lower --train_batch_size.")
+                             f"samples on each of {accelerator.num_processes} process(es); lower --train_batch_size.")
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = tp.cache_posteriors(vae, CenteredImages(dataset, args, vae.config.in_channels),
+                                           args.random_flip, 32, args.dataloader_num_workers, accelerator.device)
+    sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
+    train_dataloader = tp.make_dataloader(TargetImages(dataset, args, labels, vae.config.in_channels, latent_cache),
+                                          num_target, sampler, args.dataloader_num_workers)
     transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
     max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
     lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
@@ -320,94 +420,86 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
-    per_process_state = {"step_rng": step_rng, **({"replay": replay} if bank is not None else {})}
+    per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
     resume_path = tp.resolve_resume_checkpoint(args)
     global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or "dit-difftuning", config=tracked)
 
-    tau_target = args.difftuning_tau if args.difftuning else 0.0
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    psi = dt.TimestepSampler(num_timesteps, tau_target, "adaptation", args.timestep_sampling)
-    xi = dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling)
-    vb = dt.LearnedSigmaVB(noise_scheduler) if learned_sigma else None
-    use_weights = args.difftuning and args.timestep_sampling == "weighting"
+    step = DiTStep(
+        transformer, None if args.cache_latents else vae, noise_scheduler,
+        dt.LearnedSigmaVB(noise_scheduler) if learned_sigma else None,
+        dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
+                           args.timestep_sampling),
+        dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling),
+        null_class, args.label_dropout_prob, args.retention_weight,
+        args.difftuning and args.timestep_sampling == "weighting", bank)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    log = tp.TrainingLog(accelerator, args.logging_steps,
+                         args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision))
     logger.info(f"***** Training: {len(dataset)} images, {len(class_names)} classes, {max_train_steps} steps, "
                 f"{num_target} target + {num_bank} bank samples per device batch, finetune={args.finetune}, "
-                f"difftuning={args.difftuning} *****")
+                f"difftuning={args.difftuning}, cache_latents={args.cache_latents} *****")
 
     # --- Training loop ---------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    loop_start, first_step = time.perf_counter(), global_step
     for epoch in range(global_step // updates_per_epoch, num_epochs):
         transformer.train()
         for batch in tp.epoch_loader(accelerator, train_dataloader, sampler, epoch, global_step, updates_per_epoch,
                                      args.gradient_accumulation_steps):
             with accelerator.accumulate(transformer):
-                latents = tp.encode_latents(vae, batch["pixel_values"], step_rng)
-                drop = step_rng.rand(num_target, accelerator.device) < args.label_dropout_prob
-                class_labels = torch.where(drop, null_class, batch["class_labels"])
-                timesteps, weights = psi.sample(num_target, step_rng.generator, accelerator.device)
-                if bank is not None:
-                    bank_t, bank_w = xi.sample(num_bank, step_rng.generator, accelerator.device)
-                    latents = torch.cat([latents, bank_latents[replay.next_indices().to(accelerator.device)]])
-                    class_labels = torch.cat([class_labels, torch.full_like(bank_t, null_class)])
-                    timesteps, weights = torch.cat([timesteps, bank_t]), torch.cat([weights, bank_w])
-                noise = step_rng.randn(latents.shape, accelerator.device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                model_pred = transformer(noisy_latents, timestep=timesteps,
-                                         class_labels=class_labels).sample
-                per_sample = dt.per_sample_denoising_loss(model_pred, latents, noise, noisy_latents, timesteps,
-                                                          noise_scheduler, vb)
-                loss, logs = dt.difftuning_loss(per_sample, num_target, args.retention_weight,
-                                                weights if use_weights else None)
+                loss, logs = step.loss(batch, step_rng)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            log.add(logs)
 
             if accelerator.sync_gradients:
                 if ema is not None:
                     ema.step(params)
                 global_step += 1
                 progress_bar.update(1)
-                logs = {k: v.item() for k, v in logs.items()} | {"lr": lr_scheduler.get_last_lr()[0]}
-                progress_bar.set_postfix(loss=logs["loss"])
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0:
-                    tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
-                if args.validation_class_labels and global_step % args.validation_steps == 0:
-                    run_validation(args, accelerator, pipeline, transformer, ema, params, class_names, global_step)
+                logged = log.step(global_step, lr_scheduler.get_last_lr()[0], force=global_step >= max_train_steps)
+                if logged:
+                    progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
+                with log.paused():
+                    if global_step % args.checkpointing_steps == 0:
+                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
+                    if args.validation_class_labels and global_step % args.validation_steps == 0:
+                        run_validation(args, accelerator, pipeline, transformer, ema, params, class_names,
+                                       global_step)
             if global_step >= max_train_steps:
                 break
 
     # --- Save ------------------------------------------------------------------------------------
-    seconds = time.perf_counter() - loop_start
-    logger.info(f"Trained {global_step - first_step} steps in {seconds:.1f} s "
-                f"({seconds / max(1, global_step - first_step):.4f} s/step, validation and checkpoints included)")
+    tp.log_throughput(accelerator, log, global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        transformer = accelerator.unwrap_model(transformer)
+        transformer = tp.unwrap(accelerator, transformer)
         if ema is not None:
             ema.copy_to(params)
         final = export_transformer(transformer, args.finetune)
         if args.finetune == "lora":
             save_lora_adapter(transformer, args)
-        vae.to(torch.float32)
+        tp.cast(vae, vae.device, torch.float32)
         out = DiTPipeline(transformer=final, vae=vae, scheduler=pipeline.scheduler)
         out.register_to_config(id2label=dict(enumerate(class_names)))
         out.save_pretrained(args.output_dir, safe_serialization=True)
-        labels = args.validation_class_labels or class_names[: min(len(class_names), 4)]
-        images = generate_images(args, out.to(accelerator.device), labels, class_names, accelerator.device)
-        tp.log_images(accelerator, images, labels, global_step, tag="final")
+        shown = args.validation_class_labels or class_names[: min(len(class_names), 4)]
+        images = generate_images(args, out.to(accelerator.device), shown, class_names, accelerator.device)
+        tp.log_images(accelerator, images, shown, global_step, tag="final")
         tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, class_names),
                            ["dit", "diff-tuning", "class-conditional", "diffusers",
                             "diffusers-training", args.finetune], images)
+        logger.info(f"Saved the fine-tuned DiTPipeline to {args.output_dir} (load it with "
+                    f"DiffusionPipeline.from_pretrained({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
     accelerator.end_training()
@@ -441,12 +533,14 @@ def generate_images(args: argparse.Namespace, pipe: DiTPipeline, labels: list[st
                 num_inference_steps=args.validation_num_inference_steps).images
 
 
-def run_validation(args: argparse.Namespace, accelerator, pipeline: DiTPipeline, transformer, ema, params,
-                   class_names: list[str], global_step: int) -> None:
+def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: DiTPipeline, transformer: torch.nn.Module,
+                   ema: Any, params: list, class_names: list[str], global_step: int) -> None:
     """Sample the validation classes with the current (EMA) weights and log them."""
+    from diffusers import DiTPipeline
+
     if not accelerator.is_main_process:
         return
-    model = accelerator.unwrap_model(transformer)
+    model = tp.unwrap(accelerator, transformer)
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
@@ -462,15 +556,14 @@ def run_validation(args: argparse.Namespace, accelerator, pipeline: DiTPipeline,
 
 def save_lora_adapter(transformer: torch.nn.Module, args: argparse.Namespace) -> None:
     """peft-format adapter (weights + config) in output_dir/transformer_lora, beside the merged pipeline."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder = os.path.join(args.output_dir, "transformer_lora")
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
     save_file(state, os.path.join(folder, "adapter_model.safetensors"))
-    LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
-               target_modules=[m.strip() for m in args.lora_target_modules.split(",")]).save_pretrained(folder)
+    tp.lora_config(args).save_pretrained(folder)
 
 
 def model_description(args: argparse.Namespace, class_names: list[str]) -> str:

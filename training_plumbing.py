@@ -9,14 +9,16 @@ train_controlnet_difftuning.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image
+from tqdm.auto import tqdm
 
 from difftuning_utils import ConfigError, derive_seed
 
@@ -45,7 +48,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--revision", type=str, default=None, help="Revision of the pre-trained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
     model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
-    model.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
 
     data = parser.add_argument_group("Data")
     data.add_argument("--dataset_name", type=str, default=None,
@@ -57,11 +59,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Truncate the training set to this many samples (debugging, quick runs).")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
-                      help="Subprocesses for data loading; 0 loads in the main process.")
+                      help="Subprocesses for data loading (kept alive across epochs); 0 loads in the main process.")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every training image once (and its mirror image with --random_flip) before "
+                           "training and keep the VAE posteriors; each step then draws a posterior sample from them "
+                           "(no VAE pass, no image decoding), which is the same distribution as encoding every step.")
 
     train = parser.add_argument_group("Training")
     train.add_argument("--output_dir", type=str, required=False, help="Where the model and checkpoints are written.")
-    train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    train.add_argument("--seed", type=int, default=None,
+                       help="A seed for reproducible training (data order, augmentation, noise, bank).")
+    train.add_argument("--train_batch_size", type=int, default=4,
+                       help="Batch size per device; with --difftuning it includes the knowledge-bank samples "
+                            "(--retention_ratio of it).")
     train.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the data, if no --max_train_steps.")
     train.add_argument("--max_train_steps", type=int, default=None,
                        help="Total optimizer steps; overrides --num_train_epochs.")
@@ -83,13 +93,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     train.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0,
+                       help="Gradient clipping norm; 0 turns clipping off (the Diff-Tuning authors do not clip).")
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Mixed precision; defaults to accelerate's config.")
-    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    train.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                       help="TF32 matmuls and convolutions on Ampere and newer GPUs (the fp32 parts of mixed "
+                            "precision and all of fp32 training); --no-allow_tf32 for full fp32.")
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (needs xformers and a CUDA GPU; PyTorch SDPA is the default).")
     train.add_argument("--set_grads_to_none", action="store_true", help="Free gradients instead of zeroing them.")
+    train.add_argument("--ddp_timeout", type=int, default=1800,
+                       help="Seconds a process waits in a collective (a barrier, a gradient all-reduce) before it "
+                            "fails with a traceback instead of hanging; multi-process runs only.")
 
     ckpt = parser.add_argument_group("Checkpoints")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500,
@@ -103,6 +119,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation input.")
 
     log = parser.add_argument_group("Logging and Hub")
+    log.add_argument("--logging_steps", type=int, default=10,
+                     help="Read the losses and log them (and throughput) every N optimizer steps; the GPU is not "
+                          "synchronised in between.")
     log.add_argument("--report_to", type=str, default="tensorboard",
                      help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
     log.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
@@ -123,9 +142,11 @@ def validate_common_args(args: argparse.Namespace) -> None:
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ConfigError(f"--train_data_dir {args.train_data_dir} is not a folder.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "num_train_epochs"):
+                 "num_train_epochs", "logging_steps", "ddp_timeout"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.max_grad_norm < 0:
+        raise ConfigError(f"--max_grad_norm must be >= 0 (0 = no clipping), got {args.max_grad_norm}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ConfigError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.resolution is not None and args.resolution % 8 != 0:
@@ -146,13 +167,73 @@ def validate_common_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
 
 
+def add_lora_args(group: argparse._ArgumentGroup) -> None:
+    """The LoRA flags of diffusers' scripts, with their defaults."""
+    group.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; default: the rank.")
+    group.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
+                       help="Comma-separated module names that get LoRA adapters.")
+
+
+def lora_config(args: argparse.Namespace) -> Any:
+    """peft's LoraConfig for the LoRA flags (diffusers' choice: Gaussian init, alpha = rank)."""
+    from peft import LoraConfig
+
+    if args.rank < 1:
+        raise ConfigError(f"--rank must be >= 1, got {args.rank}.")
+    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+                      target_modules=[m.strip() for m in args.lora_target_modules.split(",")])
+
+
 def run_cli(main: Any, parse_args: Any) -> None:
-    """Run ``main(parse_args())``; bad input exits with status 2 and one sentence, no traceback."""
+    """Run ``main(parse_args())``; bad input (a ConfigError) exits with status 2 and one sentence, no
+    traceback. Anything else is a bug or an environment problem and keeps its traceback."""
     try:
         main(parse_args())
-    except (ConfigError, FileNotFoundError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def load_pretrained(loader: Any, flag: str, name_or_path: str, what: str, **kwargs: Any) -> Any:
+    """``loader(name_or_path, **kwargs)`` (a ``from_pretrained``), or one sentence naming ``flag`` that
+    says whether a local folder or the Hub was tried and the innermost cause (diffusers' own message
+    says "check the stack trace above", which a one-line error does not show)."""
+    try:
+        return loader(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        cause: BaseException = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if os.path.isdir(name_or_path):
+            where = f"the folder {name_or_path} could not be loaded as {what}"
+        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            where = (f"{name_or_path} is not a local folder and the Hub is off (HF_HUB_OFFLINE is set); pass a "
+                     f"local {what} folder")
+        else:
+            where = f"{name_or_path} is not a local folder and could not be loaded from the Hub as {what}"
+        raise ConfigError(f"{flag}: {where} ({type(cause).__name__}: {reason}).") from err
+
+
+class _DropKnownNoise(logging.Filter):
+    """Upstream warnings that every run of these scripts triggers and that say nothing actionable."""
+
+    NOISE = ("Expected types for id2label",  # DiTPipeline's id2label is saved as JSON, so its keys are strings
+             "that should be kept in float32: []")  # any .to(dtype) of a model with an empty fp32 list
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+def quiet_known_warnings() -> None:
+    """Filter :class:`_DropKnownNoise` out of diffusers' log handler (its loggers all propagate to it)."""
+    import diffusers  # noqa: F401  (configures the "diffusers" logger and its handler)
+
+    for handler in logging.getLogger("diffusers").handlers:
+        if not any(isinstance(f, _DropKnownNoise) for f in handler.filters):
+            handler.addFilter(_DropKnownNoise())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,12 +244,18 @@ def run_cli(main: Any, parse_args: Any) -> None:
 def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtype]:
     """Accelerator and the dtype of frozen weights (trainable ones stay float32)."""
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     accelerator = Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        # `accelerate launch --cpu --num_processes N` silently runs one process; this works (UPSTREAM.md).
+        # `accelerate launch --cpu --num_processes N` silently runs one process; forcing CPU here when no
+        # GPU exists makes `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` or torchrun work.
         cpu=not torch.cuda.is_available(),
     )
     expected = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
@@ -179,8 +266,10 @@ def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtyp
     logger.info(accelerator.state, main_process_only=False)
     if args.seed is not None:
         set_seed(args.seed)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    quiet_known_warnings()
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -189,14 +278,14 @@ def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtyp
 
 def create_optimizer(args: argparse.Namespace, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters."""
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+              "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(list(params), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(list(params), **kwargs)
+    # Fused AdamW (CPU and CUDA): one kernel for all tensors instead of a loop of small ones.
+    return torch.optim.AdamW(list(params), fused=True, **kwargs)
 
 
 def resolve_training_length(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int]:
@@ -271,8 +360,12 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
         dataset = load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
     for flag, column in required_columns.items():
         if column not in dataset.column_names:
+            layout = ""
+            if args.train_data_dir is not None and flag == "--label_column":
+                layout = (f" An image folder gets a '{column}' column from one sub-folder per class: "
+                          f"{args.train_data_dir}/<class name>/<image files>.")
             raise ConfigError(f"{flag} '{column}' is not a column of the dataset; it has: "
-                             f"{', '.join(dataset.column_names)}.")
+                              f"{', '.join(dataset.column_names)}.{layout}")
     if args.max_train_samples is not None:  # a seeded random subset, as upstream does
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:
@@ -299,11 +392,48 @@ def check_images_readable(dataset: Any, image_column: str) -> None:
             raise ConfigError(f"Training image {path} cannot be read ({type(err).__name__}: {err}).") from err
 
 
+def describe_image_conversion(dataset: Any, image_column: str, channels: int, resolution: int) -> None:
+    """Say once, before training, when the first training image will be converted to fit the model
+    (colour to grey or back, resized), so a mismatch is visible rather than silent."""
+    image = dataset[0][image_column]
+    model_mode = "L" if channels == 1 else "RGB"
+    changes = []
+    if image.mode != model_mode:
+        changes.append(f"converted from {image.mode} to {model_mode}")
+    if min(image.size) != resolution:
+        changes.append(f"resized from {image.width}x{image.height} (short side) to {resolution} and cropped")
+    if changes:
+        logger.info(f"Training images (the first is {image.mode} {image.width}x{image.height}) are "
+                    f"{' and '.join(changes)}: the model works on {channels}-channel {resolution}x{resolution} images.")
+
+
+def log_throughput(accelerator: Accelerator, log: TrainingLog, global_step: int) -> dict[str, float]:
+    """Log and record the steady-state throughput of the run (see :class:`TrainingLog`)."""
+    summary = log.summary()
+    if summary:
+        accelerator.log(summary, step=global_step)
+        tflops = f", {summary['steady_model_tflops']:.3g} model TFLOP/s" if "steady_model_tflops" in summary else ""
+        mfu = f" ({100 * summary['steady_mfu']:.1f}% of the GPU's peak)" if "steady_mfu" in summary else ""
+        logger.info(f"Steady-state throughput: {summary['steady_images_per_sec']:.1f} images/s{tflops}{mfu} over "
+                    f"{summary['steady_steps']} steps (warm-up, validation and checkpoints left out).")
+    else:
+        logger.info("Too few steps for a steady-state throughput (it skips the first --logging_steps window).")
+    return summary
+
+
+class SampleKey(NamedTuple):
+    """What :class:`EpochShuffleSampler` yields and a training dataset's ``__getitem__`` receives: the
+    row to read and the epoch, so per-sample augmentation can be seeded from both (see :func:`sample_rng`)."""
+
+    epoch: int
+    index: int
+
+
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """A permutation per epoch, from (seed, epoch) alone, the same on every process.
 
-    It yields ``epoch * N + index`` so the dataset can derive per-sample augmentation from the
-    epoch without shared state (works with worker processes). accelerate shards its batches
+    It yields :class:`SampleKey` (epoch, index) so the dataset can derive per-sample augmentation
+    from the epoch without shared state (works with worker processes). accelerate shards its batches
     across processes and ``skip_first_batches`` resumes mid-epoch exactly.
     """
 
@@ -316,10 +446,17 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.num_items
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[SampleKey]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "data", self.epoch))
-        offset = self.epoch * self.num_items
-        return iter((torch.randperm(self.num_items, generator=generator) + offset).tolist())
+        return (SampleKey(self.epoch, i) for i in torch.randperm(self.num_items, generator=generator).tolist())
+
+
+def make_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, sampler: EpochShuffleSampler,
+                    num_workers: int) -> torch.utils.data.DataLoader:
+    """The training DataLoader: workers that live across epochs, pinned memory on a GPU machine."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       drop_last=True, persistent_workers=num_workers > 0,
+                                       pin_memory=torch.cuda.is_available())
 
 
 def epoch_loader(accelerator: Accelerator, train_dataloader: Any, sampler: EpochShuffleSampler, epoch: int,
@@ -342,6 +479,54 @@ def encode_latents(vae: torch.nn.Module, pixel_values: torch.Tensor, step_rng: S
     posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
     noise = step_rng.randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
     return (posterior.mean + posterior.std * noise).float() * vae.config.scaling_factor
+
+
+def batch_latents(vae: torch.nn.Module | None, batch: dict, step_rng: StepGenerator) -> torch.Tensor:
+    """The target latents of a batch: a posterior sample of its cached posteriors (--cache_latents:
+    ``latent_mean``/``latent_std``, scaled) or of the VAE's encoding of its ``pixel_values``."""
+    if "latent_mean" in batch:
+        mean = batch["latent_mean"]
+        return mean + batch["latent_std"] * step_rng.randn(mean.shape, mean.device)
+    return encode_latents(vae, batch["pixel_values"], step_rng)
+
+
+@torch.no_grad()
+def cache_posteriors(vae: torch.nn.Module, images: torch.utils.data.Dataset, flips: bool, batch_size: int,
+                     num_workers: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """--cache_latents: the scaled VAE posterior (mean, std) of every image, each [N, V, C, h, w] float32
+    on the CPU, V = 2 (the image and its mirror) with ``flips``, else 1. ``images[i]`` is the
+    deterministically pre-processed image i ([C, H, W] in [-1, 1], no flip)."""
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers)
+    means, stds = [], []
+    for pixels in tqdm(loader, desc="Caching latents", disable=not is_main_process()):
+        pixels = pixels.to(device, vae.dtype)
+        views = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1) if flips else pixels
+        posterior = vae.encode(views).latent_dist
+        num_views = 2 if flips else 1
+        means.append((posterior.mean.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu())
+        stds.append((posterior.std.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_local_main_process
+
+
+@torch.no_grad()
+def reencode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The knowledge bank's re-encoding: decode scaled ``latents`` [B,C,H,W] to images, quantise them
+    to 8 bits (what saving a PNG does), and return the scaled VAE posterior (mean, std) of each image
+    unflipped and flipped, each [B, 2, C, H, W] float32: what encoding the saved image (or its
+    mirror) gives at every later step, computed once."""
+    scale = vae.config.scaling_factor
+    images = vae.decode((latents / scale).to(vae.device, vae.dtype)).sample.float()
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    views = torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1)
+    posterior = vae.encode(views.to(vae.dtype)).latent_dist
+    mean, std = (x.float().unflatten(0, (latents.shape[0], 2)) * scale for x in (posterior.mean, posterior.std))
+    return mean, std
 
 
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
@@ -367,9 +552,62 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def sample_rng(seed: int | None, sampler_index: int) -> tuple[int, np.random.Generator]:
-    """(dataset index, augmentation RNG) for an index yielded by :class:`EpochShuffleSampler`."""
-    return sampler_index, np.random.default_rng(derive_seed(seed if seed is not None else 0, "augment", sampler_index))
+def sample_rng(seed: int | None, key: SampleKey) -> np.random.Generator:
+    """The augmentation RNG of one sample in one epoch: the same in every process, worker and resume."""
+    return np.random.default_rng(derive_seed(seed if seed is not None else 0, "augment", key.epoch, key.index))
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT helpers, shared by train_dit_difftuning.py and the benchmark tools
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_dit_latents(transformer: torch.nn.Module, scheduler: Any, class_labels: list[int],
+                       guidance_scale: float, num_inference_steps: int, generator: torch.Generator,
+                       null_class: int, base_transformer: torch.nn.Module | None = None,
+                       switch_timestep: int = -1) -> torch.Tensor:
+    """Final latents [B, C, H, W] of DiT's ancestral sampler with classifier-free guidance.
+
+    DiTPipeline always decodes with the VAE and drops the learned variance; the knowledge bank
+    wants latents, and DiT's own sampler uses the learned variance, so this is the short loop
+    both need. Guidance is applied to the noise half, as DiTPipeline does. With
+    ``base_transformer``, it denoises steps with t < ``switch_timestep`` with that model instead
+    (the chain-of-forgetting analysis).
+    """
+    config = transformer.config
+    device, dtype = transformer.device, transformer.dtype
+    channels, size = config.in_channels, config.sample_size
+    batch = len(class_labels)
+    latents = torch.randn((batch, channels, size, size), generator=generator).to(device, dtype)
+    labels = torch.tensor(class_labels, device=device)
+    if guidance_scale > 1:
+        labels = torch.cat([labels, torch.full_like(labels, null_class)])
+    learned_sigma = config.out_channels == 2 * channels
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        model = base_transformer if base_transformer is not None and t < switch_timestep else transformer
+        model_input = torch.cat([latents, latents]) if guidance_scale > 1 else latents
+        output = model(model_input, timestep=t.expand(model_input.shape[0]).to(device), class_labels=labels).sample
+        eps, rest = output[:, :channels], output[:, channels:]
+        if guidance_scale > 1:
+            cond_eps, uncond_eps = eps.chunk(2)
+            eps, rest = uncond_eps + guidance_scale * (cond_eps - uncond_eps), rest.chunk(2)[0]
+        model_output = torch.cat([eps, rest], dim=1) if learned_sigma and scheduler.config.variance_type in (
+            "learned", "learned_range") else eps
+        latents = scheduler.step(model_output, t, latents, generator=generator).prev_sample
+    return latents
+
+
+def disable_per_block_label_dropout(transformer: torch.nn.Module) -> None:
+    """diffusers gives every DiT block its own LabelEmbedding with dropout 0.1, and in train mode
+    each block drops labels independently: almost every sample then sees the null label in some
+    blocks. Turn that off; we drop labels once at the input instead, so all blocks agree."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in transformer.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,6 +685,104 @@ def load_checkpoint(accelerator: Accelerator, path: str, per_process_state: dict
 
 
 # ----------------------------------------------------------------------------------------------
+# Losses and throughput, read every --logging_steps
+# ----------------------------------------------------------------------------------------------
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name, for model FLOPs utilisation.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10G": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(mixed_precision: str) -> float | None:
+    """The device's dense half-precision peak, when it is known and training is in bf16/fp16."""
+    if not torch.cuda.is_available() or mixed_precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def count_flops(fn: Any) -> int:
+    """FLOPs that ``fn()`` executes (matmuls, convolutions, attention; forward and backward), counted by
+    torch's FlopCounterMode: what a model FLOPs utilisation is computed from."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class TrainingLog:
+    """The losses of each step, added up on the device and read every ``logging_steps`` (one host sync
+    there, none in between), and the steady-state throughput.
+
+    A logging window's throughput is its optimizer steps x ``images_per_step`` over its wall time,
+    minus the time spent in :meth:`paused` blocks (validation, checkpoints). The first window holds
+    the warm-up (first step, allocator, autotuning) and is left out of the steady state. With
+    ``flops_per_image`` (the denoiser's forward + backward FLOPs per training image) the log also
+    gives model TFLOP/s, and the FLOPs utilisation when ``peak`` is known.
+    """
+
+    def __init__(self, accelerator: Accelerator, logging_steps: int, images_per_step: int,
+                 flops_per_image: float | None = None, peak: float | None = None) -> None:
+        self.accelerator, self.logging_steps, self.images_per_step = accelerator, logging_steps, images_per_step
+        self.flops_per_image, self.peak = flops_per_image, peak
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.window_steps, self.window_start, self.paused_seconds = 0, time.perf_counter(), 0.0
+        self.windows = 0
+        self.steady_steps, self.steady_seconds = 0, 0.0
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        """One micro-batch's detached losses (device tensors): summed, not read."""
+        for key, value in logs.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.detach().clone()
+        self.count += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in this block (validation, a checkpoint) is not training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def step(self, global_step: int, lr: float, force: bool = False) -> dict[str, float] | None:
+        """Count an optimizer step; every ``logging_steps`` (or when ``force``) read and log the window."""
+        self.window_steps += 1
+        if not (force or global_step % self.logging_steps == 0) or not self.count:
+            return None
+        names = list(self.sums)
+        values = (torch.stack([self.sums[k].float() for k in names]) / self.count).tolist()  # the one sync
+        seconds = max(time.perf_counter() - self.window_start - self.paused_seconds, 1e-9)
+        logs = dict(zip(names, values, strict=True)) | {"lr": lr}
+        logs["images_per_sec"] = self.window_steps * self.images_per_step / seconds
+        if self.windows > 0:  # the first window holds the warm-up
+            self.steady_steps += self.window_steps
+            self.steady_seconds += seconds
+        if self.flops_per_image:
+            logs["model_tflops"] = logs["images_per_sec"] * self.flops_per_image / 1e12
+            if self.peak:
+                logs["mfu"] = logs["model_tflops"] * 1e12 / self.peak
+        self.accelerator.log(logs, step=global_step)
+        self.sums, self.count, self.windows = {}, 0, self.windows + 1
+        self.window_steps, self.window_start, self.paused_seconds = 0, time.perf_counter(), 0.0
+        return logs
+
+    def summary(self) -> dict[str, float]:
+        """Steady-state images/s (and model TFLOP/s, MFU) over every window after the first."""
+        if not self.steady_steps:
+            return {}
+        result = {"steady_images_per_sec": self.steady_steps * self.images_per_step / self.steady_seconds,
+                  "steady_steps": self.steady_steps}
+        if self.flops_per_image:
+            result["steady_model_tflops"] = result["steady_images_per_sec"] * self.flops_per_image / 1e12
+            if self.peak:
+                result["steady_mfu"] = result["steady_model_tflops"] * 1e12 / self.peak
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Logging, model card, Hub
 # ----------------------------------------------------------------------------------------------
 
@@ -484,9 +820,10 @@ def hub_repo_id(args: argparse.Namespace) -> str | None:
 
 def save_model_card(args: argparse.Namespace, base_model: str, description: str,
                     tags: list[str], images: Sequence[Image.Image] = ()) -> str:
-    """Write README.md (model card) with a sample grid into ``output_dir``."""
+    """Write README.md (the model card: metadata, ``description`` with its usage snippet, a sample grid
+    and the training flags) into ``output_dir``. ``base_model`` goes into the metadata only when it
+    is a Hub id: a local path means nothing on the Hub."""
     from diffusers.utils import make_image_grid
-    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
     if images:
@@ -495,13 +832,31 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
         images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
         make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
         description += "\n\n## Samples\n\n![samples](./samples.png)\n"
+    flags = {k: v for k, v in sorted(vars(args).items()) if k != "hub_token" and v not in (None, False)}
+    description += ("\n\n## Training flags\n\n" + "\n".join(f"- `--{k}`: `{v}`" for k, v in flags.items()) + "\n")
     # Built locally (never fetched): the Hub may be unreachable, and a stale card must not win.
-    card_data = ModelCardData(license="apache-2.0", library_name="diffusers", base_model=base_model)
-    card = ModelCard.from_template(card_data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
-    card = populate_model_card(card, tags=tags)
+    is_hub_id = not os.path.exists(base_model)
+    card_data = ModelCardData(license="apache-2.0", library_name="diffusers", tags=tags,
+                              base_model=base_model if is_hub_id else None)
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{description}")
     path = os.path.join(args.output_dir, "README.md")
     card.save(path)
     return path
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind accelerate's wrappers and, with ``accelerate launch --dynamo_backend ...``,
+    behind torch.compile's (whose state-dict keys carry an ``_orig_mod.`` prefix), as diffusers does."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
+def cast(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(device, dtype)``. For diffusers models with nothing to keep in float32 it goes through
+    torch's own ``to``, which skips diffusers' warning about an empty list of such modules."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device, dtype=dtype)
+    return torch.nn.Module.to(module, device, dtype=dtype)
 
 
 def push_output_dir(args: argparse.Namespace, repo_id: str) -> None:

@@ -31,9 +31,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
+    from difftuning_utils import ConfigError
+
     source = os.path.join(ROOT, "benchmark", "source_model")
     if not os.path.exists(os.path.join(source, "model_index.json")):
-        raise FileNotFoundError(f"the source model {source} is missing; make it with "
+        raise ConfigError(f"the source model {source} is missing; make it with "
                                 "`python benchmark/pretrain_source.py`.")
 
     import run_benchmark

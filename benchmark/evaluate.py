@@ -402,7 +402,7 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
                     switch_timestep: int = -1) -> torch.Tensor:
     """Images [N,C,H,W] in [-1,1] (CPU float32) for label-table rows ``labels``, from a DiTPipeline.
 
-    Uses the training script's ``sample_dit_latents`` (ancestral DDPM with the model's learned
+    Uses ``training_plumbing.sample_dit_latents`` (ancestral DDPM with the model's learned
     variance, as DiT samples; DiTPipeline.__call__ would drop it) and decodes with the VAE. Batch
     i draws all its noise from a generator seeded with (seed, i): the same seed, labels and batch
     size give every pipeline the same noise (a paired comparison). ``base_transformer`` and
@@ -410,7 +410,7 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
     """
     from diffusers import DDPMScheduler
 
-    from train_dit_difftuning import sample_dit_latents
+    from training_plumbing import sample_dit_latents
 
     transformer, vae = pipe.transformer, pipe.vae
     learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
@@ -526,6 +526,6 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (dt.ConfigError, FileNotFoundError) as err:
+    except dt.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

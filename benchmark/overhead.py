@@ -67,7 +67,7 @@ def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipe
     """Models from configs (random init), or a local DiTPipeline folder; frozen parts in ``weight_dtype``."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from train_dit_difftuning import disable_per_block_label_dropout
+    from training_plumbing import disable_per_block_label_dropout
 
     torch.manual_seed(0)
     dit_scheduler = DDPMScheduler(beta_schedule="linear", variance_type="learned_range")

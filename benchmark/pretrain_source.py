@@ -1,17 +1,26 @@
 #!/usr/bin/env python
-"""Pre-train the small "source" DiT of the CPU miniature benchmark on Fashion-MNIST.
+"""Pre-train a small "source" DiT of the CPU miniature benchmarks.
 
-This is the miniature's analogue of ImageNet DiT-XL/2: a tiny ``AutoencoderKL``
-(32x32x1 images <-> 8x8x4 latents) and a small class-conditional
+This is the miniatures' analogue of ImageNet DiT-XL/2: a tiny ``AutoencoderKL``
+(32x32 images <-> 8x8x4 latents) and a small class-conditional
 ``DiTTransformer2DModel`` with learned sigma and the 1001-row label table, saved
 as a ``DiTPipeline`` folder that ``train_dit_difftuning.py`` can fine-tune.
+
+Two sources (``--source``), each with its own defaults:
+
+* ``fashion_mnist`` (the first miniature, ``benchmark/source_model``): grey Fashion-MNIST,
+  10 classes, from Debian's ``dataset-fashion-mnist``;
+* ``emoji`` (the second, ``benchmark/emoji_source_model``): colour Twemoji + Noto Emoji from
+  npm, 98 classes (the emoji sub-categories), random flips, and a near-deterministic VAE
+  (a small KL weight), as latent diffusion's VAEs are.
 
 Stages (``--stage all`` runs them in order; each later stage reuses the files of
 the earlier ones from ``--work_dir``, so an interrupted run can continue):
 
 1. ``vae``: train the autoencoder, set its latent ``scaling_factor`` to
-   1 / std of the posterior means over the training set.
-2. ``dit``: cache scaled latents of all 60k training images, train the DiT
+   1 / std of the posterior means over the training set, and log per channel how
+   noisy the posterior is (mean posterior std against the spread of the means).
+2. ``dit``: cache scaled latents of all training images, train the DiT
    (MSE + improved-DDPM VB, EMA), save the pipeline with the EMA weights.
 3. ``sample``: draw a class x sample grid with ancestral DDPM and learned sigma.
 
@@ -40,37 +49,53 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmark.data import (  # noqa: E402
     FASHION_MNIST_CLASSES,
-    from_model_range,
     load_fashion_mnist,
     to_model_range,
 )
+from training_plumbing import disable_per_block_label_dropout, sample_dit_latents  # noqa: E402
 
 logger = logging.getLogger("pretrain_source")
 
 NULL_CLASS_ID = 1000  # DiTPipeline hard-codes the null (unconditional) label as 1000.
+# Defaults per --source. fashion_mnist's are those that made the shipped benchmark/source_model.
+PRESETS: dict[str, dict] = {
+    "fashion_mnist": dict(output_dir="benchmark/source_model", work_dir="benchmark/source_model_work",
+                          samples_path="benchmark/source_model_samples.png", vae_block_out_channels=[16, 32, 32],
+                          vae_norm_num_groups=8, vae_steps=1000, vae_batch_size=64, kl_weight=1e-5, num_layers=4,
+                          num_attention_heads=4, random_flip=False, latent_channels=4),
+    "emoji": dict(output_dir="benchmark/emoji_source_model", work_dir="benchmark/emoji_source_model_work",
+                  samples_path="docs/images/emoji_source_samples.png", vae_block_out_channels=[32, 64, 64],
+                  vae_norm_num_groups=16, vae_steps=6000, vae_batch_size=32, kl_weight=1e-6, num_layers=5,
+                  num_attention_heads=5, random_flip=True, latent_channels=8),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", default="benchmark/source_model",
-                   help="Where the DiTPipeline folder is saved.")
-    p.add_argument("--work_dir", default="benchmark/source_model_work",
-                   help="Intermediate files: VAE, latent cache, DiT checkpoints.")
-    p.add_argument("--samples_path", default="benchmark/source_model_samples.png")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", choices=list(PRESETS), default="fashion_mnist",
+                   help="Which source domain; sets the defaults of the flags below (see PRESETS).")
+    p.add_argument("--output_dir", help="Where the DiTPipeline folder is saved.")
+    p.add_argument("--work_dir", help="Intermediate files: VAE, latent cache, DiT checkpoints.")
+    p.add_argument("--samples_path", help="PNG grid of class-conditional samples.")
     p.add_argument("--stage", choices=["all", "vae", "dit", "sample"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1)
     # VAE
-    p.add_argument("--vae_block_out_channels", type=int, nargs=3, default=[16, 32, 32])
-    p.add_argument("--vae_norm_num_groups", type=int, default=8)
-    p.add_argument("--vae_steps", type=int, default=1000)
-    p.add_argument("--vae_batch_size", type=int, default=64)
+    p.add_argument("--vae_block_out_channels", type=int, nargs=3)
+    p.add_argument("--vae_norm_num_groups", type=int)
+    p.add_argument("--latent_channels", type=int,
+                   help="Latent channels (8x8 latents): 4 as SD; 8 keeps 32 px colour emoji's outlines.")
+    p.add_argument("--vae_steps", type=int)
+    p.add_argument("--vae_batch_size", type=int)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
-    p.add_argument("--kl_weight", type=float, default=1e-5,
-                   help="Weight of the per-sample KL (summed over latent dims).")
+    p.add_argument("--kl_weight", type=float,
+                   help="Weight of the per-sample KL (summed over latent dims). Small = near-deterministic VAE.")
+    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction,
+                   help="Horizontal flips: random in VAE training, both orientations cached for the DiT.")
     # DiT
-    p.add_argument("--num_layers", type=int, default=4)
-    p.add_argument("--num_attention_heads", type=int, default=4)
+    p.add_argument("--num_layers", type=int)
+    p.add_argument("--num_attention_heads", type=int)
     p.add_argument("--attention_head_dim", type=int, default=32)
     p.add_argument("--max_train_steps", type=int, default=20000)
     p.add_argument("--train_batch_size", type=int, default=64)
@@ -91,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="variance_type of the saved DDPMScheduler. DiTPipeline.__call__ drops "
                         "the variance half, so with learned_range it needs fixed_small swapped "
                         "in; custom sampling loops can pass the full output and use it.")
+    preset = p.parse_known_args(argv)[0].source
+    p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     for flag in ("vae_steps", "vae_batch_size", "max_train_steps", "train_batch_size", "logging_steps",
                  "checkpointing_steps", "num_inference_steps", "samples_per_class", "num_threads"):
@@ -100,57 +127,100 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+def load_source_data(source: str) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor]]:
+    """(images [N,C,32,32] in [-1,1], labels [N], class names, {name: held-out check images}).
+
+    The check images measure the VAE: Fashion-MNIST's test split; for emoji, OpenMoji (the
+    target style, never trained on) since every source emoji is used for training."""
+    if source == "fashion_mnist":
+        images, labels = load_fashion_mnist("train")
+        test_images, _ = load_fashion_mnist("test")
+        return (to_model_range(images), torch.as_tensor(labels), list(FASHION_MNIST_CLASSES),
+                {"fashion_mnist_test": to_model_range(test_images[:1000])})
+    from benchmark import emoji_data
+
+    emoji = emoji_data.load_source()
+    class_names = list(dict.fromkeys(emoji.subgroups))  # in emoji order: face-smiling, face-affection, ...
+    labels = torch.tensor([class_names.index(g) for g in emoji.subgroups])
+    openmoji = emoji_data.load_openmoji()
+    return (emoji_data.to_model_range(emoji.images), labels, class_names,
+            {"openmoji": emoji_data.to_model_range(openmoji.images)})
+
+
+def image_rows_u8(x: torch.Tensor) -> np.ndarray:
+    """[N,C,H,W] in [-1,1] -> uint8 [N,H,W] (grey) or [N,H,W,3] (colour) for :func:`save_grid`."""
+    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return u8[:, 0].numpy() if u8.shape[1] == 1 else u8.permute(0, 2, 3, 1).numpy()
+
+
+# ------------------------------------------------------------------------------------------
 # Stage 1: VAE
 # ------------------------------------------------------------------------------------------
 
 
-def make_vae(args: argparse.Namespace):
+def make_vae(args: argparse.Namespace, channels: int = 1):
     """Three down blocks (4x): 32 px -> 8x8x4 latents, like SD's VAE at a tiny scale."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=tuple(args.vae_block_out_channels),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=args.latent_channels,
         norm_num_groups=args.vae_norm_num_groups,
         sample_size=32,
     )
 
 
 @torch.no_grad()
-def encode_means(vae, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Posterior means (unscaled) of ``images`` [N,1,32,32] in [-1,1]."""
+def encode_posteriors(vae, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations (unscaled) of ``images`` [N,C,32,32] in [-1,1]."""
     vae.eval()
-    out = [vae.encode(images[i:i + batch_size]).latent_dist.mean
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        posterior = vae.encode(images[i:i + batch_size]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def posterior_noise_report(means: torch.Tensor, stds: torch.Tensor) -> dict[str, list[float]]:
+    """Per latent channel: the spread (std over images and positions) of the posterior means and the
+    mean posterior std, and their ratio. A ratio well below 1 means a latent is mostly signal, as in
+    latent diffusion's VAEs; near or above 1, small-t "denoising" mostly models the VAE's own noise."""
+    spread = means.std(dim=(0, 2, 3))
+    noise = stds.mean(dim=(0, 2, 3))
+    return {"mean_spread": [round(v, 4) for v in spread.tolist()],
+            "posterior_std": [round(v, 4) for v in noise.tolist()],
+            "ratio": [round(v, 4) for v in (noise / spread).tolist()]}
 
 
 def save_grid(rows: list[np.ndarray], path: Path | str) -> None:
-    """Save rows of uint8 images [n,H,W] as one grayscale PNG with 2 px gaps."""
+    """Save rows of uint8 images ([n,H,W] grey or [n,H,W,3] colour) as one PNG with 2 px gaps."""
     n_cols = max(len(r) for r in rows)
-    h, w = rows[0].shape[1:]
-    grid = np.full((len(rows) * (h + 2) + 2, n_cols * (w + 2) + 2), 255, dtype=np.uint8)
+    h, w = rows[0].shape[1:3]
+    colour = rows[0].ndim == 4
+    grid = np.full((len(rows) * (h + 2) + 2, n_cols * (w + 2) + 2) + ((3,) if colour else ()), 255, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             grid[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = im
-    Image.fromarray(grid, mode="L").save(path)
+    Image.fromarray(grid, mode="RGB" if colour else "L").save(path)
 
 
 def train_vae(args: argparse.Namespace, work_dir: Path) -> None:
-    """Train the autoencoder (L1 + small KL) and store the latent scaling factor."""
+    """Train the autoencoder (L1 + small KL), store the latent scaling factor and the cached latents."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    images, _ = load_fashion_mnist("train")
-    x_all = to_model_range(images)
-    test_images, _ = load_fashion_mnist("test")
-    x_test = to_model_range(test_images[:1000])
+    x_all, _, _, checks = load_source_data(args.source)
 
-    vae = make_vae(args)
+    vae = make_vae(args, x_all.shape[1])
     n_params = sum(p.numel() for p in vae.parameters())
     logger.info("VAE: %.3fM parameters", n_params / 1e6)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
@@ -161,6 +231,9 @@ def train_vae(args: argparse.Namespace, work_dir: Path) -> None:
     for step in range(1, args.vae_steps + 1):
         idx = torch.randint(0, len(x_all), (args.vae_batch_size,), generator=gen)
         x = x_all[idx]
+        if args.random_flip:
+            flip = torch.rand(len(x), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=gen)
         recon = vae.decode(z).sample
@@ -176,23 +249,34 @@ def train_vae(args: argparse.Namespace, work_dir: Path) -> None:
             logger.info("vae step %d/%d l1 %.4f kl %.1f (%.2f s/step)", step, args.vae_steps,
                         rec.item(), kl.item(), (time.time() - t0) / step)
 
-    means = encode_means(vae, x_all)
+    views = torch.cat([x_all, x_all.flip(-1)]) if args.random_flip else x_all  # the DiT trains on both flips
+    means, stds = encode_posteriors(vae, views)
     std = means.std().item()
     scaling_factor = 1.0 / std
     vae.register_to_config(scaling_factor=scaling_factor)
-    logger.info("latents: mean %.4f std %.4f -> scaling_factor %.4f",
-                means.mean().item(), std, scaling_factor)
-    with torch.no_grad():
-        recon_test = vae.decode(encode_means(vae, x_test)).sample
-    test_l1 = (recon_test.clamp(-1, 1) - x_test).abs().mean().item()
-    logger.info("VAE test L1 (posterior mean, 1000 test images): %.4f", test_l1)
-    save_grid([from_model_range(x_test[:16]), from_model_range(recon_test[:16])],
-              work_dir / "vae_reconstructions.png")
+    noise = posterior_noise_report(means * scaling_factor, stds * scaling_factor)
+    logger.info("latents: mean %.4f std %.4f -> scaling_factor %.4f", means.mean().item(), std, scaling_factor)
+    logger.info("posterior noise per channel (scaled): spread of means %s, mean posterior std %s, ratio %s "
+                "(want well below 1)", noise["mean_spread"], noise["posterior_std"], noise["ratio"])
+    stats = {"params": n_params, "scaling_factor": scaling_factor, "train_seconds": time.time() - t0,
+             "posterior_noise": noise, "check_l1": {}}
+    rows = []
+    for name, x_check in checks.items():
+        check_means, check_stds = encode_posteriors(vae, x_check)
+        with torch.no_grad():
+            recon_check = vae.decode(check_means).sample
+        stats["check_l1"][name] = (recon_check.clamp(-1, 1) - x_check).abs().mean().item()
+        stats[f"posterior_noise_{name}"] = posterior_noise_report(check_means * scaling_factor,
+                                                                  check_stds * scaling_factor)
+        logger.info("VAE L1 on %d %s images (posterior mean): %.4f; posterior noise ratio %s", len(x_check), name,
+                    stats["check_l1"][name], stats[f"posterior_noise_{name}"]["ratio"])
+        rows += [image_rows_u8(x_check[:16]), image_rows_u8(recon_check[:16])]
+    save_grid(rows, work_dir / "vae_reconstructions.png")
     vae.save_pretrained(work_dir / "vae")
     torch.save((means * scaling_factor).contiguous(), work_dir / "latents.pt")
-    (work_dir / "vae_stats.json").write_text(json.dumps(
-        {"params": n_params, "scaling_factor": scaling_factor, "test_l1": test_l1,
-         "train_seconds": time.time() - t0}, indent=2))
+    if args.random_flip:  # the DiT then draws posterior samples, as a training script does
+        torch.save((stds * scaling_factor).contiguous(), work_dir / "latent_stds.pt")
+    (work_dir / "vae_stats.json").write_text(json.dumps(stats, indent=2))
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,27 +302,16 @@ def make_transformer(args: argparse.Namespace):
 
     model = DiTTransformer2DModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=8,
+        in_channels=args.latent_channels,
+        out_channels=2 * args.latent_channels,
         patch_size=2,
         num_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads,
         attention_head_dim=args.attention_head_dim,
         num_embeds_ada_norm=1000,
     )
-    disable_block_label_dropout(model)
+    disable_per_block_label_dropout(model)
     return model
-
-
-def disable_block_label_dropout(model) -> None:
-    """Stop every block's LabelEmbedding from dropping labels on its own.
-
-    Each block owns a LabelEmbedding with ``dropout_prob=0.1``; in train mode each
-    drops independently, so blocks would disagree on the label. We drop once at the
-    input instead. The table keeps its null row (it is sized at construction).
-    """
-    for block in model.transformer_blocks:
-        block.norm1.emb.class_embedder.dropout_prob = 0.0
 
 
 def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
@@ -250,8 +323,11 @@ def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
 
     torch.manual_seed(args.seed)
     latents_all = torch.load(work_dir / "latents.pt")
-    _, labels_all = load_fashion_mnist("train")
-    labels_all = torch.as_tensor(labels_all)
+    stds_path = work_dir / "latent_stds.pt"
+    stds_all = torch.load(stds_path) if stds_path.exists() else None
+    _, labels_all, class_names, _ = load_source_data(args.source)
+    if len(latents_all) == 2 * len(labels_all):  # both flips were cached
+        labels_all = torch.cat([labels_all, labels_all])
     logger.info("latents %s, std %.3f", tuple(latents_all.shape), latents_all.std().item())
 
     model = make_transformer(args)
@@ -289,6 +365,8 @@ def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
         labels = labels_all[idx].clone()
         drop = torch.rand(len(labels), generator=gen) < args.class_dropout_prob
         labels[drop] = NULL_CLASS_ID
+        if stds_all is not None:  # a posterior sample, drawn after the old draws so fashion_mnist is unchanged
+            latents = latents + stds_all[idx] * torch.randn(latents.shape, generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(labels),),
                                   generator=gen)
@@ -324,8 +402,7 @@ def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
     vae = AutoencoderKL.from_pretrained(work_dir / "vae")
     pipe = DiTPipeline(transformer=model, vae=vae,
                        scheduler=make_scheduler(args.scheduler_variance_type))
-    id2label = {i: name for i, name in enumerate(FASHION_MNIST_CLASSES)}
-    pipe.register_to_config(id2label=id2label)
+    pipe.register_to_config(id2label=dict(enumerate(class_names)))
     pipe.save_pretrained(args.output_dir, safe_serialization=True)
     logger.info("saved DiTPipeline (EMA weights) to %s", args.output_dir)
     (work_dir / "dit_stats.json").write_text(json.dumps(
@@ -343,32 +420,29 @@ def make_samples(args: argparse.Namespace) -> None:
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.output_dir)
-    ids = pipe.get_label_ids(["trouser", "ankle boot"])
-    logger.info("pipeline %s, get_label_ids(['trouser', 'ankle boot']) = %s",
-                type(pipe).__name__, ids)
-    if ids != [1, 9]:
+    class_names = sorted(pipe.labels, key=pipe.labels.get)  # DiTPipeline.labels: name -> row
+    ids = pipe.get_label_ids([class_names[1], class_names[-1]])
+    logger.info("pipeline %s, get_label_ids(%s) = %s", type(pipe).__name__, [class_names[1], class_names[-1]], ids)
+    if ids != [1, len(class_names) - 1]:
         raise RuntimeError(f"id2label was not saved correctly: got {ids}")
     scheduler = pipe.scheduler
     if scheduler.config.variance_type != "learned_range":
         scheduler = make_scheduler("learned_range")
     gen = torch.Generator().manual_seed(args.seed)
     k = args.samples_per_class
-    labels = torch.arange(len(FASHION_MNIST_CLASSES)).repeat_interleave(k)
+    shown = np.linspace(0, len(class_names) - 1, min(12, len(class_names))).round().astype(int).tolist()
+    labels = torch.tensor(shown).repeat_interleave(k)
     t0 = time.time()
     # The training script's sampler: ancestral DDPM with the learned variance, guidance on epsilon.
-    from train_dit_difftuning import sample_dit_latents
-
     latents = sample_dit_latents(pipe.transformer, scheduler, labels.tolist(), args.guidance_scale,
                                  args.num_inference_steps, gen, NULL_CLASS_ID)
     with torch.no_grad():
         images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     logger.info("sampled %d images in %.1f s (DDPM %d steps, guidance %.1f)", len(labels),
                 time.time() - t0, args.num_inference_steps, args.guidance_scale)
-    u8 = from_model_range(images)
-    save_grid([u8[i * k:(i + 1) * k] for i in range(len(FASHION_MNIST_CLASSES))],
-              args.samples_path)
-    logger.info("sample grid (rows = %s) saved to %s", ", ".join(FASHION_MNIST_CLASSES),
-                args.samples_path)
+    u8 = image_rows_u8(images)
+    save_grid([u8[i * k:(i + 1) * k] for i in range(len(shown))], args.samples_path)
+    logger.info("sample grid (rows = %s) saved to %s", ", ".join(class_names[i] for i in shown), args.samples_path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,33 +58,82 @@ def _byte_chars() -> list[str]:
     return chars
 
 
-def write_tiny_clip_tokenizer(path: str, words: tuple[str, ...] = ("circle", "filled", "outline", "red",
-                                                                   "green", "blue", "a", "an", "of")) -> str:
-    """An offline CLIP tokenizer: byte-level vocabulary, a few merges, the two special tokens.
+def learn_bpe_merges(word_counts: dict[str, int], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from pre-tokenized, byte-mapped words (CLIP's BPE, with ``</w>`` on
+    each word's last symbol): repeatedly merge the most frequent adjacent pair (ties broken by the
+    pair itself, so the result is deterministic). Applied by rank, the merges rebuild every word
+    they were learned from that was merged completely."""
+    splits = {word: list(word[:-1]) + [word[-1] + "</w>"] for word in word_counts if word}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for word, pieces in splits.items():
+            for pair in zip(pieces, pieces[1:], strict=False):
+                pairs[pair] = pairs.get(pair, 0) + word_counts[word]
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(best)
+        for word, pieces in splits.items():
+            merged, i = [], 0
+            while i < len(pieces):
+                if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                    merged.append(pieces[i] + pieces[i + 1])
+                    i += 2
+                else:
+                    merged.append(pieces[i])
+                    i += 1
+            splits[word] = merged
+    return merges
 
-    Ids stay below 1000 so they fit the tiny text encoder's embedding table."""
+
+def write_clip_tokenizer(path: str, merges: list[tuple[str, str]] = (), model_max_length: int = 77) -> str:
+    """An offline CLIP tokenizer: the byte-level vocabulary (each byte alone and word-final), the
+    tokens ``merges`` build, and the two special tokens; loads with ``CLIPTokenizer.from_pretrained``."""
     import json
 
     from transformers import CLIPTokenizer
 
     chars = _byte_chars()
     vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for word in words:  # merge each word left to right into one end-of-word token
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            if pieces[0] not in vocab:
-                vocab.append(pieces[0])
+    vocab += list(dict.fromkeys(a + b for a, b in merges if a + b not in set(vocab)))
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump({token: i for i, token in enumerate(vocab)}, f)
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in dict.fromkeys(merges)))
-    CLIPTokenizer.from_pretrained(path, model_max_length=77).save_pretrained(path)
+    CLIPTokenizer.from_pretrained(path, model_max_length=model_max_length).save_pretrained(path)
     return path
+
+
+def train_clip_tokenizer(path: str, corpus: list[str], num_merges: int, model_max_length: int = 77) -> str:
+    """:func:`write_clip_tokenizer` with merges learned from ``corpus`` (split and byte-mapped by
+    CLIP's own normalizer and pre-tokenizer, so training and use agree)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp)).backend_tokenizer
+    counts: dict[str, int] = {}
+    for text in corpus:
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    return write_clip_tokenizer(path, learn_bpe_merges(counts, num_merges), model_max_length)
+
+
+def write_tiny_clip_tokenizer(path: str, words: tuple[str, ...] = ("circle", "filled", "outline", "red",
+                                                                   "green", "blue", "a", "an", "of")) -> str:
+    """The tests' CLIP tokenizer: each of ``words`` merged into one token. Ids stay below 1000 so
+    they fit the tiny text encoder's embedding table."""
+    merges = []
+    for word in words:  # merge each word left to right into one end-of-word token
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    return write_clip_tokenizer(path, merges)
 
 
 def make_tiny_sd_pipeline(path: str, seed: int = 0) -> str:

@@ -473,7 +473,7 @@ def test_bank_rebuild_with_other_settings_refused(tmp_path, change):
 
 
 def test_bank_load_refusals(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(du.ConfigError, match="manifest.json is missing"):
         du.load_knowledge_bank(str(tmp_path / "nothing"))
     du.build_knowledge_bank(str(tmp_path), class_sample_fn, CLASSES, 3, 7, SETTINGS)
     with pytest.raises(ValueError, match="another base model"):
@@ -489,6 +489,69 @@ def test_bank_load_refusals(tmp_path):
     shard.unlink()
     with pytest.raises(ValueError, match="corrupt"):
         du.load_knowledge_bank(str(tmp_path))
+
+
+def _reencode(latents):
+    """A stand-in for decode -> 8 bits -> encode: a deterministic posterior per view (view 1 = mirror)."""
+    views = torch.stack([latents, latents.flip(-1)], dim=1)
+    return views * 2, views.abs() + 0.1
+
+
+def test_bank_stores_reencoded_posteriors_and_replays_them(tmp_path):
+    du.build_knowledge_bank(str(tmp_path), class_sample_fn, CLASSES, 3, 7, SETTINGS, reencode_fn=_reencode)
+    bank = du.load_knowledge_bank(str(tmp_path))
+    mean, std = _reencode(bank.latents)
+    assert torch.equal(bank.posterior_mean, mean) and torch.equal(bank.posterior_std, std)
+    # images replay without flips: view 0 only; with flips: both views, sample i at rows 2i, 2i+1
+    means, stds, views = du.replay_tensors(bank, "images", random_flip=False)
+    assert views == 1 and torch.equal(means, mean[:, 0]) and torch.equal(stds, std[:, 0])
+    means, stds, views = du.replay_tensors(bank, "images", random_flip=True)
+    assert views == 2 and torch.equal(means[1::2], mean[:, 1])
+    raw, no_std, one = du.replay_tensors(bank, "latents", random_flip=True)
+    assert raw is bank.latents and no_std is None and one == 1
+
+
+def test_bank_replay_follows_the_posterior_of_a_random_view(tmp_path):
+    """Replayed latents are mean + std * N(0, 1) of a uniformly chosen view: checked over many draws."""
+    du.build_knowledge_bank(str(tmp_path), class_sample_fn, CLASSES[:2], 2, 7, SETTINGS, reencode_fn=_reencode)
+    bank = du.load_knowledge_bank(str(tmp_path))
+    replay = du.BankReplay(bank, "images", True, batch_size=2, seed=0, rank=0, device="cpu")
+    generator, noise_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    draws = {0: [], 1: []}
+    for _ in range(4000):
+        latents, indices = replay.next(generator, lambda shape: torch.randn(shape, generator=noise_gen))
+        for latent, index in zip(latents, indices.tolist(), strict=True):
+            draws[index].append(latent)
+    for index, samples in draws.items():
+        samples = torch.stack(samples)
+        # a 50/50 mixture of N(mean_v, std_v^2) over the two views v
+        mean, std = bank.posterior_mean[index], bank.posterior_std[index]
+        mixture_mean = mean.mean(0)
+        mixture_var = (std ** 2 + mean ** 2).mean(0) - mixture_mean ** 2
+        standard_error = (mixture_var / len(samples)).sqrt()
+        assert ((samples.mean(0) - mixture_mean).abs() < 5 * standard_error).all()
+        assert torch.allclose(samples.var(0), mixture_var, rtol=0.15)
+    state = replay.state_dict()
+    after = replay.next(torch.Generator().manual_seed(5), lambda shape: torch.zeros(shape))
+    replay.load_state_dict(state)
+    again = replay.next(torch.Generator().manual_seed(5), lambda shape: torch.zeros(shape))
+    assert torch.equal(after[0], again[0]) and torch.equal(after[1], again[1])
+
+
+def test_format_1_bank_replays_as_latents_and_is_refused_as_images(tmp_path):
+    """A bank written before re-encoding existed (format 1, no VAE settings) still loads as it is for
+    --knowledge_bank_replay latents, and is refused, naming the flag and the fix, for images."""
+    du.build_knowledge_bank(str(tmp_path), class_sample_fn, CLASSES, 3, 7, SETTINGS)
+    manifest = json.loads((tmp_path / du.MANIFEST_NAME).read_text())
+    (tmp_path / du.MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 1}))
+    # the same settings plus the VAE's fingerprint that format 2 records: accepted, nothing rebuilt
+    assert du.build_knowledge_bank(str(tmp_path), _raising_sample_fn, CLASSES, 3, 7,
+                                   {**SETTINGS, "vae_fingerprint": "v" * 64}, reencode_fn=_reencode)["complete"]
+    bank = du.load_knowledge_bank(str(tmp_path))
+    assert bank.posterior_mean is None
+    assert du.replay_tensors(bank, "latents", random_flip=True)[0] is bank.latents
+    with pytest.raises(du.ConfigError, match="format 1.*--knowledge_bank_replay latents"):
+        du.replay_tensors(bank, "images", random_flip=True, bank_dir=str(tmp_path))
 
 
 def test_bank_bad_batch_size(tmp_path):

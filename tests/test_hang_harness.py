@@ -30,3 +30,29 @@ def test_finished_run_is_returned(tmp_path):
     result = run_command(["python3", "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
     assert isinstance(result, subprocess.CompletedProcess)
     assert result.returncode == 3 and result.stdout == "out\n" and os.path.basename(result.args[0]) == "python3"
+
+
+STUCK_COLLECTIVE_SCRIPT = """
+import argparse, sys, time
+sys.path.insert(0, {root!r})
+import training_plumbing as tp
+args = argparse.Namespace(gradient_accumulation_steps=1, mixed_precision="no", report_to="none", output_dir={out!r},
+                          logging_dir="logs", seed=None, allow_tf32=True, ddp_timeout=5)
+accelerator, _ = tp.setup_accelerator(args)
+if accelerator.process_index == 1:
+    time.sleep(60)  # never reaches the barrier in time
+accelerator.wait_for_everyone()
+"""
+
+
+def test_stuck_collective_fails_with_a_traceback_within_ddp_timeout(tmp_path):
+    """The scripts' --ddp_timeout reaches gloo: a collective one process never joins fails in seconds, with the
+    traceback of where the other waited, instead of hanging until the test's own timeout."""
+    from conftest import ROOT
+
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_COLLECTIVE_SCRIPT.format(root=ROOT, out=str(tmp_path / "out")))
+    result = run_command(TWO_PROCESSES + [str(script)], timeout=90)
+    assert isinstance(result, subprocess.CompletedProcess), result  # not hung
+    assert result.returncode != 0
+    assert "wait_for_everyone" in result.stderr and "stuck.py" in result.stderr

@@ -108,7 +108,8 @@ def test_resume_equals_straight_run(replay_run, tmp_path):
 
 @pytest.mark.parametrize("extra", [
     pytest.param(["--validation_steps", "1"], id="standard"),
-    pytest.param(["--difftuning", "--retention", "distill", "--timestep_sampling", "weighting"], id="distill"),
+    pytest.param(["--difftuning", "--retention", "distill", "--timestep_sampling", "weighting", "--cache_latents",
+                  "--max_grad_norm", "0"], id="distill-cached-latents-no-clipping"),
     pytest.param(["--difftuning", "--controlnet_lora", "--rank", "2", "--retention_empty_prompt",
                   "--learning_rate", "1e-3"], id="lora-replay"),
 ])
@@ -144,7 +145,8 @@ def test_retention_modes_train_save_and_generate(tiny_sd, circles, tmp_path, ext
 
 def test_two_processes_on_cpu(tiny_sd, circles, tmp_path):
     out = str(tmp_path / "out")
-    proc = run(base_args(tiny_sd, circles, out) + ["--difftuning", "--train_batch_size", "3"], launcher=TWO_PROCESSES)
+    proc = run(base_args(tiny_sd, circles, out) + ["--difftuning", "--train_batch_size", "3", "--ddp_timeout", "120"],
+               launcher=TWO_PROCESSES)
     assert "Distributed environment: DistributedType.MULTI_CPU" in proc.stderr and "Num processes: 2" in proc.stderr
     assert_trained(out)
     generate(tiny_sd, out, circles)
@@ -228,7 +230,7 @@ UPSTREAM_DEFAULTS = {
     "learning_rate": 5e-6, "scale_lr": False, "lr_scheduler": "constant", "lr_warmup_steps": 500, "lr_num_cycles": 1,
     "lr_power": 1.0, "use_8bit_adam": False, "dataloader_num_workers": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
     "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "push_to_hub": False, "hub_token": None,
-    "hub_model_id": None, "logging_dir": "logs", "allow_tf32": False, "report_to": "tensorboard",
+    "hub_model_id": None, "logging_dir": "logs", "report_to": "tensorboard",
     "mixed_precision": None, "enable_xformers_memory_efficient_attention": False, "set_grads_to_none": False,
     "dataset_name": None, "dataset_config_name": None, "image_column": "image",
     "conditioning_image_column": "conditioning_image", "caption_column": "text", "max_train_samples": None,
@@ -242,3 +244,7 @@ def test_upstream_flags_and_defaults(circles):
     args = vars(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", circles]))
     assert {k: args[k] for k in UPSTREAM_DEFAULTS} == UPSTREAM_DEFAULTS
     assert args["retention"] == "replay" and not args["difftuning"]
+    # The one deliberate difference: TF32 is on unless --no-allow_tf32 (upstream: off unless --allow_tf32).
+    assert args["allow_tf32"] is True
+    assert not vars(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", circles,
+                                       "--no-allow_tf32"]))["allow_tf32"]

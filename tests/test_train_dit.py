@@ -48,6 +48,7 @@ def load_and_generate(out: str, label: str) -> None:
     pytest.param(["--difftuning", "--finetune", "difffit", "--timestep_sampling", "weighting"],
                  id="difffit-difftuning"),
     pytest.param(["--finetune", "bitfit"], id="bitfit"),
+    pytest.param(["--difftuning", "--authors_recipe", "--cache_latents"], id="authors-recipe-cached-latents"),
 ])
 def test_train_save_reload_generate(tiny_dit, image_folder, tmp_path, extra):
     out = str(tmp_path / "out")
@@ -71,6 +72,7 @@ def test_train_save_reload_generate(tiny_dit, image_folder, tmp_path, extra):
     if "--difftuning" in extra:
         manifest = json.load(open(os.path.join(out, "knowledge_bank", "manifest.json")))
         assert manifest["complete"] and manifest["count"] == 6 and manifest["latent_shape"] == [4, 8, 8]
+        assert manifest["format_version"] == 2 and manifest["settings"]["vae_fingerprint"]
         assert os.path.exists(os.path.join(out, "knowledge_bank", "preview.png"))
 
 
@@ -84,6 +86,11 @@ def test_difffit_export_matches_training_model(tiny_dit):
 
     model = DiTTransformer2DModel.from_pretrained(tiny_dit, subfolder="transformer")
     script.configure_finetuning(model, argparse.Namespace(finetune="difffit"))
+    gammas = {n: p.shape for n, p in model.named_parameters() if "difffit_gamma" in n}
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    assert gammas == {  # the authors' four, in the first half of the blocks (here 1 of 2)
+        "transformer_blocks.0.difffit_gamma_qkv": (3 * width,), "transformer_blocks.0.difffit_gamma_proj": (width,),
+        "transformer_blocks.0.difffit_gamma_attn": (width,), "transformer_blocks.0.difffit_gamma_ff": (width,)}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "difffit_gamma" in name:
@@ -94,26 +101,84 @@ def test_difffit_export_matches_training_model(tiny_dit):
         assert torch.allclose(model(x, t, y).sample, exported(x, t, y).sample, atol=1e-5)
 
 
+def test_bank_holds_what_encoding_its_saved_images_gives(tiny_dit, image_folder, tmp_path):
+    """The authors' bank is a folder of PNGs, replayed through the data pipeline (flip, VAE encode). Ours
+    keeps, per sample, the posterior of exactly that: decoded, saved as 8-bit PNG, re-read, (flipped,)
+    encoded. Checked here against that path, written out step by step."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from difftuning_utils import load_knowledge_bank
+    from training_plumbing import decode_latents, preprocess_image
+
+    bank_dir = str(tmp_path / "bank")
+    run(base_args(tiny_dit, image_folder, str(tmp_path / "o"), steps=1) + ["--difftuning", "--knowledge_bank_dir",
+                                                                           bank_dir])
+    bank = load_knowledge_bank(bank_dir)
+    vae = AutoencoderKL.from_pretrained(tiny_dit, subfolder="vae")
+    for i, image in enumerate(decode_latents(vae, bank.latents)):
+        image.save(tmp_path / f"{i}.png")
+        pixels = preprocess_image(Image.open(tmp_path / f"{i}.png"), 32, True, False, np.random.default_rng(0))
+        for view, x in enumerate((pixels, pixels.flip(-1))):
+            with torch.no_grad():
+                posterior = vae.encode(x[None]).latent_dist
+            scale = vae.config.scaling_factor
+            assert torch.allclose(bank.posterior_mean[i, view], posterior.mean[0] * scale, atol=1e-5)
+            assert torch.allclose(bank.posterior_std[i, view], posterior.std[0] * scale, atol=1e-5)
+
+
+def test_ema_decay_schedules():
+    import argparse
+
+    import train_dit_difftuning as script
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    constant = script.make_ema(params, argparse.Namespace(ema_decay=0.9999, ema_warmup=False))
+    assert [constant.get_decay(s) for s in (1, 2, 100, 10**6)] == [0.9999] * 4
+    warm = script.make_ema(params, argparse.Namespace(ema_decay=0.9999, ema_warmup=True))
+    assert warm.get_decay(1) == 0.0 and warm.get_decay(11) == pytest.approx(11 / 20)
+    # one update from the pre-trained value 0 toward 1: decay 0.9999 moves it by 1e-4
+    with torch.no_grad():
+        params[0].fill_(1.0)
+    constant.step(params)
+    assert torch.allclose(constant.shadow_params[0], torch.full((3,), 1e-4))
+
+
+def test_authors_recipe_sets_defaults_that_flags_override():
+    import train_dit_difftuning as script
+
+    common = ["--train_data_dir", ROOT, "--output_dir", "x"]
+    ours, theirs = script.parse_args(common), script.parse_args(common + ["--authors_recipe"])
+    assert (ours.use_ema, ours.ema_warmup, ours.max_grad_norm, ours.random_flip) == (False, True, 1.0, False)
+    assert (theirs.use_ema, theirs.ema_warmup, theirs.max_grad_norm, theirs.random_flip) == (True, False, 0.0, True)
+    assert theirs.knowledge_bank_replay == "images" and theirs.ema_decay == 0.9999 and theirs.center_crop
+    mixed = script.parse_args(common + ["--authors_recipe", "--max_grad_norm", "2", "--no-random_flip"])
+    assert mixed.max_grad_norm == 2.0 and not mixed.random_flip and mixed.use_ema
+
+
 def test_per_block_label_dropout_disabled(tiny_dit):
     from diffusers import DiTTransformer2DModel
     from diffusers.models.embeddings import LabelEmbedding
 
-    import train_dit_difftuning as script
+    import training_plumbing as tp
 
     model = DiTTransformer2DModel.from_pretrained(tiny_dit, subfolder="transformer").train()
     assert any(m.dropout_prob > 0 for m in model.modules() if isinstance(m, LabelEmbedding))
-    script.disable_per_block_label_dropout(model)
+    tp.disable_per_block_label_dropout(model)
     x, t, y = torch.randn(4, 4, 8, 8), torch.full((4,), 50), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():  # train mode, yet deterministic: no block drops labels on its own
         assert torch.equal(model(x, t, y).sample, model(x, t, y).sample)
 
 
-def test_resume_equals_straight_run(tiny_dit, image_folder, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--cache_latents", "--center_crop"]], ids=["pixels", "cached-latents"])
+def test_resume_equals_straight_run(tiny_dit, image_folder, tmp_path, extra):
     """Stopped at step 3 and resumed gives bit-identical weights (EMA, bank replay, accumulation,
     epoch boundaries crossed: 12 images, 4 target samples a batch, 2 batches a step)."""
     bank = str(tmp_path / "bank")
-    args = ["--difftuning", "--use_ema", "--gradient_accumulation_steps", "2", "--random_flip",
-            "--knowledge_bank_dir", bank, "--checkpointing_steps", "3", "--lr_scheduler", "cosine"]
+    args = extra + ["--difftuning", "--use_ema", "--gradient_accumulation_steps", "2", "--random_flip",
+            "--knowledge_bank_dir", bank, "--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--logging_steps",
+            "4"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run(base_args(tiny_dit, image_folder, straight, steps=6) + args)
     os.makedirs(resumed)
@@ -139,8 +204,8 @@ def test_checkpoint_limit_never_prunes_resume_source(tiny_dit, image_folder, tmp
 
 def test_two_processes_on_cpu(tiny_dit, image_folder, tmp_path):
     out = str(tmp_path / "out")
-    proc = run(base_args(tiny_dit, image_folder, out, steps=2) + ["--difftuning", "--train_batch_size", "3"],
-               launcher=TWO_PROCESSES)
+    proc = run(base_args(tiny_dit, image_folder, out, steps=2) + ["--difftuning", "--train_batch_size", "3",
+                                                                  "--ddp_timeout", "120"], launcher=TWO_PROCESSES)
     assert "Distributed environment: DistributedType.MULTI_CPU" in proc.stderr and "Num processes: 2" in proc.stderr
     load_and_generate(out, "cross")
     manifest = json.load(open(os.path.join(out, "knowledge_bank", "manifest.json")))
@@ -168,18 +233,40 @@ def test_push_to_hub_uploads_without_checkpoints(tiny_dit, image_folder, tmp_pat
 # ---- Bad input: one sentence, exit code 2, nothing written ----------------------------------
 
 
-def test_missing_label_column(tiny_dit, image_folder, tmp_path):
+def test_bad_input_exits_2_with_one_sentence(tiny_dit, image_folder, tmp_path):
+    """The command-line contract, once through a real process: exit code 2, an 'error: ' line, no traceback.
+    The other bad inputs are checked in-process (same code path: run_cli turns ConfigError into this)."""
     proc = run(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + ["--label_column", "kind"], ok=False)
     assert "--label_column 'kind' is not a column" in error_line(proc)
+
+
+def main_error(args: list[str]) -> str:
+    """Run the script in-process and return its one-sentence ConfigError."""
+    import train_dit_difftuning as script
+    from difftuning_utils import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        script.main(script.parse_args(args))
+    return str(err.value)
+
+
+def test_flat_image_folder_says_how_to_lay_it_out(tiny_dit, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "flat"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 60, 0, 0)).save(data / f"{i}.png")
+    message = main_error(base_args(tiny_dit, str(data), str(tmp_path / "o")))
+    assert "--label_column 'label' is not a column" in message and "one sub-folder per class" in message
 
 
 def test_unreadable_image(tiny_dit, tmp_path):
     data = make_image_folder(str(tmp_path / "data"))
     with open(os.path.join(data, "circle", "broken.png"), "wb") as f:
         f.write(b"not a png at all")
-    proc = run(base_args(tiny_dit, data, str(tmp_path / "o")), ok=False)
-    line = error_line(proc)
-    assert "broken.png" in line and "cannot be read" in line
+    message = main_error(base_args(tiny_dit, data, str(tmp_path / "o")))
+    assert "broken.png" in message and "cannot be read" in message
 
 
 def test_too_many_classes(tmp_path):
@@ -192,8 +279,19 @@ def test_too_many_classes(tmp_path):
 
     DiTTransformer2DModel.from_config(cfg).save_pretrained(os.path.join(model, "transformer"))
     data = make_image_folder(str(tmp_path / "data"), per_class=2)
-    proc = run(base_args(model, data, str(tmp_path / "o")), ok=False)
-    assert "3 classes but the model's label table has only 2" in error_line(proc)
+    assert "3 classes but the model's label table has only 2" in main_error(base_args(model, data,
+                                                                                      str(tmp_path / "o")))
+
+
+def test_wrong_resolution_names_the_one_that_fits(tiny_dit, image_folder, tmp_path):
+    message = main_error(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + ["--resolution", "64"])
+    assert "--resolution 64" in message and "use --resolution 32" in message
+
+
+def test_missing_model_offline_says_so(image_folder, tmp_path):
+    message = main_error(base_args("nobody/no-such-dit", image_folder, str(tmp_path / "o")))
+    assert "--pretrained_model_name_or_path" in message and "not a local folder" in message
+    assert "stack trace" not in message
 
 
 def test_bank_from_another_model_refused(tiny_dit, image_folder, tmp_path):
@@ -201,10 +299,9 @@ def test_bank_from_another_model_refused(tiny_dit, image_folder, tmp_path):
     run(base_args(tiny_dit, image_folder, str(tmp_path / "a"), steps=1)
         + ["--difftuning", "--knowledge_bank_dir", bank])
     other = make_tiny_dit_pipeline(str(tmp_path / "other"), seed=1)
-    proc = run(base_args(other, image_folder, str(tmp_path / "b"), steps=1)
-               + ["--difftuning", "--knowledge_bank_dir", bank], ok=False)
-    line = error_line(proc)
-    assert "fingerprint" in line and "--knowledge_bank_dir" in line
+    message = main_error(base_args(other, image_folder, str(tmp_path / "b"), steps=1)
+                         + ["--difftuning", "--knowledge_bank_dir", bank])
+    assert "fingerprint" in message and "--knowledge_bank_dir" in message
     assert json.load(open(os.path.join(bank, "manifest.json")))["complete"]  # the bank is left intact
 
 
@@ -219,16 +316,24 @@ def test_bank_uses_the_classes_the_base_model_knows(image_folder, tmp_path):
 
 
 def test_resume_from_missing_checkpoint(tiny_dit, image_folder, tmp_path):
-    proc = run(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + [
-        "--resume_from_checkpoint", str(tmp_path / "nope")], ok=False)
-    assert "--resume_from_checkpoint" in error_line(proc)
+    import train_dit_difftuning as script
+    from difftuning_utils import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume_from_checkpoint"):
+        script.parse_args(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + [
+            "--resume_from_checkpoint", str(tmp_path / "nope")])
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_xformers_unavailable(tiny_dit, image_folder, tmp_path):
-    proc = run(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + [
-        "--enable_xformers_memory_efficient_attention"], ok=False)
-    assert "--enable_xformers_memory_efficient_attention needs" in error_line(proc)
+def test_xformers_without_a_usable_gpu_is_refused(tiny_dit, image_folder, tmp_path, monkeypatch):
+    """Whatever this machine has, a machine without CUDA gets one clear sentence."""
+    import train_dit_difftuning as script
+    from difftuning_utils import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--enable_xformers_memory_efficient_attention needs"):
+        script.parse_args(base_args(tiny_dit, image_folder, str(tmp_path / "o")) + [
+            "--enable_xformers_memory_efficient_attention"])
 
 
 def test_bad_flags_fail_fast():
@@ -237,7 +342,10 @@ def test_bad_flags_fail_fast():
 
     common = ["--train_data_dir", ROOT, "--output_dir", "x"]
     cases = [(["--retention_ratio", "1.5"], "--retention_ratio"), (["--resolution", "30"], "--resolution"),
-             (["--difftuning_tau", "-1"], "--difftuning_tau"), (["--rank", "0", "--finetune", "lora"], "--rank")]
+             (["--difftuning_tau", "-1"], "--difftuning_tau"), (["--rank", "0", "--finetune", "lora"], "--rank"),
+             (["--max_grad_norm", "-1"], "--max_grad_norm"), (["--ema_decay", "1"], "--ema_decay"),
+             (["--cache_latents"], "--cache_latents.*--center_crop"), (["--logging_steps", "0"], "--logging_steps")]
     for bad, flag in cases:
         with pytest.raises(ConfigError, match=flag):
             script.parse_args(common + bad)
+    assert script.parse_args(common + ["--max_grad_norm", "0"]).max_grad_norm == 0  # 0 = no clipping
