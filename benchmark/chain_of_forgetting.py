@@ -17,7 +17,6 @@ i.e. low-t knowledge transfers and high-t knowledge does not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -42,17 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=1.5)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="Same noise at every threshold (paired comparison).")
-    parser.add_argument("--reference", choices=["mnist"], default=None,
-                        help="Built-in reference for the CPU miniature: MNIST, classifier-feature FID/KID.")
+    parser.add_argument("--reference", choices=["mnist", "openmoji"], default=None,
+                        help="Built-in reference of a CPU miniature (its held-out target images, classifier-feature "
+                             "FID/KID).")
     parser.add_argument("--reference_dir", default=None, help="Folder of real target images (Inception FID).")
     parser.add_argument("--inception", action="store_true", help="Standard Inception FID (downloads weights).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     if (args.reference is None) == (args.reference_dir is None):
-        parser.error("give exactly one of --reference mnist or --reference_dir.")
+        parser.error("give exactly one of --reference (mnist, openmoji) or --reference_dir.")
     if args.reference_dir is not None and not args.inception:
-        parser.error("--reference_dir needs --inception (classifier features exist only for the MNIST miniature).")
+        parser.error("--reference_dir needs --inception (classifier features exist only for the miniatures).")
     if min(args.thresholds) < 0 or args.num_samples < 2 or args.batch_size < 1 or args.num_inference_steps < 1:
         parser.error("--thresholds must be >= 0, --num_samples >= 2, --batch_size and --num_inference_steps >= 1.")
     return args
@@ -95,12 +95,13 @@ def main(args: argparse.Namespace) -> None:
     base = load_pipeline("--base", args.base, args.device)
     finetuned = load_pipeline("--finetuned", args.finetuned, args.device)
     os.makedirs(args.output_dir, exist_ok=True)
-    if args.reference == "mnist":
-        digits = [i % 10 for i in range(args.num_samples)]
-        labels = [evaluate.digit_rows(finetuned)[d] for d in digits]
-        classifier, _ = evaluate.load_or_train_classifier()
-        reference, _ = evaluate.load_mnist_split("reference")
-        measure = lambda images: evaluate.compute_metrics(images, digits, reference, classifier, bootstrap=0)  # noqa: E731
+    if args.reference is not None:
+        target = evaluate.TARGETS[args.reference]
+        classes = [i % len(target.class_names) for i in range(args.num_samples)]
+        labels = [evaluate.class_rows(finetuned, target.class_names)[c] for c in classes]
+        classifier, _ = evaluate.load_or_train_classifier(target=args.reference)
+        reference, _ = target.split("reference")
+        measure = lambda images: evaluate.compute_metrics(images, classes, reference, classifier, bootstrap=0)  # noqa: E731
     else:
         num_classes = len(finetuned.labels) or finetuned.transformer.config.num_embeds_ada_norm
         labels = [i % num_classes for i in range(args.num_samples)]
@@ -116,7 +117,8 @@ def main(args: argparse.Namespace) -> None:
                                           switch_timestep=threshold)
         metrics = measure(images)
         rows.append({"threshold": threshold, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
-        print(json.dumps(rows[-1]), flush=True)
+        extra = "".join(f", {k} {rows[-1][k]:.3f}" for k in ("kid_mean", "accuracy") if k in rows[-1])
+        print(f"threshold {threshold:4d}: FID {rows[-1]['fid']:.2f}{extra}", flush=True)
     dt.atomic_write_json(os.path.join(args.output_dir, "chain_of_forgetting.json"),
                          {"base": args.base, "finetuned": args.finetuned, "rows": rows, "args": vars(args)})
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Evaluate class-conditional samples of a DiTPipeline on the MNIST target of the CPU miniature.
+"""Evaluate class-conditional samples of a DiTPipeline on the target of a CPU miniature.
 
     python benchmark/evaluate.py --pipeline out/difftuning --num_samples 1000 --reference mnist \\
         --output_json out/difftuning/eval.json
 
-No FID package ships Inception weights and this project's machines are offline, so FID and KID
-are computed by torchmetrics in the feature space of a small CNN trained on held-out MNIST images
-(its penultimate layer), plus the accuracy of that CNN on the samples w.r.t. their conditioning
-labels. ``--inception`` adds standard Inception FID for online users (GPU recommended).
+Two targets: ``mnist`` (the first miniature: 10 digits) and ``openmoji`` (the second: OpenMoji's
+colour emoji, 9 groups). No FID package ships Inception weights and this project's machines are
+offline, so FID and KID are computed by torchmetrics in the feature space of a small CNN trained on
+held-out target images (its penultimate layer), plus the accuracy of that CNN on the samples w.r.t.
+their conditioning labels. ``--inception`` adds standard Inception FID for online users (GPU recommended).
 
 Pairing: the same ``--seed`` and ``--batch_size`` give every pipeline the same initial noise and
 sampler noise, so differences between fine-tuning arms are not sampling noise.
@@ -22,6 +23,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import difftuning_utils as dt  # noqa: E402
-from benchmark.data import MNIST_CLASSES, from_model_range, load_mnist, to_model_range  # noqa: E402
+from benchmark.data import MNIST_CLASSES, load_mnist, to_model_range  # noqa: E402
 
 CLASSIFIER_PER_CLASS = 250  # images per class that train the feature CNN
 CLASSIFIER_VAL_PER_CLASS = 50  # images per class that check it
@@ -88,9 +91,7 @@ def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def load_mnist_split(name: str, seed: int = 0, shots_per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """One split of :func:`mnist_splits` as (float images [N,1,32,32] in [-1,1], int64 labels [N])."""
-    images, labels = mnist_arrays()
-    idx = mnist_splits(seed, shots_per_class, labels)[name]
-    return to_model_range(images[idx]), torch.as_tensor(labels[idx])
+    return TARGETS["mnist"].split(name, seed, shots_per_class)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,10 +111,11 @@ class FeatureCNN(nn.Module):
     num_features = 64
     ARCH = "conv32-64-64_fc64-silu"  # recorded in the cache, so a changed architecture is retrained
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
+        self.in_channels = in_channels
         layers: list[nn.Module] = []
-        for c_in, c_out in ((1, 32), (32, 64), (64, 64)):
+        for c_in, c_out in ((in_channels, 32), (32, 64), (64, 64)):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         self.conv = nn.Sequential(*layers)
         self.fc = nn.Linear(64 * 4 * 4, self.num_features)
@@ -121,7 +123,7 @@ class FeatureCNN(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations [N, 64] of images [N,1,32,32] in [-1,1]."""
+        """Penultimate activations [N, 64] of images [N,C,32,32] in [-1,1]."""
         return nn.functional.silu(self.fc(self.conv(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ class ClassifierFeatures(nn.Module):
 
     With a custom module torchmetrics passes images through untouched (``normalize`` is ignored)
     and reads ``num_features`` instead of probing with a dummy 299 px image, so this is all the
-    adapter it needs. 3-channel images are averaged to grey.
+    adapter it needs. 3-channel images are averaged to grey for a grey classifier.
     """
 
     def __init__(self, classifier: FeatureCNN) -> None:
@@ -143,7 +145,8 @@ class ClassifierFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.classifier.features(_as_model_input(images, next(self.classifier.parameters()).device))
+            return self.classifier.features(_as_model_input(images, next(self.classifier.parameters()).device,
+                                                            self.classifier.in_channels))
 
 
 class _PrecomputedFeatures(nn.Module):
@@ -157,39 +160,48 @@ class _PrecomputedFeatures(nn.Module):
         return features
 
 
-def _as_model_input(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 or float images [N,C,H,W] -> float32 [N,1,H,W] in [-1,1] on ``device``."""
+def _as_model_input(images: torch.Tensor, device: torch.device | str = "cpu", channels: int = 1) -> torch.Tensor:
+    """uint8 or float images [N,C,H,W] -> float32 [N,channels,H,W] in [-1,1] on ``device``."""
     x = images.to(device)
     x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
-    return x.mean(dim=1, keepdim=True) if x.shape[1] != 1 else x
+    if channels == 1 and x.shape[1] != 1:
+        return x.mean(dim=1, keepdim=True)
+    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x
 
 
-def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2,
+                  background: float = -1.0) -> torch.Tensor:
     """Translate each image by up to ``max_shift`` px (background fill): generated digits are not
     always centred like MNIST's, and a classifier that tolerates it scores them fairly."""
-    padded = nn.functional.pad(x, (max_shift,) * 4, value=-1.0)
+    padded = nn.functional.pad(x, (max_shift,) * 4, value=background)
     offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator).tolist()
     h, w = x.shape[-2:]
     return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def train_feature_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, steps: int = 2000,
-                             batch_size: int = 64, learning_rate: float = 1e-3) -> FeatureCNN:
-    """Train :class:`FeatureCNN` (AdamW, cosine lr, random shifts); seeded, deterministic on CPU.
+                             batch_size: int = 64, learning_rate: float = 1e-3, num_classes: int = 10,
+                             flips: bool = False, background: float = -1.0) -> FeatureCNN:
+    """Train :class:`FeatureCNN` (AdamW, cosine lr, random shifts, and flips with ``flips``); seeded,
+    deterministic on CPU.
 
-    ``images`` [N,1,32,32] in [-1,1] must be held out from both the few-shot set and the FID
+    ``images`` [N,C,32,32] in [-1,1] must be held out from both the few-shot set and the FID
     reference set, otherwise the feature space would favour exactly the images being compared.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(dt.derive_seed(seed, "feature-classifier"))
-    model = FeatureCNN()
+    model = FeatureCNN(num_classes, images.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
     labels = torch.as_tensor(labels)
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        loss = nn.functional.cross_entropy(model(_random_shift(images[idx], generator)), labels[idx])
+        x = _random_shift(images[idx], generator, background=background)
+        if flips:
+            flip = torch.rand(batch_size, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss = nn.functional.cross_entropy(model(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -204,52 +216,145 @@ def classify(classifier: FeatureCNN, images: torch.Tensor, batch_size: int = 500
     device = next(classifier.parameters()).device
     feats, logits = [], []
     for i in range(0, images.shape[0], batch_size):
-        f = classifier.features(_as_model_input(images[i:i + batch_size], device))
+        f = classifier.features(_as_model_input(images[i:i + batch_size], device, classifier.in_channels))
         feats.append(f.cpu())
         logits.append(classifier.head(f).cpu())
     return torch.cat(feats), torch.cat(logits)
 
 
-def load_or_train_classifier(cache_dir: str | os.PathLike = DEFAULT_CLASSIFIER_DIR, seed: int = 0,
-                             steps: int = 2000, split_seed: int = 0) -> tuple[FeatureCNN, dict]:
-    """The benchmark's feature CNN, trained once and cached as ``feature_cnn.safetensors`` + ``.json``.
+def load_or_train_classifier(cache_dir: str | os.PathLike | None = None, seed: int = 0, steps: int | None = None,
+                             split_seed: int = 0, target: str = "mnist") -> tuple[FeatureCNN, dict]:
+    """The feature CNN of ``target``, trained once and cached as ``feature_cnn.safetensors`` + ``.json``.
 
     The json records the settings, the split sizes and the held-out accuracy; a cache made with
-    other settings is retrained rather than silently reused, and a CNN under 95% held-out accuracy
-    is refused (its features would not mean "looks like this digit").
+    other settings is retrained rather than silently reused, and a CNN under the target's minimum
+    held-out accuracy is refused (its features would not mean "looks like this class").
     """
     from safetensors.torch import load_file, save_file
 
-    cache_dir = Path(cache_dir)
+    domain = TARGETS[target]
+    steps = steps or domain.classifier_steps
+    cache_dir = Path(cache_dir or domain.classifier_dir)
     weights, info_path = cache_dir / "feature_cnn.safetensors", cache_dir / "feature_cnn.json"
     settings = {"format_version": CLASSIFIER_FORMAT_VERSION, "arch": FeatureCNN.ARCH, "seed": seed, "steps": steps,
-                "split_seed": split_seed,
-                "classifier_per_class": CLASSIFIER_PER_CLASS, "classifier_val_per_class": CLASSIFIER_VAL_PER_CLASS}
-    model = FeatureCNN()
+                "split_seed": split_seed, **domain.classifier_settings}
+    model = FeatureCNN(len(domain.class_names), domain.channels)
     if weights.exists() and info_path.exists():
         info = json.loads(info_path.read_text())
         if info.get("settings") == settings:
             model.load_state_dict(load_file(weights))
             return model.eval(), info
-    images, labels = mnist_arrays()
-    splits = mnist_splits(split_seed, 10, labels)
-    x_train, y_train = to_model_range(images[splits["classifier"]]), torch.as_tensor(labels[splits["classifier"]])
-    x_val, y_val = to_model_range(images[splits["classifier_val"]]), torch.as_tensor(labels[splits["classifier_val"]])
+    x_train, y_train = domain.split("classifier", split_seed)
+    x_val, y_val = domain.split("classifier_val", split_seed)
     start = time.time()
-    model = train_feature_classifier(x_train, y_train, seed, steps)
+    model = train_feature_classifier(x_train, y_train, seed, steps, num_classes=len(domain.class_names),
+                                     flips=domain.flips, background=domain.background)
     seconds = time.time() - start
     accuracy = (classify(model, x_val)[1].argmax(1) == y_val).float().mean().item()
     info = {"settings": settings, "val_accuracy": accuracy, "train_seconds": round(seconds, 1),
             "num_train": len(y_train), "num_val": len(y_val), "num_params": sum(p.numel() for p in model.parameters()),
             "torch": torch.__version__, "num_threads": torch.get_num_threads()}
-    if accuracy < MIN_CLASSIFIER_ACCURACY:
-        raise RuntimeError(f"The feature classifier reached only {accuracy:.3f} held-out accuracy "
-                           f"(< {MIN_CLASSIFIER_ACCURACY}); train it longer (--classifier_steps).")
+    if accuracy < domain.min_accuracy:
+        raise RuntimeError(f"The {target} feature classifier reached only {accuracy:.3f} held-out accuracy "
+                           f"(< {domain.min_accuracy}); train it longer (--classifier_steps).")
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{weights}.tmp")
     os.replace(f"{weights}.tmp", weights)
-    info_path.write_text(json.dumps(info, indent=2))
+    dt.atomic_write_json(str(info_path), info)
     return model, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Target domains
+# ----------------------------------------------------------------------------------------------
+
+OPENMOJI_REFERENCE_PER_CLASS = 60  # at most; a small group gives half of what its few-shot set leaves
+OPENMOJI_VAL_FRACTION = 0.1
+
+
+def openmoji_splits(labels: np.ndarray, seed: int = 0, shots_per_class: int = 16) -> dict[str, np.ndarray]:
+    """Disjoint index sets of OpenMoji, per group: the few-shot set (the first ``shots_per_class`` of a
+    seeded permutation, so smaller sets are nested), the FID reference set (the next min(60, half of the
+    rest)), then 10% of what is left to check the feature CNN and the remainder to train it. Groups
+    hold 85 to 388 images, so the classifier set grows with the group; the reference set moves with
+    the shots, so compare arms at the same ``shots_per_class``."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "classifier": [], "classifier_val": [], "reference": []}
+    for c in np.unique(labels):
+        perm = rng.permutation(np.flatnonzero(labels == c))
+        rest = len(perm) - shots_per_class
+        if rest < 20:
+            raise ValueError(f"OpenMoji group {c} has {len(perm)} images: too few for {shots_per_class} shots.")
+        n_ref = min(OPENMOJI_REFERENCE_PER_CLASS, rest // 2)
+        n_val = max(2, round(OPENMOJI_VAL_FRACTION * (rest - n_ref)))
+        parts["train"].append(perm[:shots_per_class])
+        parts["reference"].append(perm[shots_per_class:shots_per_class + n_ref])
+        parts["classifier_val"].append(perm[shots_per_class + n_ref:shots_per_class + n_ref + n_val])
+        parts["classifier"].append(perm[shots_per_class + n_ref + n_val:])
+    return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def openmoji_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """OpenMoji's 1,914 emoji of the 9 groups as (uint8 [N,32,32,3], group index [N] into OPENMOJI_CLASSES)."""
+    from benchmark import emoji_data
+
+    emoji = emoji_data.load_openmoji()
+    labels = np.asarray([OPENMOJI_CLASSES.index(g) for g in emoji.groups], dtype=np.int64)
+    emoji.images.setflags(write=False)
+    labels.setflags(write=False)
+    return emoji.images, labels
+
+
+def _openmoji_to_model(images: np.ndarray) -> torch.Tensor:
+    from benchmark import emoji_data
+
+    return emoji_data.to_model_range(images)
+
+
+# imagefolder sorts class folders by name, so the groups are listed in that order.
+OPENMOJI_CLASSES = ("activities", "animals-nature", "flags", "food-drink", "objects", "people-body",
+                    "smileys-emotion", "symbols", "travel-places")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A miniature's target domain: its images, their split, and its feature classifier's settings."""
+
+    name: str
+    class_names: tuple[str, ...]
+    channels: int
+    arrays: Callable[[], tuple[np.ndarray, np.ndarray]]
+    splits: Callable[..., dict[str, np.ndarray]]
+    to_model: Callable[[np.ndarray], torch.Tensor]
+    default_shots: int
+    classifier_dir: Path
+    classifier_steps: int
+    classifier_settings: dict
+    min_accuracy: float
+    flips: bool  # may the classifier (and the fine-tuning) flip images? digits: no; emoji: yes
+    background: float  # the value of an empty pixel, in [-1, 1]
+
+    def split(self, name: str, seed: int = 0, shots_per_class: int | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+        """One split as (float images [N,C,32,32] in [-1,1], int64 labels [N])."""
+        images, labels = self.arrays()
+        idx = self.splits(labels=labels, seed=seed, shots_per_class=shots_per_class or self.default_shots)[name]
+        return self.to_model(images[idx]), torch.as_tensor(labels[idx])
+
+
+TARGETS: dict[str, Target] = {
+    "mnist": Target("mnist", MNIST_CLASSES, 1, lambda: mnist_arrays(), lambda **kw: mnist_splits(**kw),
+                    to_model_range, 10, DEFAULT_CLASSIFIER_DIR, 2000,
+                    {"classifier_per_class": CLASSIFIER_PER_CLASS,
+                     "classifier_val_per_class": CLASSIFIER_VAL_PER_CLASS},
+                    MIN_CLASSIFIER_ACCURACY, False, -1.0),
+    "openmoji": Target("openmoji", OPENMOJI_CLASSES, 3, lambda: openmoji_arrays(),
+                       lambda **kw: openmoji_splits(**kw), _openmoji_to_model, 16,
+                       REPO_ROOT / "benchmark" / "feature_classifier_openmoji", 4000,
+                       {"target": "openmoji", "arch_channels": 3, "reference_per_class": OPENMOJI_REFERENCE_PER_CLASS,
+                        "val_fraction": OPENMOJI_VAL_FRACTION, "flips": True}, 0.5, True, 1.0),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +463,18 @@ def compute_metrics(generated: torch.Tensor, generated_labels: torch.Tensor | li
     return results
 
 
+@functools.lru_cache(maxsize=4)
+def real_vs_real(target: str = "mnist", shots_per_class: int | None = None) -> dict:
+    """The floor of FID/KID: the target's held-out classifier-check images against its reference set."""
+    domain = TARGETS[target]
+    classifier, _ = load_or_train_classifier(target=target)
+    real, labels = domain.split("classifier_val", 0, shots_per_class)
+    reference, _ = domain.split("reference", 0, shots_per_class)
+    metrics = compute_metrics(real, labels, reference, classifier, bootstrap=0)
+    return {"fid": metrics["fid"], "kid_mean": metrics["kid_mean"], "num_real": len(real),
+            "num_reference": len(reference)}
+
+
 def inception_metric(device: str = "cpu") -> nn.Module:
     """torchmetrics' standard Inception-v3 FID, or one sentence saying why it is unavailable.
 
@@ -427,27 +544,28 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
     return torch.cat(images)
 
 
-def digit_rows(pipe) -> list[int]:
-    """Label-table row of each digit 0..9: read from the pipeline's id2label when its names are
-    the digits (imagefolder class folders "0".."9"), else row = digit."""
+def class_rows(pipe, class_names: tuple[str, ...] = MNIST_CLASSES) -> list[int]:
+    """Label-table row of each target class: read from the pipeline's id2label when it names them all
+    (imagefolder class folders), else row = class index."""
     by_name = dict(pipe.labels)  # name -> row, parsed by DiTPipeline from model_index.json's id2label
-    if all(d in by_name for d in MNIST_CLASSES):
-        return [by_name[d] for d in MNIST_CLASSES]
-    return list(range(len(MNIST_CLASSES)))
+    if all(name in by_name for name in class_names):
+        return [by_name[name] for name in class_names]
+    return list(range(len(class_names)))
 
 
 def save_grid(images: torch.Tensor, labels: list[int], path: str, per_class: int = 10) -> None:
-    """One row per class, ``per_class`` samples each, as a grey PNG for a human check."""
+    """One row per class, ``per_class`` samples each, as a PNG (grey or colour) for a human check."""
     from PIL import Image
 
-    u8 = from_model_range(_as_model_input(images))
+    u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     rows = []
     for c in sorted(set(labels)):
         idx = [i for i, lbl in enumerate(labels) if lbl == c][:per_class]
         rows.append(np.concatenate([u8[i] for i in idx], axis=1))
     width = max(r.shape[1] for r in rows)
-    grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows])
-    Image.fromarray(grid, mode="L").save(path)
+    grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid, mode="L" if grid.shape[-1] == 1 else "RGB").save(
+        path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,15 +577,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", required=True, help="DiTPipeline folder to sample from.")
     p.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples (>= 1,000 recommended).")
-    p.add_argument("--reference", choices=["mnist"], default="mnist", help="Target domain of the reference set.")
+    p.add_argument("--reference", choices=list(TARGETS), default="mnist", help="Target domain of the reference set.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed; the same across arms = paired comparison.")
     p.add_argument("--num_inference_steps", type=int, default=250, help="Ancestral DDPM steps (DiT: 250).")
     p.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance (DiT's FID: 1.5).")
     p.add_argument("--batch_size", type=int, default=100, help="Samples per sampler call (part of the pairing).")
-    p.add_argument("--split_seed", type=int, default=0, help="Seed of the MNIST split.")
-    p.add_argument("--shots_per_class", type=int, default=10, help="Few-shot set size (decides the reference set).")
-    p.add_argument("--classifier_dir", default=str(DEFAULT_CLASSIFIER_DIR), help="Cache of the feature CNN.")
-    p.add_argument("--classifier_steps", type=int, default=2000, help="Training steps of the feature CNN.")
+    p.add_argument("--split_seed", type=int, default=0, help="Seed of the target's split.")
+    p.add_argument("--shots_per_class", type=int, default=None,
+                   help="Few-shot set size (MNIST: 10, OpenMoji: 16; decides the reference set).")
+    p.add_argument("--classifier_dir", default=None, help="Cache of the feature CNN (default: the target's).")
+    p.add_argument("--classifier_steps", type=int, default=None, help="Training steps of the feature CNN.")
     p.add_argument("--bootstrap", type=int, default=10, help="FID bootstrap resamples (0 = off).")
     p.add_argument("--inception", action="store_true", help="Also standard Inception FID (online, GPU advised).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -489,19 +608,20 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.num_threads)
     start = time.time()
     inception = inception_metric(args.device) if args.inception else None
+    target = TARGETS[args.reference]
     classifier, classifier_info = load_or_train_classifier(args.classifier_dir, 0, args.classifier_steps,
-                                                           args.split_seed)
-    reference, _ = load_mnist_split("reference", args.split_seed, args.shots_per_class)
-    few_shot, _ = load_mnist_split("train", args.split_seed, args.shots_per_class)  # for the memorisation metrics
+                                                           args.split_seed, args.reference)
+    reference, _ = target.split("reference", args.split_seed, args.shots_per_class)
+    few_shot, _ = target.split("train", args.split_seed, args.shots_per_class)  # for the memorisation metrics
     pipe = DiTPipeline.from_pretrained(args.pipeline).to(args.device)
     pipe.transformer.eval()
-    rows = digit_rows(pipe)
-    digits = [i % len(MNIST_CLASSES) for i in range(args.num_samples)]  # every batch is class-balanced
+    rows = class_rows(pipe, target.class_names)
+    classes = [i % len(target.class_names) for i in range(args.num_samples)]  # every batch is class-balanced
     sample_start = time.time()
-    images = sample_pipeline(pipe, [rows[d] for d in digits], args.seed, args.num_inference_steps,
+    images = sample_pipeline(pipe, [rows[c] for c in classes], args.seed, args.num_inference_steps,
                              args.guidance_scale, args.batch_size)
     sample_seconds = time.time() - sample_start
-    metrics = compute_metrics(images, digits, reference, classifier, args.bootstrap, seed=args.seed,
+    metrics = compute_metrics(images, classes, reference, classifier, args.bootstrap, seed=args.seed,
                               train_images=few_shot)
     if args.inception:
         metrics["inception_fid"] = inception_fid(images, reference, args.device, metric=inception)
@@ -512,10 +632,10 @@ def main(args: argparse.Namespace) -> dict:
     out = args.output_json or os.path.join(args.pipeline, f"eval_seed{args.seed}.json")
     dt.atomic_write_json(out, result)
     if args.save_grid:
-        save_grid(images, digits, args.save_grid)
+        save_grid(images, classes, args.save_grid)
     if args.save_samples:
-        np.savez_compressed(args.save_samples, images=from_model_range(_as_model_input(images)),
-                            labels=np.asarray(digits))
+        np.savez_compressed(args.save_samples, images=((images.clamp(-1, 1) + 1) * 127.5).round().byte().numpy(),
+                            labels=np.asarray(classes))
     spread = f" ± {metrics['fid_bootstrap_std']:.2f}" if "fid_bootstrap_std" in metrics else ""
     print(f"FID {metrics['fid']:.2f}{spread}  KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}  "
           f"accuracy {metrics['accuracy']:.3f}  copy rate {metrics['copy_rate']:.3f}  "

@@ -5,12 +5,14 @@
     python benchmark/overhead.py --size dit-xl --device cuda --mixed_precision bf16
     python benchmark/overhead.py --size sd15-controlnet --device cuda --mixed_precision bf16
 
-Both arms run the real step logic of the training scripts (VAE encode of the target images,
-knowledge-bank latents concatenated, ``difftuning_utils`` losses, backward, clipping, AdamW) on
-models built from configs with random weights (no download), at the same global batch. They share
-one model and optimizer and are timed interleaved (ABBA order, median of the repeats), so machine
-noise hits both alike. Reported: DT/standard ratios of step time and memory. The one-off cost of
-building the knowledge bank is not part of a step and is not measured here.
+Both arms run the training scripts' own step (``DiTStep.loss`` of train_dit_difftuning.py,
+``ControlNetStep.loss`` of train_controlnet_difftuning.py: VAE encode of the target images or a
+posterior sample of cached latents, knowledge-bank replay, the losses), then backward, clipping
+and the scripts' fused AdamW, on models built from configs with random weights (no download), at
+the same global batch. They share one model and optimizer and are timed interleaved (ABBA order,
+median of the repeats), so machine noise hits both alike. Reported: DT/standard ratios of step time
+and memory. The one-off cost of building the knowledge bank is not part of a step and is not
+measured here; the data loader is not timed either.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(REPO_ROOT))  # the training scripts, whose step this times
 
 import difftuning_utils as dt  # noqa: E402
 import training_plumbing as tp  # noqa: E402
@@ -57,7 +59,7 @@ class Setup:
     device: torch.device
     weight_dtype: torch.dtype
     unet: torch.nn.Module | None = None
-    text_dim: int = 0
+    text_encoder: torch.nn.Module | None = None
     vb: dt.LearnedSigmaVB | None = None
     params: list = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
@@ -66,8 +68,6 @@ class Setup:
 def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipeline: str | None = None) -> Setup:
     """Models from configs (random init), or a local DiTPipeline folder; frozen parts in ``weight_dtype``."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    from training_plumbing import disable_per_block_label_dropout
 
     torch.manual_seed(0)
     dit_scheduler = DDPMScheduler(beta_schedule="linear", variance_type="learned_range")
@@ -86,6 +86,7 @@ def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipe
         scheduler = dit_scheduler
     else:
         from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
 
         sd = size == "sd15-controlnet"
         blocks = (320, 640, 1280, 1280) if sd else (32, 64)
@@ -101,12 +102,21 @@ def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipe
             # The embedding of the condition image must downsample as much as the VAE (SD: 8x, tiny: 4x).
             embedding = {} if sd else {"conditioning_embedding_out_channels": (8, 16, 32)}
             model = ControlNetModel.from_unet(unet, **embedding)
+            # CLIP ViT-L/14's text tower (SD 1.5's), or a tiny one
+            text_encoder = CLIPTextModel(CLIPTextConfig(**(
+                {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "projection_dim": 768} if sd else
+                {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "projection_dim": 32, "bos_token_id": 0, "eos_token_id": 1,
+                 "pad_token_id": 1})))
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-        unet.requires_grad_(False)
+        for frozen in (unet, text_encoder):
+            frozen.requires_grad_(False)
+            tp.cast(frozen, device, weight_dtype)
         setup = Setup("controlnet", model, vae, scheduler, 512 if sd else 32, (4, 64, 64) if sd else (4, 8, 8), device,
-                      weight_dtype, unet=unet.to(device, weight_dtype), text_dim=unet.config.cross_attention_dim)
+                      weight_dtype, unet=unet, text_encoder=text_encoder)
     if size in ("tiny", "dit-xl") or pipeline:
-        disable_per_block_label_dropout(model)
+        tp.disable_per_block_label_dropout(model)
         cfg = model.config
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         learned_sigma = cfg.out_channels == 2 * cfg.in_channels
@@ -114,84 +124,80 @@ def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipe
                       (cfg.in_channels, cfg.sample_size, cfg.sample_size), device, weight_dtype,
                       vb=dt.LearnedSigmaVB(scheduler) if learned_sigma else None)
     # As the scripts do: a float16 VAE gives NaNs, so it stays float32 then; bfloat16 is safe.
-    setup.vae = vae.requires_grad_(False).to(device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    setup.vae = tp.cast(vae.requires_grad_(False), device, torch.float32 if weight_dtype == torch.float16
+                        else weight_dtype)
     setup.model = model.to(device).train()
     setup.params = [p for p in model.parameters() if p.requires_grad]
-    setup.optimizer = torch.optim.AdamW(setup.params, lr=1e-5, weight_decay=0.0)
+    optimizer_args = argparse.Namespace(use_8bit_adam=False, learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999,
+                                        adam_weight_decay=0.0, adam_epsilon=1e-8)
+    setup.optimizer = tp.create_optimizer(optimizer_args, setup.params)  # the scripts' (fused) AdamW
     return setup
 
 
+def synthetic_bank(size: int, latent_shape: tuple[int, int, int], device: torch.device) -> dt.KnowledgeBank:
+    """A knowledge bank of random latents and re-encoded posteriors (format 2), as replay reads it."""
+    latents = torch.randn(size, *latent_shape)
+    return dt.KnowledgeBank(latents, list(range(size)), {}, torch.randn(size, 2, *latent_shape),
+                            torch.rand(size, 2, *latent_shape) * 0.1)
+
+
 def make_arm(setup: Setup, batch_size: int, difftuning: bool, retention_ratio: float = 0.2,
-             retention: str = "replay", bank_size: int = 64) -> Callable[[], torch.Tensor]:
-    """One training step of an arm as a closure over fixed inputs (the data loader is not timed).
+             retention: str = "replay", bank_size: int = 64, cache_latents: bool = False) -> Callable[[], torch.Tensor]:
+    """One training step of an arm as a closure over a fixed batch (the data loader is not timed): the
+    script's step object, backward, clipping at 1.0, the optimizer step.
 
     ``retention`` (ControlNet only, as train_controlnet_difftuning.py's --retention): "replay" =
     bank latents with a zero control; "distill" = the retention rows are training pairs too (VAE
     encoded) and their target is the frozen UNet's prediction without control (one more forward).
+    ``cache_latents``: the batch carries cached posteriors instead of pixels (--cache_latents).
     """
     num_target, num_bank = dt.split_batch_size(batch_size, retention_ratio if difftuning else 0.0)
     distill = bool(num_bank) and setup.kind == "controlnet" and retention == "distill"
-    replay_bank = bool(num_bank) and not distill
     num_data = num_target + (num_bank if distill else 0)
-    device, T = setup.device, setup.scheduler.config.num_train_timesteps
-    channels = setup.vae.config.in_channels
-    pixels = torch.rand(num_data, channels, setup.resolution, setup.resolution, device=device) * 2 - 1
-    psi = dt.TimestepSampler(T, 1.0 if difftuning else 0.0, "adaptation")
-    xi = dt.TimestepSampler(T, 1.0, "retention")
+    device, num_timesteps = setup.device, setup.scheduler.config.num_train_timesteps
+    psi = dt.TimestepSampler(num_timesteps, 1.0 if difftuning else 0.0, "adaptation")
+    xi = dt.TimestepSampler(num_timesteps, 1.0, "retention")
+    bank = None
+    if num_bank and not distill:
+        bank = dt.BankReplay(synthetic_bank(bank_size, setup.latent_shape, device), "images", setup.kind == "dit",
+                             num_bank, 0, 0, device)
+    if cache_latents:
+        batch = {"latent_mean": torch.randn(num_data, *setup.latent_shape, device=device),
+                 "latent_std": torch.rand(num_data, *setup.latent_shape, device=device) * 0.1}
+    else:
+        channels = setup.vae.config.in_channels
+        batch = {"pixel_values": torch.rand(num_data, channels, setup.resolution, setup.resolution,
+                                            device=device) * 2 - 1}
+    vae = None if cache_latents else setup.vae
+    if setup.kind == "dit":
+        from train_dit_difftuning import DiTStep
+
+        batch["class_labels"] = torch.randint(0, 10, (num_target,), device=device)
+        step = DiTStep(setup.model, vae, setup.scheduler, setup.vb, psi, xi, setup.model.config.num_embeds_ada_norm,
+                       0.1, 0.1, False, bank)
+    else:
+        from train_controlnet_difftuning import ControlNetStep
+
+        vocab, length = setup.text_encoder.config.vocab_size, setup.text_encoder.config.max_position_embeddings
+        batch["input_ids"] = torch.randint(0, vocab, (num_data, length), device=device)
+        batch["conditioning_pixel_values"] = torch.rand(num_data, 3, setup.resolution, setup.resolution, device=device)
+        bank_ids = torch.randint(0, vocab, (bank_size, length), device=device) if bank is not None else None
+        step = ControlNetStep(setup.model, setup.unet, setup.text_encoder, vae, setup.scheduler, psi, xi,
+                              torch.zeros(1, length, dtype=torch.long, device=device), 0.0, 0.1, False,
+                              setup.weight_dtype, num_bank, distill, bank, bank_ids)
     step_rng = tp.StepGenerator(0, 0, device)
-    bank = torch.randn(bank_size, *setup.latent_shape, device=device) if replay_bank else None
-    replay = dt.ReplayStream(bank_size, num_bank, 0) if replay_bank else None
-    labels = torch.randint(0, 10, (num_target,), device=device)
-    if setup.kind == "controlnet":  # the frozen text encoder (~1% of a step) is replaced by its output
-        text = torch.randn(batch_size, 77, setup.text_dim, device=device, dtype=setup.weight_dtype)
-        cond = torch.rand(num_data, 3, setup.resolution, setup.resolution, device=device)
-        if replay_bank:  # replay rows get a null (all-zero) control, as the script does
-            cond = torch.cat([cond, cond.new_zeros((num_bank, *cond.shape[1:]))])
     autocast = torch.autocast(device.type, dtype=setup.weight_dtype, enabled=setup.weight_dtype != torch.float32)
 
-    def step() -> torch.Tensor:
-        posterior = setup.vae.encode(pixels.to(setup.vae.dtype)).latent_dist
-        latents = posterior.mean + posterior.std * step_rng.randn(posterior.mean.shape, device, posterior.mean.dtype)
-        latents = latents.float() * setup.vae.config.scaling_factor
-        timesteps, _ = psi.sample(num_target, step_rng.generator, device)
-        null = setup.model.config.num_embeds_ada_norm if setup.kind == "dit" else 0
-        class_labels = torch.where(step_rng.rand(num_target, device) < 0.1, null, labels)
-        if num_bank:
-            bank_t, _ = xi.sample(num_bank, step_rng.generator, device)
-            timesteps = torch.cat([timesteps, bank_t])
-        if replay_bank:  # bank latents (no VAE work), null label (DiT) / the bank's prompt (ControlNet)
-            latents = torch.cat([latents, bank[replay.next_indices().to(device)]])
-            class_labels = torch.cat([class_labels, torch.full_like(bank_t, null)])
-        noise = step_rng.randn(latents.shape, device)
-        noisy = setup.scheduler.add_noise(latents, noise, timesteps)
-        if setup.kind == "dit":
-            with autocast:
-                pred = setup.model(noisy, timestep=timesteps, class_labels=class_labels).sample
-            per_sample = dt.per_sample_denoising_loss(pred, latents, noise, noisy, timesteps, setup.scheduler,
-                                                      setup.vb)
-        else:
-            noisy = noisy.to(setup.weight_dtype)
-            with autocast:
-                down, mid = setup.model(noisy, timesteps, encoder_hidden_states=text,
-                                        controlnet_cond=cond.to(setup.weight_dtype), return_dict=False)
-                pred = setup.unet(noisy, timesteps, encoder_hidden_states=text,
-                                  down_block_additional_residuals=[r.to(setup.weight_dtype) for r in down],
-                                  mid_block_additional_residual=mid.to(setup.weight_dtype)).sample
-            target = dt.prediction_target(setup.scheduler, latents, noise, timesteps)
-            if distill:  # retention rows: the frozen UNet's own prediction, without control
-                with torch.no_grad(), autocast:
-                    teacher = setup.unet(noisy[num_target:], timesteps[num_target:],
-                                         encoder_hidden_states=text[num_target:]).sample
-                target = torch.cat([target[:num_target], teacher.to(target.dtype)])
-            per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-        loss, _ = dt.difftuning_loss(per_sample, num_target, 0.1)
+    def run() -> torch.Tensor:
+        with autocast:  # what accelerate's mixed precision wraps the trained model's forward in
+            loss, _ = step.loss(batch, step_rng)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+    return run
 
 
 class MemoryProbe:
@@ -249,7 +255,7 @@ def _sync(device: torch.device) -> None:
 
 def run_overhead(size: str = "tiny", batch_size: int | None = None, device: str = "cpu", mixed_precision: str = "no",
                  repeats: int = 10, warmup: int = 2, peak_tflops: float | None = None, retention_ratio: float = 0.2,
-                 pipeline: str | None = None, retention: str = "replay") -> dict:
+                 pipeline: str | None = None, retention: str = "replay", cache_latents: bool = False) -> dict:
     """Time, profile and compare the two arms; returns the JSON-able results (see the module docstring)."""
     device = torch.device(device)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
@@ -257,8 +263,8 @@ def run_overhead(size: str = "tiny", batch_size: int | None = None, device: str 
     if peak_tflops is None and device.type == "cuda":
         peak_tflops = 989.0
     setup = build_setup(size, device, weight_dtype, pipeline)
-    arms = {"standard": make_arm(setup, batch_size, False),
-            "difftuning": make_arm(setup, batch_size, True, retention_ratio, retention)}
+    arms = {"standard": make_arm(setup, batch_size, False, cache_latents=cache_latents),
+            "difftuning": make_arm(setup, batch_size, True, retention_ratio, retention, cache_latents=cache_latents)}
     results: dict = {name: {} for name in arms}
     for name, fn in arms.items():
         for _ in range(warmup):
@@ -298,6 +304,7 @@ def run_overhead(size: str = "tiny", batch_size: int | None = None, device: str 
     num_target, num_bank = dt.split_batch_size(batch_size, retention_ratio)
     return {"config": {"size": pipeline or size, "batch_size": batch_size, "difftuning_split": [num_target, num_bank],
                        "retention": retention if setup.kind == "controlnet" else "replay",
+                       "cache_latents": cache_latents,
                        "device": _device_name(device), "mixed_precision": mixed_precision, "repeats": repeats,
                        "peak_tflops": peak_tflops, "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "trained_params": sum(p.numel() for p in setup.params),
@@ -348,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--retention_ratio", type=float, default=0.2, help="Bank fraction of the batch (authors': 0.2).")
     p.add_argument("--retention", choices=["replay", "distill"], default="replay",
                    help="ControlNet sizes: the Diff-Tuning retention variant (train_controlnet_difftuning.py).")
+    p.add_argument("--cache_latents", action="store_true",
+                   help="Batches carry cached VAE posteriors (the scripts' --cache_latents): no VAE pass in the step.")
     p.add_argument("--peak_tflops", type=float, default=None, help="Peak FLOP/s for MFU; default 989 on CUDA "
                    "(H100 bf16 dense), none on CPU.")
     p.add_argument("--num_threads", type=int, default=1, help="CPU threads.")
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for but no CUDA device is available.")
     res = run_overhead(args.size, args.batch_size, args.device, args.mixed_precision, args.repeats, args.warmup,
-                       args.peak_tflops, args.retention_ratio, args.pipeline, args.retention)
+                       args.peak_tflops, args.retention_ratio, args.pipeline, args.retention, args.cache_latents)
     print(markdown_table(res))
     if args.output_json:
         dt.atomic_write_json(args.output_json, res)

@@ -165,7 +165,7 @@ def test_sample_pipeline_is_paired(tiny_dit: str) -> None:
     c = ev.sample_pipeline(pipe, [0, 1, 2], seed=1, steps=2, guidance=1.5, batch_size=2)
     assert a.shape == (3, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert ev.digit_rows(pipe) == list(range(10))
+    assert ev.class_rows(pipe) == list(range(10))
 
 
 def test_inception_fails_with_one_sentence_when_unavailable() -> None:
@@ -180,22 +180,36 @@ def test_inception_fails_with_one_sentence_when_unavailable() -> None:
         ev.inception_fid(x, x)
 
 
-def test_overhead_tiny() -> None:
+def test_overhead_times_the_scripts_own_step(monkeypatch) -> None:
+    """The harness runs DiTStep.loss itself (not a copy of it): every timed, warm-up, FLOP-counted and
+    memory-probed step of both arms is one call."""
+    import train_dit_difftuning as script
+
+    calls = []
+    original = script.DiTStep.loss
+    monkeypatch.setattr(script.DiTStep, "loss", lambda self, *a: calls.append(self.bank is not None) or original(
+        self, *a))
     res = overhead.run_overhead("tiny", repeats=2, warmup=1)
-    for arm in ("standard", "difftuning"):
-        assert {"step_time_s", "images_per_s", "flops_per_step", "peak_memory_mb", "step_memory_mb"} <= set(res[arm])
-        assert res[arm]["step_time_s"] > 0 and res[arm]["flops_per_step"] > 0
+    per_arm = 1 + 1 + 2 + 2  # warm-up, FLOP count, timed repeats, memory probes
+    assert calls.count(True) == calls.count(False) == per_arm
     assert res["config"]["difftuning_split"] == [6, 2]
-    for key in ("step_time", "images_per_s", "flops"):
-        assert res["ratios"][key] > 0
-    assert res["ratios"]["flops"] < 1  # the bank part skips the VAE encoder
+    assert res["standard"]["step_time_s"] > 0 and res["standard"]["flops_per_step"] > 0
+    assert res["ratios"]["flops"] < 1  # the 2 bank rows skip the VAE encoder the 2 target rows go through
     assert "DT / standard" in overhead.markdown_table(res)
+
+
+def test_overhead_cached_latents_have_no_vae_work() -> None:
+    """With --cache_latents both arms push 8 rows through the same DiT and nothing through the VAE."""
+    res = overhead.run_overhead("tiny", repeats=1, warmup=0, cache_latents=True)
+    assert res["ratios"]["flops"] == pytest.approx(1.0) and res["config"]["cache_latents"]
+    pixels = overhead.run_overhead("tiny", repeats=1, warmup=0)
+    assert res["standard"]["flops_per_step"] < pixels["standard"]["flops_per_step"]
 
 
 @pytest.mark.parametrize("retention", ["replay", "distill"])
 def test_overhead_tiny_controlnet(retention: str) -> None:
     res = overhead.run_overhead("tiny-controlnet", batch_size=4, repeats=1, warmup=0, retention=retention)
-    assert res["config"]["difftuning_split"] == [3, 1] and res["ratios"]["step_time"] > 0
+    assert res["config"]["difftuning_split"] == [3, 1]
     # distill: every row is VAE-encoded and the frozen UNet runs once more on the retention rows
     assert (res["ratios"]["flops"] > 1) == (retention == "distill")
 
