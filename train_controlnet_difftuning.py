@@ -164,7 +164,8 @@ def check_captions(captions: list) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, grouped as ``--help`` shows them (docs/scripts/flag_tables.py writes the docs' tables from it)."""
     parser = argparse.ArgumentParser(description="Train a ControlNet on Stable Diffusion, with Diff-Tuning.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
@@ -201,7 +202,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--retention_empty_prompt", action="store_true",
                        help="Replay bank samples with the empty prompt instead of the caption that made them.")
     parser.set_defaults(output_dir="controlnet-model", tracker_project_name="train_controlnet")
-    args = parser.parse_args(input_args)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(input_args)
     tp.validate_common_args(args)
     if args.controlnet_lora and args.rank < 1:
         raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
@@ -656,10 +661,12 @@ def model_description(args: argparse.Namespace, pairs: list) -> str:
             f"{'LoRA rank ' + str(args.rank) + ', ' if args.controlnet_lora else ''}{args.max_train_steps or '?'} "
             f"steps, batch {args.train_batch_size}, lr {args.learning_rate}, resolution {args.resolution}.\n\n"
             "Samples: each conditioning image, then the images generated from it.\n\n"
-            "```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n\n"
+            "```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
+            "from diffusers.utils import load_image\n\n"
             f"controlnet = ControlNetModel.from_pretrained(\"{args.hub_model_id or args.output_dir}\")\n"
             "pipe = StableDiffusionControlNetPipeline.from_pretrained(\n"
             f"    \"{args.pretrained_model_name_or_path}\", controlnet=controlnet)\n"
+            "control_image = load_image(\"condition.png\")  # a conditioning image like the training ones\n"
             f"image = pipe(\"{pairs[0][0]}\", control_image).images[0]\n```")
 
 

@@ -255,7 +255,8 @@ def denoiser_flops_per_image(transformer: torch.nn.Module, latent_shape: list[in
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, grouped as ``--help`` shows them (docs/scripts/flag_tables.py writes the docs' tables from it)."""
     parser = argparse.ArgumentParser(description="Fine-tune a DiT on a class-conditional dataset with Diff-Tuning.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, default="facebook/DiT-XL-2-256",
@@ -294,6 +295,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # The authors' DiT transfer setting: AdamW lr 1e-4, no weight decay, constant lr, batch 32.
     parser.set_defaults(output_dir="dit-difftuning", learning_rate=1e-4, adam_weight_decay=0.0, lr_warmup_steps=0,
                         train_batch_size=32)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     if parser.parse_known_args(input_args)[0].authors_recipe:
         parser.set_defaults(**AUTHORS_RECIPE)
     args = parser.parse_args(input_args)

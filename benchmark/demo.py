@@ -40,6 +40,10 @@ def main(args: argparse.Namespace) -> None:
 
     import run_benchmark
 
+    print(f"[demo] Fine-tuning the shipped Fashion-MNIST DiT on 10-shot MNIST twice ({args.max_train_steps} steps "
+          "each, one CPU thread each, in parallel): plain fine-tuning, and Diff-Tuning, whose run first builds a "
+          "256-sample knowledge bank. Then both are sampled with the same noise and scored, and a short chain-of-"
+          f"forgetting sweep runs. About 5-8 minutes on 2 cores. Logs and results: {args.output_dir}", flush=True)
     start = time.time()
     bench_args = run_benchmark.parse_args([
         "--output_dir", args.output_dir, "--arms", "standard", "difftuning", "--seeds", "0",
@@ -48,6 +52,8 @@ def main(args: argparse.Namespace) -> None:
         "--num_inference_steps", "50"])
     run_benchmark.main(bench_args)
     runs, cof_dir = os.path.join(args.output_dir, "runs"), os.path.join(args.output_dir, "chain_of_forgetting")
+    print("[demo] chain of forgetting: sampling the fine-tuned model with the source model below 5 thresholds...",
+          flush=True)
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", source,
                     "--finetuned", os.path.join(runs, "standard-seed0"), "--reference", "mnist",
                     "--thresholds", "0", "250", "500", "750", "1000", "--num_samples", "200",

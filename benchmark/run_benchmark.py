@@ -113,9 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_step(cmd: list[str], env: dict, log_path: str, what: str) -> None:
-    """Run one child script with its output in ``log_path``; a failure is one sentence naming the log."""
+    """Run one child script with its output in ``log_path``, saying when it starts and ends; a failure
+    is one sentence naming the log."""
+    start = time.time()
+    print(f"[benchmark] {what}: started (log: {os.path.relpath(log_path)})", flush=True)
     with open(log_path, "w") as log:
         returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    print(f"[benchmark] {what}: {'done' if returncode == 0 else 'FAILED'} in {time.time() - start:.0f} s",
+          flush=True)
     if returncode != 0:
         errors = [line.strip() for line in open(log_path) if line.startswith("error: ") or "Error: " in line]
         reason = errors[-1].rstrip(".") if errors else "no error line"
@@ -189,7 +194,9 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
                *ARMS[arm], *MINIATURES[args.miniature]["flags"], *args.extra_flags]
         start = time.time()
-        run_step(cmd, env, out + ".log", f"train_dit_difftuning.py for {arm} seed {seed}")
+        bank = " (builds the seed's knowledge bank first)" if "--difftuning" in ARMS[arm] and not os.path.exists(
+            os.path.join(args.output_dir, f"bank-seed{seed}", "manifest.json")) else ""
+        run_step(cmd, env, out + ".log", f"train_dit_difftuning.py for {arm} seed {seed}{bank}")
         atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
     # Same --seed for every arm: the same sampling noise, a paired comparison.
     run_step([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
@@ -214,6 +221,9 @@ def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
         for seed in args.seeds:
             check_run_settings(os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}"), settings)
     # train/cache the feature classifier once, before the pool
+    print(f"[benchmark] {len(args.arms) * len(args.seeds)} runs, {args.jobs} at a time; feature classifier of "
+          f"{MINIATURES[args.miniature]['target']}: loading (training it takes a few minutes the first time)",
+          flush=True)
     evaluate.load_or_train_classifier(target=MINIATURES[args.miniature]["target"])
     # Arms of one seed share that seed's knowledge bank: one bank-building run per seed goes first.
     uses_bank = [a for a in args.arms if "--difftuning" in ARMS[a] and "--retention_ratio" not in ARMS[a]]

@@ -238,3 +238,20 @@ def test_overhead_bad_flags(tmp_path, capsys, argv, message) -> None:
         overhead.main([*argv, "--output_json", str(tmp_path / "o.json")])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_docs_flag_tables_match_the_parsers() -> None:
+    """docs/dit.md and docs/controlnet.md list every flag with its default, as the parsers define them."""
+    import importlib.util
+    import os
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("flag_tables", os.path.join(ROOT, "docs", "scripts",
+                                                                              "flag_tables.py"))
+    flag_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flag_tables)
+    for doc in flag_tables.DOCS:
+        current, fresh = flag_tables.rendered(doc)
+        assert current == fresh, f"docs/{doc} is out of date: run python docs/scripts/flag_tables.py"
+    assert "| `--cache_latents` | off |" in open(os.path.join(ROOT, "docs", "dit.md")).read()

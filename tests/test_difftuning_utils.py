@@ -143,11 +143,9 @@ def test_sampler_reproducible_and_device_dtype():
     assert torch.equal(t1, t2) and torch.equal(w1, w2)
     assert not torch.equal(t1, t3)
     for mode in ("importance", "weighting"):
-        for device in (None, "cpu", torch.device("cpu")):
-            t, w = du.TimestepSampler(50, 1.0, "adaptation", mode).sample(8, torch.Generator().manual_seed(0), device)
-            assert t.dtype == torch.int64 and w.dtype == torch.float32
-            assert t.device.type == "cpu" and w.device.type == "cpu"
-            assert t.shape == w.shape == (8,)
+        t, w = du.TimestepSampler(50, 1.0, "adaptation", mode).sample(8, torch.Generator().manual_seed(0))
+        assert t.dtype == torch.int64 and w.dtype == torch.float32  # indices for add_noise, weights for the loss
+        assert t.shape == w.shape == (8,)
 
 
 def test_sampler_bad_mode_raises():
@@ -685,10 +683,6 @@ def test_args_small_batch_fine_without_difftuning_or_bank():
     du.validate_difftuning_args(_parse(["--difftuning", "--train_batch_size", "1", "--retention_ratio", "0"]))
     du.validate_difftuning_args(_parse(["--difftuning", "--train_batch_size", "2"]))
 
-
-def test_args_bad_sampling_mode_rejected_by_argparse(capsys):
-    with pytest.raises(SystemExit):
-        _parse(["--timestep_sampling", "stratified"])
 
 
 # ----------------------------------------------------------------------------------------------
