@@ -485,7 +485,7 @@ def main(args: argparse.Namespace) -> None:
                 break
 
     # --- Save ------------------------------------------------------------------------------------
-    tp.log_throughput(accelerator, log, global_step)
+    tp.log_throughput(accelerator, log, global_step, args)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         transformer = tp.unwrap(accelerator, transformer)

@@ -29,7 +29,7 @@ from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftuning_utils import ConfigError, derive_seed
+from difftuning_utils import ConfigError, atomic_write_json, derive_seed
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -407,9 +407,17 @@ def describe_image_conversion(dataset: Any, image_column: str, channels: int, re
                     f"{' and '.join(changes)}: the model works on {channels}-channel {resolution}x{resolution} images.")
 
 
-def log_throughput(accelerator: Accelerator, log: TrainingLog, global_step: int) -> dict[str, float]:
-    """Log and record the steady-state throughput of the run (see :class:`TrainingLog`)."""
+def log_throughput(accelerator: Accelerator, log: TrainingLog, global_step: int, args: argparse.Namespace) -> dict:
+    """Log the steady-state throughput of the run (see :class:`TrainingLog`) to the console and the
+    trackers, and write it to ``<output_dir>/<logging_dir>/throughput.json`` for tools to read."""
     summary = log.summary()
+    if accelerator.is_main_process:
+        folder = os.path.join(args.output_dir, args.logging_dir)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_json(os.path.join(folder, "throughput.json"),
+                          {**summary, "images_per_step": log.images_per_step, "flops_per_image": log.flops_per_image,
+                           "peak_flops": log.peak, "mixed_precision": accelerator.mixed_precision,
+                           "num_processes": accelerator.num_processes, "global_step": global_step})
     if summary:
         accelerator.log(summary, step=global_step)
         tflops = f", {summary['steady_model_tflops']:.3g} model TFLOP/s" if "steady_model_tflops" in summary else ""

@@ -255,3 +255,19 @@ def test_docs_flag_tables_match_the_parsers() -> None:
         current, fresh = flag_tables.rendered(doc)
         assert current == fresh, f"docs/{doc} is out of date: run python docs/scripts/flag_tables.py"
     assert "| `--cache_latents` | off |" in open(os.path.join(ROOT, "docs", "dit.md")).read()
+
+
+def test_gpu_check_tiny_mode(tmp_path) -> None:
+    """The GPU check's CPU mode: real scripts at tiny size, outputs loaded and sampled, harness beside them."""
+    from benchmark import gpu_check
+
+    report = gpu_check.main(gpu_check.parse_args([
+        "--size", "tiny", "--output_dir", str(tmp_path), "--steps", "4", "--overhead_repeats", "1",
+        "--dataloader_num_workers", "0", "--runs", "dit-standard-bf16-cached", "controlnet-replay-bf16"]))
+    for name, run in report["runs"].items():
+        assert run["returncode"] == 0 and run["load_and_sample"] == "ok", (name, run)
+        assert run["steady_images_per_sec"] > 0 and run["flops_per_image"] > 0
+    assert set(report["overhead"]) == {"dit-bf16", "dit-bf16-cached", "controlnet-bf16"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| dit-standard-bf16-cached | 0 |" in summary and "script / harness" in summary
+    assert (tmp_path / "gpu_check.json").exists()

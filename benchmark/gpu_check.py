@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""One command that checks both training scripts at real size on one GPU, offline, and measures them.
+
+    python benchmark/gpu_check.py --output_dir outputs/gpu_check                 # one GPU, about 8 minutes
+    python benchmark/gpu_check.py --size tiny --output_dir /tmp/gpu_check        # CPU smoke (the tests run it)
+
+What it does, with no Hub access:
+
+1. builds random-init models of real size from configs and saves them as pipelines: DiT-XL/2-256 with an
+   SD-style VAE (a ``DiTPipeline``), and an SD-1.5-shaped UNet + VAE + a CLIP-L-shaped text encoder with
+   an offline tokenizer (a ``StableDiffusionPipeline``);
+2. writes generated datasets large enough that epochs do not dominate: 2,048 class-labelled 256 px images
+   for DiT, 1,024 (image, condition, caption) triples at 512 px for ControlNet;
+3. runs both scripts for ``--steps`` steps, standard vs Diff-Tuning, in bf16 and fp16, with and without
+   ``--cache_latents``, and reads each run's steady-state throughput (``logs/throughput.json``);
+4. loads the outputs with ``DiffusionPipeline`` / ``ControlNetModel`` and samples them;
+5. runs ``benchmark/overhead.py`` (the scripts' own step, timed in isolation) at the same batches;
+6. writes ``summary.md`` and ``gpu_check.json`` in ``--output_dir``.
+
+Numbers on random weights measure speed and plumbing, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+
+from difftuning_utils import atomic_write_json  # noqa: E402
+from training_plumbing import run_cli  # noqa: E402
+
+# name -> (script, precision, cache latents, extra flags)
+RUNS = {
+    "dit-standard-bf16": ("dit", "bf16", False, []),
+    "dit-difftuning-bf16": ("dit", "bf16", False, ["--difftuning"]),
+    "dit-standard-bf16-cached": ("dit", "bf16", True, []),
+    "dit-difftuning-bf16-cached": ("dit", "bf16", True, ["--difftuning"]),
+    "dit-difftuning-fp16-cached": ("dit", "fp16", True, ["--difftuning", "--use_ema"]),
+    "controlnet-none-bf16": ("controlnet", "bf16", False, []),
+    "controlnet-replay-bf16": ("controlnet", "bf16", False, ["--difftuning", "--retention", "replay"]),
+    "controlnet-replay-bf16-cached": ("controlnet", "bf16", True, ["--difftuning", "--retention", "replay"]),
+    "controlnet-distill-bf16-cached": ("controlnet", "bf16", True, ["--difftuning", "--retention", "distill"]),
+    "controlnet-replay-fp16": ("controlnet", "fp16", False, ["--difftuning", "--retention", "replay"]),
+}
+SIZES = {  # dataset size, image resolution, global batch
+    "real": {"dit": (2048, 256, 32), "controlnet": (1024, 512, 8)},
+    "tiny": {"dit": (48, 32, 8), "controlnet": (24, 32, 4)},
+}
+
+
+def build_models(size: str, folder: str, device: str) -> dict[str, str]:
+    """Pipeline folders (random init) of both base models; reused when already written."""
+    import torch
+
+    paths = {"dit": os.path.join(folder, "dit-pipeline"), "controlnet": os.path.join(folder, "sd-pipeline")}
+    if size == "tiny":
+        from tiny_models import make_tiny_dit_pipeline, make_tiny_sd_pipeline
+
+        for kind, make in (("dit", make_tiny_dit_pipeline), ("controlnet", make_tiny_sd_pipeline)):
+            if not os.path.exists(os.path.join(paths[kind], "model_index.json")):
+                make(paths[kind])
+        return paths
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from overhead import SD_VAE
+    from tiny_models import train_clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    if not os.path.exists(os.path.join(paths["dit"], "model_index.json")):
+        with torch.device(device):
+            transformer = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72,
+                                                patch_size=2, sample_size=32, in_channels=4, out_channels=8,
+                                                num_embeds_ada_norm=1000)
+            vae = AutoencoderKL(**SD_VAE, sample_size=256)
+        DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler(variance_type="learned_range")
+                    ).save_pretrained(paths["dit"])
+    if not os.path.exists(os.path.join(paths["controlnet"], "model_index.json")):
+        tokenizer_dir = os.path.join(folder, "tokenizer")
+        train_clip_tokenizer(tokenizer_dir, [caption(i) for i in range(64)], 200)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        with torch.device(device):
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's shape (the defaults)
+            vae = AutoencoderKL(**SD_VAE, sample_size=512)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, projection_dim=768, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(paths["controlnet"])
+    return paths
+
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+SHAPES = ("circle", "square")
+
+
+def caption(i: int) -> str:
+    return f"a {COLOURS[i % len(COLOURS)]} {SHAPES[(i // len(COLOURS)) % len(SHAPES)]} on a grey background"
+
+
+def write_datasets(size: str, folder: str) -> dict[str, str]:
+    """An imagefolder of 10 classes of coloured shapes (DiT) and a fill50k-style ControlNet folder."""
+    from PIL import Image, ImageDraw
+
+    (n_dit, res_dit, _), (n_cn, res_cn, _) = SIZES[size]["dit"], SIZES[size]["controlnet"]
+    paths = {"dit": os.path.join(folder, "dit-data"), "controlnet": os.path.join(folder, "controlnet-data")}
+    rng = np.random.default_rng(0)
+    rgb = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
+           "purple": (140, 50, 200), "orange": (240, 140, 30), "white": (250, 250, 250), "black": (10, 10, 10)}
+
+    def draw(i: int, res: int) -> tuple[Image.Image, Image.Image]:
+        colour, shape = COLOURS[i % len(COLOURS)], SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+        r = int(rng.integers(res // 6, res // 3))
+        cx, cy = (int(rng.integers(r + 1, res - r - 1)) for _ in range(2))
+        box = (cx - r, cy - r, cx + r, cy + r)
+        image, condition = Image.new("RGB", (res, res), (128, 128, 128)), Image.new("RGB", (res, res), (0, 0, 0))
+        fill = ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle
+        outline = ImageDraw.Draw(condition).ellipse if shape == "circle" else ImageDraw.Draw(condition).rectangle
+        fill(box, fill=rgb[colour])
+        outline(box, outline=(255, 255, 255), width=max(1, res // 128))
+        return image, condition
+
+    if not os.path.isdir(paths["dit"]):
+        tmp = paths["dit"] + ".tmp"
+        for i in range(n_dit):
+            os.makedirs(os.path.join(tmp, f"class{i % 10}"), exist_ok=True)
+            draw(i, res_dit)[0].save(os.path.join(tmp, f"class{i % 10}", f"{i:05d}.png"))
+        os.replace(tmp, paths["dit"])
+    if not os.path.isdir(paths["controlnet"]):
+        tmp = paths["controlnet"] + ".tmp"
+        os.makedirs(os.path.join(tmp, "images"))
+        os.makedirs(os.path.join(tmp, "conditioning_images"))
+        with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
+            for i in range(n_cn):
+                image, condition = draw(i, res_cn)
+                image.save(os.path.join(tmp, "images", f"{i:05d}.png"))
+                condition.save(os.path.join(tmp, "conditioning_images", f"{i:05d}.png"))
+                f.write(json.dumps({"file_name": f"images/{i:05d}.png", "text": caption(i),
+                                    "conditioning_image_file_name": f"conditioning_images/{i:05d}.png"}) + "\n")
+        os.replace(tmp, paths["controlnet"])
+    return paths
+
+
+def train(name: str, args: argparse.Namespace, models: dict, data: dict) -> dict:
+    """One run of a training script as a user launches it; its steady-state throughput and wall time."""
+    kind, precision, cached, extra = RUNS[name]
+    _, resolution, batch = SIZES[args.size][kind]
+    out = os.path.join(args.output_dir, "runs", name)
+    script = os.path.join(ROOT, "train_dit_difftuning.py" if kind == "dit" else "train_controlnet_difftuning.py")
+    cmd = [sys.executable, script, "--pretrained_model_name_or_path", models[kind], "--train_data_dir", data[kind],
+           "--output_dir", out, "--max_train_steps", str(args.steps), "--train_batch_size", str(batch),
+           "--mixed_precision", precision, "--logging_steps", str(max(1, args.steps // 10)), "--seed", "0",
+           "--checkpointing_steps", "1000000", "--report_to", "none", "--num_validation_images", "1",
+           "--dataloader_num_workers", str(args.dataloader_num_workers), "--resolution", str(resolution),
+           "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-{kind}"), "--knowledge_bank_size",
+           str(2 * batch), "--knowledge_bank_num_inference_steps", "10", "--knowledge_bank_batch_size", str(batch),
+           *(["--cache_latents"] if cached else []), *(["--center_crop"] if kind == "dit" else []), *extra]
+    if kind == "dit":
+        cmd += ["--validation_num_inference_steps", "10"]
+    else:
+        cmd += ["--validation_num_inference_steps", "5", "--learning_rate", "1e-5"]
+    start = time.time()
+    with open(out + ".log", "w") as log:
+        returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    result = {"returncode": returncode, "wall_s": round(time.time() - start, 1), "log": out + ".log"}
+    throughput = os.path.join(out, "logs", "throughput.json")
+    if returncode == 0 and os.path.exists(throughput):
+        result.update(json.load(open(throughput)))
+    print(f"[gpu_check] {name}: {'ok' if returncode == 0 else 'FAILED'} in {result['wall_s']} s, "
+          f"{result.get('steady_images_per_sec', float('nan')):.1f} images/s", flush=True)
+    return result
+
+
+def load_and_sample(name: str, args: argparse.Namespace, models: dict, data: dict) -> str:
+    """Load a finished run as a user would and generate from it; 'ok' or the error."""
+    import torch
+
+    kind = RUNS[name][0]
+    out = os.path.join(args.output_dir, "runs", name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        if kind == "dit":
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(out).to(device)
+            pipe(class_labels=pipe.get_label_ids(["class3"]), num_inference_steps=4, guidance_scale=4.0)
+        else:
+            from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+            from PIL import Image
+
+            pipe = StableDiffusionControlNetPipeline.from_pretrained(
+                models["controlnet"], controlnet=ControlNetModel.from_pretrained(out), safety_checker=None,
+                requires_safety_checker=False).to(device)
+            condition = Image.open(os.path.join(data["controlnet"], "conditioning_images", "00000.png"))
+            pipe(caption(0), condition, num_inference_steps=4)
+        return "ok"
+    except Exception as err:  # noqa: BLE001 - reported in the summary, not raised
+        return f"{type(err).__name__}: {err}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="real")
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "gpu_check"))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--steps", type=int, default=100, help="Training steps per run.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=4)
+    parser.add_argument("--overhead_repeats", type=int, default=10, help="0 skips the overhead harness.")
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.dataloader_num_workers < 0 or args.overhead_repeats < 0:
+        parser.error("--steps must be >= 2, --dataloader_num_workers and --overhead_repeats >= 0.")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    start = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
+    models = build_models(args.size, args.output_dir, device)
+    data = write_datasets(args.size, args.output_dir)
+    print(f"[gpu_check] models and data ready in {time.time() - start:.0f} s", flush=True)
+    runs = {name: train(name, args, models, data) for name in args.runs}
+    for name, result in runs.items():
+        result["load_and_sample"] = load_and_sample(name, args, models, data) if result["returncode"] == 0 else "-"
+    harness = {}
+    if args.overhead_repeats:
+        import overhead
+
+        sizes = {"dit": "dit-xl", "controlnet": "sd15-controlnet"} if args.size == "real" else {
+            "dit": "tiny", "controlnet": "tiny-controlnet"}
+        for kind, cached in (("dit", False), ("dit", True), ("controlnet", False)):
+            batch = SIZES[args.size][kind][2]
+            key = f"{kind}-bf16{'-cached' if cached else ''}"
+            harness[key] = overhead.run_overhead(sizes[kind], batch, device, "bf16", args.overhead_repeats, 2,
+                                                 cache_latents=cached)
+            print(f"[gpu_check] overhead {key}: DT/standard step time {harness[key]['ratios']['step_time']:.3f}",
+                  flush=True)
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "size": args.size, "steps": args.steps, "runs": runs, "overhead": harness,
+              "wall_s": round(time.time() - start, 1)}
+    summary = markdown(report)
+    with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
+        f.write(summary)
+    atomic_write_json(os.path.join(args.output_dir, "gpu_check.json"), report)
+    print(summary)
+    return report
+
+
+def markdown(report: dict) -> str:
+    """The runs (steady-state throughput, load + sample), the harness, and the script/harness ratios."""
+    def num(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    lines = [f"GPU check on {report['device']} (torch {report['torch']}, size {report['size']}, {report['steps']} "
+             f"steps per run, {report['wall_s']:.0f} s in all).", "",
+             "| run | exit | images/s (steady) | model TFLOP/s | MFU | wall (s) | load + sample |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in report["runs"].items():
+        lines.append(f"| {name} | {r['returncode']} | {num(r.get('steady_images_per_sec'), '.1f')} | "
+                     f"{num(r.get('steady_model_tflops'), '.3g')} | {num(r.get('steady_mfu'), '.1%')} | "
+                     f"{r['wall_s']:.0f} | {r['load_and_sample']} |")
+    if report["overhead"]:
+        lines += ["", "| harness (the scripts' step alone) | standard images/s | DT images/s | DT / standard step time "
+                      "| peak memory ratio | script / harness (standard) |", "|---|---|---|---|---|---|"]
+        for key, h in report["overhead"].items():
+            run = report["runs"].get(f"{key.split('-')[0]}-{'standard' if key.startswith('dit') else 'none'}-bf16"
+                                     f"{'-cached' if key.endswith('cached') else ''}", {})
+            ratio = (run["steady_images_per_sec"] / h["standard"]["images_per_s"]
+                     if run.get("steady_images_per_sec") else None)
+            lines.append(f"| {key} | {h['standard']['images_per_s']:.1f} | {h['difftuning']['images_per_s']:.1f} | "
+                         f"{h['ratios']['step_time']:.3f} | {num(h['ratios']['peak_memory'], '.3f')} | "
+                         f"{num(ratio, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
