@@ -37,12 +37,13 @@ SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "
 TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run_command(cmd: list[str], timeout: float) -> subprocess.CompletedProcess | str:
+def run_command(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess | str:
     """Run ``cmd``; on a timeout, abort it and its children (torchrun starts each worker in a session of
     its own) and return the stderr tail, which holds each process's stacks, instead of a result."""
     import psutil  # an accelerate dependency
 
-    proc = subprocess.Popen(cmd, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**SCRIPT_ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
@@ -58,8 +59,8 @@ def run_command(cmd: list[str], timeout: float) -> subprocess.CompletedProcess |
                f"{stderr[-12000:]}"
 
 
-def run_script(script: str, args: list[str], launcher: list[str] | None = None,
-               ok: bool = True) -> subprocess.CompletedProcess:
+def run_script(script: str, args: list[str], launcher: list[str] | None = None, ok: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a training script as a user would (a subprocess); with ``ok``, fail the test on a non-zero exit.
 
     No retry: a multi-process run passes ``--ddp_timeout`` shorter than this timeout, so a collective
@@ -67,7 +68,7 @@ def run_script(script: str, args: list[str], launcher: list[str] | None = None,
     hangs anywhere else is aborted with every process's stacks (see :func:`run_command`).
     """
     cmd = (launcher or [sys.executable]) + [script] + args
-    result = run_command(cmd, 300 if launcher else 600)
+    result = run_command(cmd, 300 if launcher else 600, env)
     if not isinstance(result, subprocess.CompletedProcess):
         raise AssertionError(result)
     if ok and result.returncode != 0:

@@ -191,6 +191,19 @@ def test_resume_equals_straight_run(tiny_dit, image_folder, tmp_path, extra):
     assert not all(torch.equal(a[k], base[k]) for k in a)
 
 
+def test_compiled_model_saves_plain_weights(tiny_dit, image_folder, tmp_path):
+    """`accelerate launch --dynamo_backend ...` compiles the transformer (here with dynamo's eager backend, which
+    needs no compiler): checkpoints and the saved pipeline still hold the plain module's keys."""
+    out = str(tmp_path / "out")
+    run_script(SCRIPT, base_args(tiny_dit, image_folder, out, steps=2) + ["--difftuning", "--checkpointing_steps", "1"],
+               env={"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
+    base = load_file(os.path.join(tiny_dit, "transformer", "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert base.keys() == tuned.keys()
+    assert set(load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))) == set(base)
+    load_and_generate(out, "square")
+
+
 def test_checkpoint_limit_never_prunes_resume_source(tiny_dit, image_folder, tmp_path):
     out = str(tmp_path / "out")
     run(base_args(tiny_dit, image_folder, out, steps=2) + ["--checkpointing_steps", "1"])
