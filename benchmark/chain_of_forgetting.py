@@ -62,11 +62,9 @@ def load_pipeline(flag: str, name_or_path: str, device: str):
     """A DiTPipeline, or one sentence naming the flag whose folder or Hub id could not be loaded."""
     from diffusers import DiTPipeline
 
-    try:
-        return DiTPipeline.from_pretrained(name_or_path).to(device)
-    except (OSError, ValueError) as err:
-        raise dt.ConfigError(f"{flag} {name_or_path} could not be loaded as a DiTPipeline "
-                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    from training_plumbing import load_pretrained
+
+    return load_pretrained(DiTPipeline.from_pretrained, flag, name_or_path, "a DiTPipeline").to(device)
 
 
 def load_reference_folder(folder: str, resolution: int, channels: int) -> torch.Tensor:
@@ -91,7 +89,9 @@ def main(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     from benchmark import evaluate
+    from training_plumbing import quiet_known_warnings
 
+    quiet_known_warnings()
     base = load_pipeline("--base", args.base, args.device)
     finetuned = load_pipeline("--finetuned", args.finetuned, args.device)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -605,6 +605,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     from diffusers import DiTPipeline
 
+    from training_plumbing import quiet_known_warnings
+
+    quiet_known_warnings()
     torch.set_num_threads(args.num_threads)
     start = time.time()
     inception = inception_metric(args.device) if args.inception else None

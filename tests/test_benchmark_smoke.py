@@ -72,7 +72,7 @@ def test_chain_of_forgetting_bad_input_names_the_flag(tmp_path):
     missing = str(tmp_path / "no_such_pipeline")
     line = error_line(subprocess.run(base + ["--base", missing, "--finetuned", SOURCE], env=ENV,
                                      capture_output=True, text=True, timeout=300))
-    assert line.startswith(f"error: --base {missing} could not be loaded as a DiTPipeline")
+    assert line.startswith("error: --base: ") and missing in line and "DiTPipeline" in line
     proc = subprocess.run(base + ["--base", SOURCE, "--finetuned", SOURCE, "--thresholds", "-1"], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error: --thresholds must be >= 0" in proc.stderr  # argparse's usage + error
