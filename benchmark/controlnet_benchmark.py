@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+
+from run_benchmark import check_run_settings, run_step  # noqa: E402
 
 from difftuning_utils import ConfigError, atomic_write_json  # noqa: E402
 from training_plumbing import run_cli  # noqa: E402
@@ -246,34 +247,6 @@ def run_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def check_run_settings(out: str, settings: dict) -> None:
-    """Refuse to reuse (or continue) a run made with other settings; leaves the run untouched."""
-    path = os.path.join(out, "settings.json")
-    if os.path.exists(out) and not os.path.exists(path):
-        raise ConfigError(f"{out} has no settings.json, so it cannot be reused safely: delete it or use another "
-                          "--output_dir.")
-    if os.path.exists(path):
-        stored = json.load(open(path))
-        for name, value in settings.items():
-            if stored.get(name) != value:
-                raise ConfigError(f"{out} was run with --{name} {stored.get(name)}, not {value}: use another "
-                                  "--output_dir or the same settings.")
-
-
-def run_step(cmd: list[str], log_path: str, what: str) -> None:
-    start = time.time()
-    print(f"[controlnet benchmark] {what}: started (log: {os.path.relpath(log_path)})", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    with open(log_path, "w") as log:
-        returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f"[controlnet benchmark] {what}: {'done' if returncode == 0 else 'FAILED'} in {time.time() - start:.0f} s",
-          flush=True)
-    if returncode != 0:
-        errors = [line.strip() for line in open(log_path) if line.startswith("error: ") or "Error: " in line]
-        raise SystemExit(f"error: {what} exited with status {returncode} "
-                         f"({errors[-1].rstrip('.') if errors else 'no error line'}); full log: {log_path}")
-
-
 def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str, pairs: list[dict]) -> dict:
     """One arm = one run of the real script, then every checkpoint's fidelity and the final quality."""
     out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
@@ -294,7 +267,8 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str,
                "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
                *ARMS[arm], *args.extra_flags]
         start = time.time()
-        run_step(cmd, out + ".log", f"train_controlnet_difftuning.py for {arm} seed {seed}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        run_step(cmd, env, out + ".log", f"train_controlnet_difftuning.py for {arm} seed {seed}")
         atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
     torch.set_num_threads(1)
     curve_path = os.path.join(out, "curve.json")

@@ -77,3 +77,57 @@ def test_chain_of_forgetting_bad_input_names_the_flag(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error: --thresholds must be >= 0" in proc.stderr  # argparse's usage + error
     assert not cof.exists()  # refused before anything was written
+
+
+EMOJI_SOURCE = os.path.join(ROOT, "benchmark", "emoji_source_model")
+TEXT2IMAGE = os.path.join(ROOT, "benchmark", "emoji_text2image_model")
+
+
+def test_shipped_emoji_models_load_and_know_their_classes():
+    from diffusers import DiffusionPipeline
+
+    dit = DiffusionPipeline.from_pretrained(EMOJI_SOURCE)
+    assert dit.transformer.config.num_embeds_ada_norm == 1000 and dit.vae.config.in_channels == 3
+    assert len(dit.labels) == 98 and dit.get_label_ids(["face-smiling"]) == [0]  # sub-categories, in emoji order
+    sd = DiffusionPipeline.from_pretrained(TEXT2IMAGE, safety_checker=None)
+    assert type(sd).__name__ == "StableDiffusionPipeline"
+    assert sd.tokenizer("grinning face").input_ids[1:-1] == sd.tokenizer.convert_tokens_to_ids(
+        ["grinning</w>", "face</w>"])  # the learned merges make words single tokens
+
+
+def test_emoji_benchmark_smoke(tmp_path):
+    """The second miniature end to end: OpenMoji from npm, the shipped emoji DiT, the authors' arm."""
+    out = str(tmp_path / "bench")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--miniature", "emoji",
+           "--output_dir", out, "--arms", "standard", "difftuning_authors", "--seeds", "0", "--max_train_steps", "3",
+           "--train_batch_size", "8", "--knowledge_bank_size", "8", "--knowledge_bank_num_inference_steps", "4",
+           "--num_samples", "18", "--num_inference_steps", "4"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "target openmoji 16-shot" in table and "| difftuning_authors | 1 |" in table
+    assert "% vs standard_authors" not in table  # its baseline was not run: no made-up comparison
+    assert sorted(os.listdir(os.path.join(out, "openmoji-16shot"))) == [
+        "activities", "animals-nature", "flags", "food-drink", "objects", "people-body", "smileys-emotion",
+        "symbols", "travel-places"]
+    settings = json.load(open(os.path.join(out, "runs", "difftuning_authors-seed0", "settings.json")))
+    assert settings["miniature"] == "emoji"
+
+
+def test_controlnet_benchmark_smoke(tmp_path):
+    """The ControlNet miniature end to end at a few steps: pairs, two arms through the real script,
+    fidelity of every checkpoint, convergence against the stated threshold, the table and the plot."""
+    out = str(tmp_path / "cn")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "controlnet_benchmark.py"), "--output_dir", out,
+           "--arms", "none", "replay", "--seeds", "0", "--max_train_steps", "4", "--eval_every", "2",
+           "--train_batch_size", "4", "--num_eval_pairs", "9", "--num_inference_steps", "2",
+           "--knowledge_bank_size", "4", "--knowledge_bank_num_inference_steps", "2"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.load(open(os.path.join(out, "runs", "replay-seed0", "result.json")))
+    assert sorted(map(int, result["curve"])) == [2, 4] and 0 <= result["final_f1"] <= 1
+    assert not [d for d in os.listdir(os.path.join(out, "runs", "replay-seed0")) if d.startswith("checkpoint-")]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| none | 1 |" in table and "| replay | 1 |" in table and "steps to converge" in table
+    assert os.path.exists(os.path.join(out, "fidelity_curves.png"))
+    assert json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"] > 0
