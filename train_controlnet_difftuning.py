@@ -459,15 +459,16 @@ def main(args: argparse.Namespace) -> None:
     register_checkpoint_hooks(accelerator, args.controlnet_lora)
     params = configure_finetuning(controlnet, args)
     controlnet.train()
-    if args.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
     latent_size = args.resolution // vae_scale
     with torch.no_grad():
         context = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
-    # Counted before accelerator.prepare: a pass outside DDP's forward would upset its gradient hooks.
+    # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
+    # would upset its gradient hooks.
     flops_per_image = denoiser_flops_per_image(controlnet.to(accelerator.device), unet,
                                                [unet.config.in_channels, latent_size, latent_size], args.resolution,
                                                context)
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = tp.create_optimizer(args, params)

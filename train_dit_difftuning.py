@@ -395,11 +395,12 @@ def main(args: argparse.Namespace) -> None:
 
     # --- What to train --------------------------------------------------------------------------
     params = configure_finetuning(transformer, args)
+    latent_shape = [transformer.config.in_channels] + [transformer.config.sample_size] * 2
+    # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
+    # would upset its gradient hooks.
+    flops_per_image = denoiser_flops_per_image(transformer.to(accelerator.device), latent_shape, null_class)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    latent_shape = [transformer.config.in_channels] + [transformer.config.sample_size] * 2
-    # Counted before accelerator.prepare: a pass outside DDP's forward would upset its gradient hooks.
-    flops_per_image = denoiser_flops_per_image(transformer.to(accelerator.device), latent_shape, null_class)
     ema = make_ema(params, args) if args.use_ema else None
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
