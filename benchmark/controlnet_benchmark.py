@@ -118,6 +118,7 @@ def write_pairs(output_dir: str, num_eval_pairs: int) -> tuple[str, str]:
     from benchmark import emoji_data, evaluate
 
     folder, eval_path = os.path.join(output_dir, "openmoji-edges"), os.path.join(output_dir, "fidelity_set.json")
+    eval_folder = os.path.join(output_dir, "fidelity_conditions")  # not inside the imagefolder: no split there
     if os.path.isdir(folder) and os.path.exists(eval_path):
         return folder, eval_path
     emoji = emoji_data.load_openmoji()
@@ -132,7 +133,7 @@ def write_pairs(output_dir: str, num_eval_pairs: int) -> tuple[str, str]:
     edges = sobel_edges(images)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("images", "conditioning_images", "eval"):
+    for sub in ("images", "conditioning_images"):
         os.makedirs(os.path.join(tmp, sub))
     rows = []
     for i in train.tolist():
@@ -143,11 +144,11 @@ def write_pairs(output_dir: str, num_eval_pairs: int) -> tuple[str, str]:
                      f"conditioning_images/{i:04d}.png", "text": emoji.names[i]})
     with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.makedirs(eval_folder, exist_ok=True)
     fidelity = []
     for i in held_out.tolist():
-        condition = os.path.join(folder, "eval", f"{i:04d}-condition.png")
-        Image.fromarray((edges[i] * 255).astype(np.uint8)).convert("RGB").save(
-            os.path.join(tmp, "eval", f"{i:04d}-condition.png"))
+        condition = os.path.join(eval_folder, f"{i:04d}.png")
+        Image.fromarray((edges[i] * 255).astype(np.uint8)).convert("RGB").save(condition)
         fidelity.append({"index": i, "prompt": emoji.names[i], "condition": condition})
     os.replace(tmp, folder)
     atomic_write_json(eval_path, {"pairs": fidelity, "edge_threshold": EDGE_THRESHOLD, "num_train": len(train)})
@@ -165,8 +166,13 @@ def generate(base_model: str, controlnet_dir: str, pairs: list[dict], steps: int
     """uint8 images [N, 32, 32, 3] for the fidelity set, the same initial and sampler noise for every
     ControlNet (a paired comparison across checkpoints and arms)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from diffusers.utils import logging as diffusers_logging
     from PIL import Image
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # one pipeline per checkpoint: no loading bars in the log
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     controlnet = ControlNetModel.from_pretrained(controlnet_dir)
     pipe = StableDiffusionControlNetPipeline.from_pretrained(base_model, controlnet=controlnet, safety_checker=None,
                                                              requires_safety_checker=False)
