@@ -36,9 +36,12 @@ from difftuning_utils import ConfigError, atomic_write_json  # noqa: E402
 from training_plumbing import run_cli  # noqa: E402
 
 # Arm name -> extra flags of train_dit_difftuning.py. PEFT arms use the higher lr PEFT needs (DiffFit: 1e-3).
-# The *_authors arms take the authors' EMA (0.9999 from the first step, from the pre-trained weights) and
-# no gradient clipping; they come after the runner's own --ema_decay, so theirs wins.
-AUTHORS = ["--authors_recipe", "--ema_decay", "0.9999", "--no-ema_warmup", "--max_grad_norm", "0"]
+# The *_authors arms take the authors' EMA (a constant decay from the first step, from the pre-trained
+# weights; its value: --authors_ema_decay) and no gradient clipping; their flags come after the runner's own
+# --ema_decay, so theirs wins.
+AUTHORS = ["--authors_recipe", "--no-ema_warmup", "--max_grad_norm", "0"]
+# What the authors' EMA (0.9999 every step for 24k steps) keeps of the pre-trained weights at the end.
+AUTHORS_PRETRAINED_SHARE = 0.9999 ** 24000
 ARMS: dict[str, list[str]] = {
     "standard": [],
     "difftuning": ["--difftuning"],
@@ -67,7 +70,7 @@ MINIATURES = {
 # mixes runs of different lengths or sample counts without saying so.
 RUN_SETTINGS = ("miniature", "source_model", "shots_per_class", "max_train_steps", "train_batch_size",
                 "learning_rate", "ema_decay", "knowledge_bank_size", "knowledge_bank_num_inference_steps",
-                "num_samples", "num_inference_steps", "guidance_scale", "extra_flags")
+                "num_samples", "num_inference_steps", "guidance_scale", "authors_ema_decay", "extra_flags")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots_per_class", type=int, default=None, help="Default: MNIST 10, OpenMoji 16.")
+    parser.add_argument("--authors_ema_decay", default="matched",
+                        help="EMA decay of the *_authors arms: a number (the authors': 0.9999), or 'matched': the "
+                             "constant decay that leaves the pre-trained weights the same share of the EMA at the end "
+                             "of this run as 0.9999 leaves after the authors' 24k steps (9%%).")
     parser.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
                         help="Flags passed on to every training run (last on the line): e.g. a sensitivity sweep "
                              "--extra_flags --retention_weight 0.5. They are part of the run's settings.")
@@ -98,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Train nothing: tabulate every finished run in --output_dir/runs.")
     args = parser.parse_args(argv)
     miniature = MINIATURES[args.miniature]
+    if args.authors_ema_decay != "matched":
+        try:
+            decay = float(args.authors_ema_decay)
+        except ValueError:
+            parser.error(f"--authors_ema_decay must be a number or 'matched', got {args.authors_ema_decay!r}.")
+        if not 0 <= decay < 1:
+            parser.error(f"--authors_ema_decay must be in [0, 1), got {decay}.")
     args.source_model = args.source_model or miniature["source_model"]
     args.shots_per_class = args.shots_per_class or miniature["shots"]
     # Checked here, before any folder is written: a run directory records its settings on creation.
@@ -150,6 +164,15 @@ def write_target_folder(args: argparse.Namespace) -> str:
     return folder
 
 
+def authors_ema(args: argparse.Namespace, arm: str) -> list[str]:
+    """The --ema_decay of an *_authors arm (see --authors_ema_decay); nothing for the other arms."""
+    if not arm.endswith("_authors"):
+        return []
+    decay = (AUTHORS_PRETRAINED_SHARE ** (1 / args.max_train_steps) if args.authors_ema_decay == "matched"
+             else float(args.authors_ema_decay))
+    return ["--ema_decay", f"{decay:.8f}"]
+
+
 def run_settings(args: argparse.Namespace) -> dict:
     """The values of RUN_SETTINGS, as stored in each run's settings.json."""
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
@@ -192,7 +215,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
                "--knowledge_bank_size", str(args.knowledge_bank_size),
                "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
-               *ARMS[arm], *MINIATURES[args.miniature]["flags"], *args.extra_flags]
+               *ARMS[arm], *MINIATURES[args.miniature]["flags"], *authors_ema(args, arm), *args.extra_flags]
         start = time.time()
         bank = " (builds the seed's knowledge bank first)" if "--difftuning" in ARMS[arm] and not os.path.exists(
             os.path.join(args.output_dir, f"bank-seed{seed}", "manifest.json")) else ""
