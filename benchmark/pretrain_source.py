@@ -66,7 +66,7 @@ PRESETS: dict[str, dict] = {
     "emoji": dict(output_dir="benchmark/emoji_source_model", work_dir="benchmark/emoji_source_model_work",
                   samples_path="docs/images/emoji_source_samples.png", vae_block_out_channels=[32, 64, 64],
                   vae_norm_num_groups=16, vae_steps=6000, vae_batch_size=32, kl_weight=1e-6, num_layers=5,
-                  num_attention_heads=5, random_flip=True, latent_channels=8),
+                  num_attention_heads=5, random_flip=True, latent_channels=8, max_train_steps=40000),
 }
 
 
@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_layers", type=int)
     p.add_argument("--num_attention_heads", type=int)
     p.add_argument("--attention_head_dim", type=int, default=32)
-    p.add_argument("--max_train_steps", type=int, default=20000)
+    p.add_argument("--max_train_steps", type=int, default=20000,
+                   help="DiT steps; raising it later continues from the work folder's checkpoint (exactly).")
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=500)
