@@ -12,7 +12,10 @@ Two sources (``--source``), each with its own defaults:
   10 classes, from Debian's ``dataset-fashion-mnist``;
 * ``emoji`` (the second, ``benchmark/emoji_source_model``): colour Twemoji + Noto Emoji from
   npm, 98 classes (the emoji sub-categories), random flips, and a near-deterministic VAE
-  (a small KL weight), as latent diffusion's VAEs are.
+  (a small KL weight), as latent diffusion's VAEs are;
+* ``emoji_heldout`` (``benchmark/emoji_heldout_source_model``): the same emoji without the
+  animals-nature and food-drink groups, which are the target of the third miniature (new
+  classes in a style the source knows); it reuses the emoji source's VAE.
 
 Stages (``--stage all`` runs them in order; each later stage reuses the files of
 the earlier ones from ``--work_dir``, so an interrupted run can continue):
@@ -56,6 +59,7 @@ from training_plumbing import disable_per_block_label_dropout, sample_dit_latent
 
 logger = logging.getLogger("pretrain_source")
 
+HELDOUT_GROUPS = ("animals-nature", "food-drink")  # the emoji_heldout source never sees these
 NULL_CLASS_ID = 1000  # DiTPipeline hard-codes the null (unconditional) label as 1000.
 # Defaults per --source. fashion_mnist's are those that made the shipped benchmark/source_model.
 PRESETS: dict[str, dict] = {
@@ -67,6 +71,16 @@ PRESETS: dict[str, dict] = {
                   samples_path="docs/images/emoji_source_samples.png", vae_block_out_channels=[32, 64, 64],
                   vae_norm_num_groups=16, vae_steps=6000, vae_batch_size=32, kl_weight=1e-6, num_layers=5,
                   num_attention_heads=5, random_flip=True, latent_channels=8, max_train_steps=40000),
+    # The emoji source without two groups, which become the target (new classes, a style the source knows):
+    # the paper's setting (ImageNet -> Food101, CUB), where the source's low-noise knowledge should transfer.
+    # It reuses the shipped emoji VAE (a latent-diffusion VAE is generic), so only the DiT is trained.
+    "emoji_heldout": dict(output_dir="benchmark/emoji_heldout_source_model",
+                          work_dir="benchmark/emoji_heldout_source_work",
+                          samples_path="docs/images/emoji_heldout_source_samples.png",
+                          vae_from="benchmark/emoji_source_model/vae", exclude_groups=list(HELDOUT_GROUPS),
+                          vae_block_out_channels=[32, 64, 64], vae_norm_num_groups=16, vae_steps=6000,
+                          vae_batch_size=32, kl_weight=1e-6, num_layers=5, num_attention_heads=5,
+                          random_flip=True, latent_channels=8, max_train_steps=30000),
 }
 
 
@@ -91,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
     p.add_argument("--kl_weight", type=float,
                    help="Weight of the per-sample KL (summed over latent dims). Small = near-deterministic VAE.")
+    p.add_argument("--vae_from", default=None,
+                   help="Reuse this trained AutoencoderKL folder instead of training a VAE (latents are re-encoded).")
+    p.add_argument("--exclude_groups", nargs="*", default=[],
+                   help="Emoji groups (e.g. animals-nature) left out of the source: the held-out target.")
     p.add_argument("--random_flip", action=argparse.BooleanOptionalAction,
                    help="Horizontal flips: random in VAE training, both orientations cached for the DiT.")
     # DiT
@@ -132,11 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------
 
 
-def load_source_data(source: str) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor]]:
+def load_source_data(source: str, exclude_groups: list[str] | tuple = ()
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, torch.Tensor]]:
     """(images [N,C,32,32] in [-1,1], labels [N], class names, {name: held-out check images}).
 
     The check images measure the VAE: Fashion-MNIST's test split; for emoji, OpenMoji (the
-    target style, never trained on) since every source emoji is used for training."""
+    target style, never trained on) since every source emoji is used for training. Emoji of
+    ``exclude_groups`` are dropped (their sub-categories get no class)."""
     if source == "fashion_mnist":
         images, labels = load_fashion_mnist("train")
         test_images, _ = load_fashion_mnist("test")
@@ -145,6 +165,10 @@ def load_source_data(source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]
     from benchmark import emoji_data
 
     emoji = emoji_data.load_source()
+    unknown = sorted(set(exclude_groups) - set(emoji_data.GROUPS))
+    if unknown:
+        raise ValueError(f"--exclude_groups {unknown}: not emoji groups; choose from {list(emoji_data.GROUPS)}.")
+    emoji = emoji.subset([i for i, g in enumerate(emoji.groups) if g not in exclude_groups])
     class_names = list(dict.fromkeys(emoji.subgroups))  # in emoji order: face-smiling, face-affection, ...
     labels = torch.tensor([class_names.index(g) for g in emoji.subgroups])
     openmoji = emoji_data.load_openmoji()
@@ -215,11 +239,31 @@ def save_grid(rows: list[np.ndarray], path: Path | str) -> None:
     Image.fromarray(grid, mode="RGB" if colour else "L").save(path)
 
 
+def reuse_vae(args: argparse.Namespace, work_dir: Path) -> None:
+    """Copy the VAE of ``--vae_from`` (scaling factor included) and cache this source's posteriors with it."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+    x_all, _, _, _ = load_source_data(args.source, args.exclude_groups)
+    views = torch.cat([x_all, x_all.flip(-1)]) if args.random_flip else x_all
+    means, stds = encode_posteriors(vae, views)
+    scale = vae.config.scaling_factor
+    noise = posterior_noise_report(means * scale, stds * scale)
+    logger.info("VAE reused from %s: %d views encoded; posterior noise ratio per channel %s", args.vae_from,
+                len(views), noise["ratio"])
+    vae.save_pretrained(work_dir / "vae")
+    torch.save((means * scale).contiguous(), work_dir / "latents.pt")
+    if args.random_flip:
+        torch.save((stds * scale).contiguous(), work_dir / "latent_stds.pt")
+    (work_dir / "vae_stats.json").write_text(json.dumps({"vae_from": args.vae_from, "posterior_noise": noise},
+                                                        indent=2))
+
+
 def train_vae(args: argparse.Namespace, work_dir: Path) -> None:
     """Train the autoencoder (L1 + small KL), store the latent scaling factor and the cached latents."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    x_all, _, _, checks = load_source_data(args.source)
+    x_all, _, _, checks = load_source_data(args.source, args.exclude_groups)
 
     vae = make_vae(args, x_all.shape[1])
     n_params = sum(p.numel() for p in vae.parameters())
@@ -326,7 +370,7 @@ def train_dit(args: argparse.Namespace, work_dir: Path) -> None:
     latents_all = torch.load(work_dir / "latents.pt")
     stds_path = work_dir / "latent_stds.pt"
     stds_all = torch.load(stds_path) if stds_path.exists() else None
-    _, labels_all, class_names, _ = load_source_data(args.source)
+    _, labels_all, class_names, _ = load_source_data(args.source, args.exclude_groups)
     if len(latents_all) == 2 * len(labels_all):  # both flips were cached
         labels_all = torch.cat([labels_all, labels_all])
     logger.info("latents %s, std %.3f", tuple(latents_all.shape), latents_all.std().item())
@@ -458,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("all", "vae"):
         if (work_dir / "vae").exists() and (work_dir / "latents.pt").exists():
             logger.info("VAE found in %s: skipping its training", work_dir / "vae")
+        elif args.vae_from:
+            reuse_vae(args, work_dir)
         else:
             train_vae(args, work_dir)
     if args.stage in ("all", "dit"):

@@ -6,7 +6,10 @@ and a few-shot target:
 
 * ``mnist``: Fashion-MNIST source (benchmark/source_model) -> MNIST, 10 images per digit;
 * ``emoji``: Twemoji + Noto Emoji source (benchmark/emoji_source_model) -> OpenMoji, a style the source
-  never saw, 16 images per group (9 groups).
+  never saw, 16 images per group (9 groups);
+* ``emoji_heldout``: the same source without the animals-nature and food-drink groups
+  (benchmark/emoji_heldout_source_model) -> those groups' 11 sub-categories in the same styles, about
+  10 images each: new classes in a style the source knows, as in the paper's ImageNet -> Food101.
 
 Every arm is one `train_dit_difftuning.py` run with the same steps, batch and seed; each is evaluated
 on the same sampling noise (paired comparison) with FID/KID in the feature space of a small classifier
@@ -65,6 +68,8 @@ MINIATURES = {
               "flags": ["--no-random_flip"]},
     "emoji": {"source_model": os.path.join(ROOT, "benchmark", "emoji_source_model"), "target": "openmoji",
               "shots": 16, "flags": ["--random_flip"]},
+    "emoji_heldout": {"source_model": os.path.join(ROOT, "benchmark", "emoji_heldout_source_model"),
+                      "target": "emoji_heldout", "shots": 10, "flags": ["--random_flip"]},
 }
 # The flags that define a run. A finished run is reused only with the same values, so a table never
 # mixes runs of different lengths or sample counts without saying so.
@@ -77,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run a Diff-Tuning CPU miniature benchmark.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--miniature", choices=list(MINIATURES), default="mnist",
-                        help="mnist: Fashion-MNIST -> MNIST; emoji: Twemoji + Noto -> OpenMoji.")
+                        help="mnist: Fashion-MNIST -> MNIST; emoji: Twemoji + Noto -> OpenMoji; emoji_heldout: "
+                             "Twemoji + Noto without animals and food -> animals and food.")
     parser.add_argument("--source_model", default=None, help="Default: the miniature's shipped source model.")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmark"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, error_line
 
@@ -138,3 +139,23 @@ def test_controlnet_benchmark_smoke(tmp_path):
     assert "| none | 1 |" in table and "| replay | 1 |" in table and "steps to converge" in table
     assert os.path.exists(os.path.join(out, "fidelity_curves.png"))
     assert json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"] > 0
+
+
+@needs_emoji_models
+def test_heldout_emoji_splits_keep_each_emoji_whole_and_apart():
+    """The third miniature's target: the animals and food the emoji_heldout source never saw. Each emoji
+    (its Twemoji and Noto drawings) sits in one split only, so the FID reference never holds another
+    vendor's drawing of a training emoji, and the few-shot sets are nested across shot counts."""
+    from benchmark import evaluate
+
+    images, labels, codes = evaluate.heldout_arrays()
+    splits = evaluate.heldout_splits(labels)
+    owner = {}
+    for name, index in splits.items():
+        for code in set(codes[index].tolist()):
+            assert owner.setdefault(code, name) == name, f"emoji {code} is in {owner[code]} and {name}"
+    assert sum(len(v) for v in splits.values()) == len(labels) == len(set(np.concatenate(list(splits.values()))))
+    assert np.bincount(labels[splits["train"]]).tolist() == [10] * 11  # 5 emoji x 2 vendors per class
+    assert set(evaluate.heldout_splits(labels, shots_per_class=4)["train"]) < set(splits["train"])
+    x_extra, y_extra = evaluate.heldout_extra_classifier_data()
+    assert int(y_extra.min()) == 11 and len(x_extra) == len(y_extra) > 3000  # no target class among them
