@@ -229,8 +229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--f1_threshold", type=float, default=None,
                         help="Convergence threshold of the control fidelity; default: half-way from the untrained "
-                             "ControlNet's fidelity to the best final fidelity of the 'none' arm, fixed once "
+                             "ControlNet's fidelity to the mean final fidelity of the 'none' arm, fixed once "
                              "and stored in the output folder.")
+    parser.add_argument("--other_thresholds", type=float, nargs="*", default=[],
+                        help="Also tabulate steps to converge at these thresholds: how much the verdict depends on "
+                             "where the line is drawn (the main threshold stays the stated one).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
     parser.add_argument("--table", default=None, help="Also write the markdown table here.")
     parser.add_argument("--summarize_only", action="store_true", help="Train nothing: tabulate finished runs.")
@@ -341,7 +344,8 @@ def convergence_threshold(args: argparse.Namespace, results: dict[str, dict[int,
     return threshold
 
 
-def summarize(results: dict[str, dict[int, dict]], threshold: float, untrained: float) -> str:
+def summarize(results: dict[str, dict[int, dict]], threshold: float, untrained: float,
+              other_thresholds: list[float] = ()) -> str:
     def fmt(values: list[float], digits: int = 3) -> str:
         if not values:
             return "—"
@@ -372,6 +376,24 @@ def summarize(results: dict[str, dict[int, dict]], threshold: float, untrained: 
              f"evaluated step from which fidelity stays >= {threshold:.3f}. FID/KID: OpenMoji classifier features, "
              "generated vs the real held-out images of the same conditions (64 images: compare arms, not with other "
              "FIDs). vs none: change of the mean steps to converge (negative = faster).\n")
+    if other_thresholds:
+        notes += ("\nSteps to converge at other thresholds (mean over seeds, per seed, change vs none; "
+                  "'never' = not reached to the end):\n\n| arm | " + " | ".join(f">= {t:.3f}" for t in other_thresholds)
+                  + " |\n|---|" + "---|" * len(other_thresholds) + "\n")
+        by_threshold = {t: {arm: [steps_to_convergence(list(r["curve"]), list(r["curve"].values()), t)
+                                  for r in (by_seed[s] for s in sorted(by_seed))] for arm, by_seed in results.items()}
+                        for t in other_thresholds}
+        for arm in results:
+            cells = []
+            for t in other_thresholds:
+                steps, base = by_threshold[t][arm], by_threshold[t].get("none", [])
+                if None in steps:
+                    cells.append(f"not all ({', '.join('never' if s is None else str(s) for s in steps)})")
+                    continue
+                change = (f", {100 * (statistics.mean(steps) / statistics.mean(base) - 1):+.0f}%"
+                          if arm != "none" and base and None not in base else "")
+                cells.append(f"{statistics.mean(steps):.0f} ({', '.join(map(str, steps))}{change})")
+            notes += f"| {arm} | " + " | ".join(cells) + " |\n"
     return "\n".join(lines) + "\n" + notes
 
 
@@ -434,9 +456,12 @@ def main(args: argparse.Namespace) -> None:
     results = collect_results(args.output_dir)
     untrained = untrained_fidelity(args, pairs)
     threshold = convergence_threshold(args, results, untrained)
-    table = summarize(results, threshold, untrained)
-    settings = json.load(open(os.path.join(args.output_dir, "runs", next(iter(os.listdir(
-        os.path.join(args.output_dir, "runs")))), "settings.json"))) if args.summarize_only else run_settings(args)
+    table = summarize(results, threshold, untrained, args.other_thresholds)
+    runs_dir = os.path.join(args.output_dir, "runs")
+    settings = json.load(open(next(  # any finished run's (they were checked to agree); logs sit beside them
+        os.path.join(runs_dir, name, "settings.json") for name in sorted(os.listdir(runs_dir))
+        if os.path.isfile(os.path.join(runs_dir, name, "settings.json"))))) if args.summarize_only \
+        else run_settings(args)
     header = (f"Base {os.path.relpath(settings['base_model'], ROOT)}; ControlNet on OpenMoji edge maps, "
               f"{settings['max_train_steps']} steps, batch {settings['train_batch_size']}, lr "
               f"{settings['learning_rate']}, fidelity every {settings['eval_every']} steps on "

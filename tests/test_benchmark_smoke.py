@@ -138,7 +138,16 @@ def test_controlnet_benchmark_smoke(tmp_path):
     table = open(os.path.join(out, "results.md")).read()
     assert "| none | 1 |" in table and "| replay | 1 |" in table and "steps to converge" in table
     assert os.path.exists(os.path.join(out, "fidelity_curves.png"))
-    assert json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"] > 0
+    threshold = json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"]
+    assert threshold > 0
+    # Re-tabulating (the run logs sit beside the run folders) keeps the stated threshold and adds others.
+    proc = subprocess.run(cmd[:4] + ["--summarize_only", "--other_thresholds", "0", "1.01"], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"] == threshold
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| >= 0.000 | >= 1.010 |" in table and "| none | 2 (2) | not all (never) |" in table
+    assert "| replay | 2 (2, +0%) | not all (never) |" in table
 
 
 @needs_emoji_models
