@@ -195,10 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--validation_num_inference_steps", type=int, default=20,
                      help="UniPC steps for validation images (upstream: 20).")
     group = dt.add_difftuning_args(parser)
-    group.add_argument("--retention", choices=RETENTION_MODES, default="replay",
-                       help="How the pre-trained model's knowledge is kept (provisional default, see "
-                            "docs/controlnet.md): 'replay' = knowledge-bank samples with a null control; "
-                            "'distill' = match the frozen UNet without control on xi timesteps; 'none'.")
+    group.add_argument("--retention", choices=RETENTION_MODES, default="none",
+                       help="The retention term of --difftuning: 'none' = psi timestep sampling only (best on our "
+                            "ControlNet benchmark, see docs/controlnet.md); 'replay' = knowledge-bank samples with a "
+                            "null control (the paper's two-objective recipe); 'distill' = match the frozen UNet "
+                            "without control on xi timesteps.")
     group.add_argument("--retention_empty_prompt", action="store_true",
                        help="Replay bank samples with the empty prompt instead of the caption that made them.")
     parser.set_defaults(output_dir="controlnet-model", tracker_project_name="train_controlnet")
@@ -654,9 +655,13 @@ def model_description(args: argparse.Namespace, pairs: list) -> str:
     retention = {"replay": f"knowledge-bank replay ({args.knowledge_bank_size} samples, null control)",
                  "distill": "distillation toward the frozen UNet without control",
                  "none": "no retention term"}[args.retention]
-    method = (f"Diff-Tuning (psi tau {args.difftuning_tau}, xi tau {args.retention_tau}, {args.timestep_sampling} "
-              f"sampling, {retention}, retention ratio {args.retention_ratio}, weight {args.retention_weight})"
-              if args.difftuning else "standard ControlNet training")
+    if not args.difftuning:
+        method = "standard ControlNet training"
+    elif args.retention == "none":
+        method = f"Diff-Tuning (psi tau {args.difftuning_tau}, {args.timestep_sampling} sampling, {retention})"
+    else:
+        method = (f"Diff-Tuning (psi tau {args.difftuning_tau}, xi tau {args.retention_tau}, {args.timestep_sampling} "
+                  f"sampling, {retention}, retention ratio {args.retention_ratio}, weight {args.retention_weight})")
     return (f"# ControlNet trained with {method}\n\n"
             f"Base model: `{args.pretrained_model_name_or_path}`. Dataset: `{data}`. "
             f"{'LoRA rank ' + str(args.rank) + ', ' if args.controlnet_lora else ''}{args.max_train_steps or '?'} "

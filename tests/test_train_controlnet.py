@@ -110,8 +110,8 @@ def test_resume_equals_straight_run(replay_run, tmp_path):
     pytest.param(["--validation_steps", "1"], id="standard"),
     pytest.param(["--difftuning", "--retention", "distill", "--timestep_sampling", "weighting", "--cache_latents",
                   "--max_grad_norm", "0"], id="distill-cached-latents-no-clipping"),
-    pytest.param(["--difftuning", "--controlnet_lora", "--rank", "2", "--retention_empty_prompt",
-                  "--learning_rate", "1e-3"], id="lora-replay"),
+    pytest.param(["--difftuning", "--retention", "replay", "--controlnet_lora", "--rank", "2",
+                  "--retention_empty_prompt", "--learning_rate", "1e-3"], id="lora-replay"),
 ])
 def test_retention_modes_train_save_and_generate(tiny_sd, circles, tmp_path, extra):
     out = str(tmp_path / "out")
@@ -145,7 +145,8 @@ def test_retention_modes_train_save_and_generate(tiny_sd, circles, tmp_path, ext
 
 def test_two_processes_on_cpu(tiny_sd, circles, tmp_path):
     out = str(tmp_path / "out")
-    proc = run(base_args(tiny_sd, circles, out) + ["--difftuning", "--train_batch_size", "3", "--ddp_timeout", "120"],
+    proc = run(base_args(tiny_sd, circles, out) + ["--difftuning", "--retention", "replay", "--train_batch_size", "3",
+                                                   "--ddp_timeout", "120"],
                launcher=TWO_PROCESSES)
     assert "Distributed environment: DistributedType.MULTI_CPU" in proc.stderr and "Num processes: 2" in proc.stderr
     assert_trained(out)
@@ -201,7 +202,7 @@ def test_bank_from_another_model_refused(replay_run, tiny_sd, circles, tmp_path)
     other = make_tiny_sd_pipeline(str(tmp_path / "other"), seed=1)
     with pytest.raises(ConfigError, match="fingerprint.*--knowledge_bank_dir"):
         script.main(script.parse_args(base_args(other, circles, str(tmp_path / "o"))
-                                      + ["--difftuning", "--knowledge_bank_dir", bank]))
+                                      + ["--difftuning", "--retention", "replay", "--knowledge_bank_dir", bank]))
     assert json.load(open(os.path.join(bank, "manifest.json")))["complete"]  # the bank is left intact
 
 
@@ -243,7 +244,8 @@ def test_upstream_flags_and_defaults(circles):
 
     args = vars(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", circles]))
     assert {k: args[k] for k in UPSTREAM_DEFAULTS} == UPSTREAM_DEFAULTS
-    assert args["retention"] == "replay" and not args["difftuning"]
+    # --difftuning alone is psi sampling without a bank: the mode our ControlNet benchmark found best.
+    assert args["retention"] == "none" and not args["difftuning"]
     # The one deliberate difference: TF32 is on unless --no-allow_tf32 (upstream: off unless --allow_tf32).
     assert args["allow_tf32"] is True
     assert not vars(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", circles,
