@@ -150,6 +150,22 @@ def test_controlnet_benchmark_smoke(tmp_path):
     assert "| replay | 2 (2, +0%) | not all (never) |" in table
 
 
+HELDOUT_SOURCE = os.path.join(ROOT, "benchmark", "emoji_heldout_source_model")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(HELDOUT_SOURCE, "model_index.json")),
+                    reason="made by benchmark/pretrain_source.py --source emoji_heldout")
+def test_heldout_source_model_never_learned_the_target_classes():
+    """The third miniature's source knows every emoji sub-category except the target's (animals, food)."""
+    from diffusers import DiffusionPipeline
+
+    from benchmark import evaluate
+
+    pipe = DiffusionPipeline.from_pretrained(HELDOUT_SOURCE)
+    assert len(pipe.labels) == 98 - 15 and not set(evaluate.HELDOUT_CLASSES) & set(pipe.labels)
+    assert pipe.vae.config.latent_channels == 8
+
+
 @needs_emoji_models
 def test_heldout_emoji_splits_keep_each_emoji_whole_and_apart():
     """The third miniature's target: the animals and food the emoji_heldout source never saw. Each emoji
