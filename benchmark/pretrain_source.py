@@ -80,7 +80,7 @@ PRESETS: dict[str, dict] = {
                           vae_from="benchmark/emoji_source_model/vae", exclude_groups=list(HELDOUT_GROUPS),
                           vae_block_out_channels=[32, 64, 64], vae_norm_num_groups=16, vae_steps=6000,
                           vae_batch_size=32, kl_weight=1e-6, num_layers=5, num_attention_heads=5,
-                          random_flip=True, latent_channels=8, max_train_steps=30000),
+                          random_flip=True, latent_channels=8, max_train_steps=20000),
 }
 
 
