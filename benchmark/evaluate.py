@@ -330,7 +330,8 @@ OPENMOJI_CLASSES = ("activities", "animals-nature", "flags", "food-drink", "obje
 
 HELDOUT_GROUPS = ("animals-nature", "food-drink")  # as benchmark/pretrain_source.py's
 # Its feature CNN tells 11 animal and food sub-categories apart from ~15 emoji each at 32 px: about 27%
-# held-out accuracy (chance: 9%), so its accuracy figure is weak; its features, trained on 98 classes, carry FID.
+# held-out accuracy (chance: 9%), so its accuracy figure is weak; its features, trained on 94 classes (83 of
+# them the source's), carry FID.
 HELDOUT_MIN_IMAGES = 28  # sub-categories with fewer images cannot give a few-shot set and a reference
 HELDOUT_REFERENCE_CODES = 20  # at most, per class
 # The held-out sub-categories of the emoji source (benchmark/pretrain_source.py --source emoji_heldout)
