@@ -138,6 +138,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = p.parse_known_args(argv)[0].source
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    if args.vae_from and not os.path.isfile(os.path.join(args.vae_from, "config.json")):
+        p.error(f"--vae_from {args.vae_from} is not an AutoencoderKL folder (no config.json).")
+    if args.exclude_groups:
+        from benchmark.emoji_data import GROUPS
+
+        unknown = sorted(set(args.exclude_groups) - set(GROUPS))
+        if unknown or args.source == "fashion_mnist":
+            p.error(f"--exclude_groups {unknown or args.exclude_groups}: emoji sources only, groups from "
+                    f"{list(GROUPS)}.")
     for flag in ("vae_steps", "vae_batch_size", "max_train_steps", "train_batch_size", "logging_steps",
                  "checkpointing_steps", "num_inference_steps", "samples_per_class", "num_threads"):
         if getattr(args, flag) < 1:

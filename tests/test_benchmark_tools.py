@@ -271,3 +271,17 @@ def test_gpu_check_tiny_mode(tmp_path) -> None:
     summary = (tmp_path / "summary.md").read_text()
     assert "| dit-standard-bf16-cached | 0 |" in summary and "script / harness" in summary
     assert (tmp_path / "gpu_check.json").exists()
+
+
+def test_pretrain_source_refuses_unknown_groups_and_missing_vae(capsys):
+    """--exclude_groups must name emoji groups of an emoji source, --vae_from a VAE folder: one sentence, exit 2."""
+    from benchmark import pretrain_source
+
+    for argv, words in ((["--source", "emoji", "--exclude_groups", "animals"], "--exclude_groups ['animals']"),
+                        (["--exclude_groups", "flags"], "emoji sources only"),
+                        (["--source", "emoji_heldout", "--vae_from", "/nonexistent"], "--vae_from /nonexistent")):
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_source.parse_args(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    args = pretrain_source.parse_args(["--source", "emoji_heldout"])
+    assert args.exclude_groups == ["animals-nature", "food-drink"] and args.max_train_steps == 20000
