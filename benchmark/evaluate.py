@@ -328,7 +328,6 @@ OPENMOJI_CLASSES = ("activities", "animals-nature", "flags", "food-drink", "obje
                     "smileys-emotion", "symbols", "travel-places")
 
 
-HELDOUT_GROUPS = ("animals-nature", "food-drink")  # as benchmark/pretrain_source.py's
 # Its feature CNN tells 11 animal and food sub-categories apart from ~15 emoji each at 32 px: about 27%
 # held-out accuracy (chance: 9%), so its accuracy figure is weak; its features, trained on 94 classes (83 of
 # them the source's), carry FID.
@@ -362,7 +361,7 @@ def heldout_extra_classifier_data() -> tuple[torch.Tensor, torch.Tensor]:
     from benchmark import emoji_data
 
     emoji = emoji_data.load_source()
-    emoji = emoji.subset([i for i, g in enumerate(emoji.groups) if g not in HELDOUT_GROUPS])
+    emoji = emoji.subset([i for i, g in enumerate(emoji.groups) if g not in emoji_data.HELDOUT_GROUPS])
     names = sorted(set(emoji.subgroups))
     labels = torch.tensor([len(HELDOUT_CLASSES) + names.index(sub) for sub in emoji.subgroups])
     return emoji_data.to_model_range(emoji.images), labels
