@@ -109,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", default=None, help="Also write the markdown table here (e.g. docs/...).")
     parser.add_argument("--summarize_only", action="store_true",
                         help="Train nothing: tabulate every finished run in --output_dir/runs.")
+    parser.add_argument("--baseline_dir", default=None,
+                        help="Another benchmark's --output_dir to take each arm's baseline from when this one has "
+                             "none: a sweep made with --extra_flags or another bank size, paired with the plain "
+                             "runs. Its runs must share every other setting.")
     args = parser.parse_args(argv)
     miniature = MINIATURES[args.miniature]
     if args.authors_ema_decay != "matched":
@@ -127,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.num_samples < 2 or args.learning_rate <= 0 or not 0 <= args.ema_decay < 1:
         parser.error("--num_samples must be >= 2, --learning_rate > 0 and --ema_decay in [0, 1).")
+    if args.baseline_dir and not os.path.isdir(os.path.join(args.baseline_dir, "runs")):
+        parser.error(f"--baseline_dir {args.baseline_dir} has no runs/ folder: give another benchmark's --output_dir.")
     if not args.summarize_only and not os.path.isfile(os.path.join(args.source_model, "model_index.json")):
         parser.error(f"--source_model {args.source_model} is not a pipeline folder (no model_index.json).")
     return args
@@ -289,8 +295,13 @@ def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
     return results, settings
 
 
-def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None) -> str:
-    """Markdown table: mean ± std over seeds, and the paired FID change against each arm's baseline."""
+def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
+              baselines: dict[str, dict[int, dict]] | None = None, baselines_from: str = "") -> str:
+    """Markdown table: mean ± std over seeds, and the paired FID change against each arm's baseline.
+
+    A baseline arm missing from ``results`` is looked up in ``baselines`` (another folder's runs, named
+    ``baselines_from`` in the table), so a sweep is compared seed by seed with the plain runs it varies.
+    """
     def fmt(values: list[float], digits: int = 2) -> str:
         if len(values) == 1:
             return f"{values[0]:.{digits}f}"
@@ -308,11 +319,13 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None)
         ratio = [by_seed[s].get("nn_train_ref_ratio_median", float("nan")) for s in seeds]
         base = BASELINE_OF.get(arm)
         change = "—"
-        if base in results:
-            pairs = [(by_seed[s]["fid"], results[base][s]["fid"]) for s in seeds if s in results[base]]
+        base_runs, where = (results[base], "") if base in results else ((baselines or {}).get(base), baselines_from)
+        if base_runs:
+            pairs = [(by_seed[s]["fid"], base_runs[s]["fid"]) for s in seeds if s in base_runs]
             if pairs:
                 rel = [100 * (a - b) / b for a, b in pairs]
-                change = f"{statistics.mean(rel):+.1f}% vs {base} ({', '.join(f'{r:+.1f}%' for r in rel)})"
+                change = (f"{statistics.mean(rel):+.1f}% vs {base}{' in ' + where if where else ''} "
+                          f"({', '.join(f'{r:+.1f}%' for r in rel)})")
         lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {fmt(kid, 1)} | {fmt(acc, 3)} | {fmt(copies, 3)} | "
                      f"{fmt(ratio)} | {change} | {fmt(secs, 0)} |")
     settings = settings or {}
@@ -332,21 +345,36 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None)
     return "\n".join(lines) + "\n" + notes
 
 
+def load_baselines(baseline_dir: str, settings: dict) -> dict[str, dict[int, dict]]:
+    """The finished runs of ``baseline_dir``, refused in one sentence unless paired with ``settings``."""
+    baselines, base_settings = collect_results(baseline_dir)
+    for name in RUN_SETTINGS:
+        if name not in ("extra_flags", "knowledge_bank_size") and base_settings.get(name) != settings.get(name):
+            raise ConfigError(f"--baseline_dir {baseline_dir} was run with --{name} {base_settings.get(name)}, "
+                              f"not {settings.get(name)}: its runs are not paired with these.")
+    return baselines
+
+
 def main(args: argparse.Namespace) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     if args.summarize_only:
         results, settings = collect_results(args.output_dir)
+        baselines = load_baselines(args.baseline_dir, settings) if args.baseline_dir else None
         wall = ""
     else:
-        results, settings = run_arms(args, write_target_folder(args)), run_settings(args)
+        settings = run_settings(args)
+        baselines = load_baselines(args.baseline_dir, settings) if args.baseline_dir else None  # before training
+        results = run_arms(args, write_target_folder(args))
         wall = f"; wall time {time.time() - start:.0f} s"
-    table = summarize(results, settings)
+    baselines_from = args.baseline_dir or ""
+    table = summarize(results, settings, baselines, baselines_from)
     extra = f"; extra flags {' '.join(settings['extra_flags'])}" if settings.get("extra_flags") else ""
     header = (f"Source {os.path.relpath(settings['source_model'], ROOT)}; target "
               f"{MINIATURES[settings.get('miniature', 'mnist')]['target']} "
               f"{settings['shots_per_class']}-shot; {settings['max_train_steps']} steps, batch "
-              f"{settings['train_batch_size']}, lr {settings['learning_rate']} (PEFT arms 1e-3); "
+              f"{settings['train_batch_size']}, lr {settings['learning_rate']} (PEFT arms 1e-3), knowledge bank "
+              f"{settings['knowledge_bank_size']}; "
               f"{settings['num_samples']} samples, {settings['num_inference_steps']} DDPM steps, guidance "
               f"{settings['guidance_scale']}{extra}{wall}.\n\n")
     for path in filter(None, [os.path.join(args.output_dir, "results.md"), args.table]):

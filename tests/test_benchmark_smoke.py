@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +56,24 @@ def test_benchmark_smoke(tmp_path):
     line = error_line(subprocess.run(longer, env=ENV, capture_output=True, text=True, timeout=300))
     assert "standard-seed0" in line and "--max_train_steps 3, not 4" in line
     assert open(metrics_path).read() == before
+
+    # A sweep in its own folder is paired seed by seed with the plain runs of another (--baseline_dir)...
+    sweep = tmp_path / "sweep"
+    shutil.copytree(os.path.join(out, "runs", "difftuning-seed0"), sweep / "runs" / "difftuning-seed0")
+    sweep_settings = sweep / "runs" / "difftuning-seed0" / "settings.json"
+    stored = json.load(open(sweep_settings))
+    json.dump({**stored, "extra_flags": ["--retention_weight", "1"]}, open(sweep_settings, "w"))
+    proc = subprocess.run(cmd[:2] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir", out], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"% vs standard in {out} (" in proc.stdout and "extra flags --retention_weight 1" in proc.stdout
+    assert "| standard |" not in proc.stdout  # the baseline is compared with, not tabulated
+    # ...and refused in one sentence when any other setting differs.
+    json.dump({**stored, "max_train_steps": 4}, open(sweep_settings, "w"))
+    line = error_line(subprocess.run(cmd[:2] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir",
+                                                out], env=ENV, capture_output=True, text=True, timeout=300))
+    assert line == f"error: --baseline_dir {out} was run with --max_train_steps 3, not 4: its runs are not paired " \
+                   "with these."
 
     cof = str(tmp_path / "cof")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", SOURCE,

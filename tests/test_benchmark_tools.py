@@ -219,6 +219,7 @@ def test_overhead_tiny_controlnet(retention: str) -> None:
     (["--knowledge_bank_size", "-5"], "--knowledge_bank_size must be >= 1, got -5."),
     (["--ema_decay", "1.0"], "--ema_decay in [0, 1)"),
     (["--source_model", "/no/such/model"], "--source_model /no/such/model is not a pipeline folder"),
+    (["--baseline_dir", "/no/such/bench"], "--baseline_dir /no/such/bench has no runs/ folder"),
 ])
 def test_run_benchmark_bad_flags_refused_before_any_write(tmp_path, capsys, argv, message) -> None:
     out = tmp_path / "bench"
