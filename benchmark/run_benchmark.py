@@ -345,11 +345,18 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
     return "\n".join(lines) + "\n" + notes
 
 
-def load_baselines(baseline_dir: str, settings: dict) -> dict[str, dict[int, dict]]:
-    """The finished runs of ``baseline_dir``, refused in one sentence unless paired with ``settings``."""
+def load_baselines(baseline_dir: str, settings: dict, arms: list[str]) -> dict[str, dict[int, dict]]:
+    """The finished runs of ``baseline_dir``, refused in one sentence unless paired with ``settings``.
+
+    The swept settings (extra flags, bank size) may differ; the authors' EMA decay only matters when an
+    ``*_authors`` arm is the baseline.
+    """
     baselines, base_settings = collect_results(baseline_dir)
+    free = {"extra_flags", "knowledge_bank_size"}
+    if not any(BASELINE_OF.get(arm, "").endswith("_authors") for arm in arms):
+        free.add("authors_ema_decay")
     for name in RUN_SETTINGS:
-        if name not in ("extra_flags", "knowledge_bank_size") and base_settings.get(name) != settings.get(name):
+        if name not in free and base_settings.get(name) != settings.get(name):
             raise ConfigError(f"--baseline_dir {baseline_dir} was run with --{name} {base_settings.get(name)}, "
                               f"not {settings.get(name)}: its runs are not paired with these.")
     return baselines
@@ -360,11 +367,11 @@ def main(args: argparse.Namespace) -> None:
     start = time.time()
     if args.summarize_only:
         results, settings = collect_results(args.output_dir)
-        baselines = load_baselines(args.baseline_dir, settings) if args.baseline_dir else None
+        baselines = load_baselines(args.baseline_dir, settings, list(results)) if args.baseline_dir else None
         wall = ""
     else:
         settings = run_settings(args)
-        baselines = load_baselines(args.baseline_dir, settings) if args.baseline_dir else None  # before training
+        baselines = load_baselines(args.baseline_dir, settings, args.arms) if args.baseline_dir else None  # first
         results = run_arms(args, write_target_folder(args))
         wall = f"; wall time {time.time() - start:.0f} s"
     baselines_from = args.baseline_dir or ""

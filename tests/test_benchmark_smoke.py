@@ -62,7 +62,9 @@ def test_benchmark_smoke(tmp_path):
     shutil.copytree(os.path.join(out, "runs", "difftuning-seed0"), sweep / "runs" / "difftuning-seed0")
     sweep_settings = sweep / "runs" / "difftuning-seed0" / "settings.json"
     stored = json.load(open(sweep_settings))
-    json.dump({**stored, "extra_flags": ["--retention_weight", "1"]}, open(sweep_settings, "w"))
+    # (the authors' EMA decay only matters to *_authors arms, so it may differ here)
+    json.dump({**stored, "extra_flags": ["--retention_weight", "1"], "authors_ema_decay": "0.9999"},
+              open(sweep_settings, "w"))
     proc = subprocess.run(cmd[:2] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir", out], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
