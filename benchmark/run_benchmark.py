@@ -280,6 +280,8 @@ def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
     results: dict[str, dict[int, dict]] = {}
     settings: dict | None = None
     runs = os.path.join(output_dir, "runs")
+    if not os.path.isdir(runs):
+        raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
     for arm in ARMS:
         for name in sorted(os.listdir(runs)):
             path = os.path.join(runs, name, "metrics.json")
@@ -363,7 +365,6 @@ def load_baselines(baseline_dir: str, settings: dict, arms: list[str]) -> dict[s
 
 
 def main(args: argparse.Namespace) -> None:
-    os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     if args.summarize_only:
         results, settings = collect_results(args.output_dir)
@@ -371,7 +372,9 @@ def main(args: argparse.Namespace) -> None:
         wall = ""
     else:
         settings = run_settings(args)
-        baselines = load_baselines(args.baseline_dir, settings, args.arms) if args.baseline_dir else None  # first
+        # Checked before anything is written or trained.
+        baselines = load_baselines(args.baseline_dir, settings, args.arms) if args.baseline_dir else None
+        os.makedirs(args.output_dir, exist_ok=True)
         results = run_arms(args, write_target_folder(args))
         wall = f"; wall time {time.time() - start:.0f} s"
     baselines_from = args.baseline_dir or ""

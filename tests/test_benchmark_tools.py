@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -286,3 +288,23 @@ def test_pretrain_source_refuses_unknown_groups_and_missing_vae(capsys):
         assert exit_info.value.code == 2 and words in capsys.readouterr().err
     args = pretrain_source.parse_args(["--source", "emoji_heldout"])
     assert args.exclude_groups == ["animals-nature", "food-drink"] and args.max_train_steps == 20000
+
+
+def test_run_benchmark_unpaired_baseline_refused_before_any_write(tmp_path) -> None:
+    """--baseline_dir runs with other settings are refused before the sweep's folder is made or anything trains."""
+    base = tmp_path / "plain"
+    plain_args = run_benchmark.parse_args(["--output_dir", str(base), "--max_train_steps", "300"])
+    run = base / "runs" / "standard-seed0"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps(run_benchmark.run_settings(plain_args)))
+    (run / "metrics.json").write_text(json.dumps({"fid": 100.0}))
+    sweep = tmp_path / "sweep"
+    args = run_benchmark.parse_args(["--output_dir", str(sweep), "--arms", "difftuning", "--max_train_steps", "1000",
+                                     "--baseline_dir", str(base), "--extra_flags", "--retention_weight", "1"])
+    unpaired = r"--baseline_dir .* was run with --max_train_steps 300, not 1000"
+    with pytest.raises(run_benchmark.ConfigError, match=unpaired):
+        run_benchmark.main(args)
+    assert not sweep.exists()
+    with pytest.raises(run_benchmark.ConfigError, match="nothing to summarize"):
+        run_benchmark.main(run_benchmark.parse_args(["--output_dir", str(sweep), "--summarize_only"]))
+    assert not sweep.exists()
