@@ -50,12 +50,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmark import emoji_data  # noqa: E402
 from benchmark.data import (  # noqa: E402
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     to_model_range,
 )
-from benchmark.emoji_data import HELDOUT_GROUPS  # noqa: E402
 from training_plumbing import disable_per_block_label_dropout, sample_dit_latents  # noqa: E402
 
 logger = logging.getLogger("pretrain_source")
@@ -79,7 +79,7 @@ PRESETS["emoji_heldout"] = {**PRESETS["emoji"], "output_dir": "benchmark/emoji_h
                             "work_dir": "benchmark/emoji_heldout_source_work",
                             "samples_path": "docs/images/emoji_heldout_source_samples.png",
                             "vae_from": "benchmark/emoji_source_model/vae",
-                            "exclude_groups": list(HELDOUT_GROUPS), "max_train_steps": 20000}
+                            "exclude_groups": list(emoji_data.HELDOUT_GROUPS), "max_train_steps": 20000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,12 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.vae_from and not os.path.isfile(os.path.join(args.vae_from, "config.json")):
         p.error(f"--vae_from {args.vae_from} is not an AutoencoderKL folder (no config.json).")
     if args.exclude_groups:
-        from benchmark.emoji_data import GROUPS
-
-        unknown = sorted(set(args.exclude_groups) - set(GROUPS))
+        unknown = sorted(set(args.exclude_groups) - set(emoji_data.GROUPS))
         if unknown or args.source == "fashion_mnist":
             p.error(f"--exclude_groups {unknown or args.exclude_groups}: emoji sources only, groups from "
-                    f"{list(GROUPS)}.")
+                    f"{list(emoji_data.GROUPS)}.")
     for flag in ("vae_steps", "vae_batch_size", "max_train_steps", "train_batch_size", "logging_steps",
                  "checkpointing_steps", "num_inference_steps", "samples_per_class", "num_threads"):
         if getattr(args, flag) < 1:
@@ -169,8 +167,6 @@ def load_source_data(source: str, exclude_groups: list[str] | tuple = ()
         test_images, _ = load_fashion_mnist("test")
         return (to_model_range(images), torch.as_tensor(labels), list(FASHION_MNIST_CLASSES),
                 {"fashion_mnist_test": to_model_range(test_images[:1000])})
-    from benchmark import emoji_data
-
     emoji = emoji_data.load_source()
     emoji = emoji.subset([i for i, g in enumerate(emoji.groups) if g not in exclude_groups])
     class_names = list(dict.fromkeys(emoji.subgroups))  # in emoji order: face-smiling, face-affection, ...
