@@ -34,6 +34,22 @@ FASHION_MNIST_CLASSES = (
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 
+# Fashion-MNIST split by class into two halves, each the other's few-shot target: same imaging, new
+# classes (the ImageNet -> Food101 kind of transfer). Each half holds two tops, one or two kinds of
+# footwear and one other item, and the classes that are hardest to tell apart (shirt, T-shirt,
+# pullover, coat) are split between the halves, so a classifier of either half can be accurate.
+FASHION_HALVES: dict[str, tuple[int, ...]] = {"a": (0, 1, 4, 5, 9), "b": (2, 3, 6, 7, 8)}
+
+
+def fashion_half(split: str, half: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images [N,28,28] uint8, labels [N] renumbered 0..4 and class names of one Fashion-MNIST half."""
+    classes = FASHION_HALVES[half]
+    images, labels = load_fashion_mnist(split)
+    keep = np.isin(labels, classes)
+    remap = np.full(10, -1, dtype=np.int64)
+    remap[list(classes)] = np.arange(len(classes))
+    return images[keep], remap[labels[keep]], [FASHION_MNIST_CLASSES[c] for c in classes]
+
 
 def _read_idx_gz(path: Path) -> np.ndarray:
     """Read a gzipped IDX file (the MNIST family's native format) into a uint8 array.

@@ -53,6 +53,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmark import emoji_data  # noqa: E402
 from benchmark.data import (  # noqa: E402
     FASHION_MNIST_CLASSES,
+    fashion_half,
     load_fashion_mnist,
     to_model_range,
 )
@@ -72,6 +73,13 @@ PRESETS: dict[str, dict] = {
                   vae_norm_num_groups=16, vae_steps=6000, vae_batch_size=32, kl_weight=1e-6, num_layers=5,
                   num_attention_heads=5, random_flip=True, latent_channels=8, max_train_steps=40000),
 }
+# Fashion-MNIST halves (data.FASHION_HALVES): each source learns five classes with its own near-deterministic
+# VAE (kl 1e-6 as the emoji VAE), and the other half is its few-shot target: new classes, same imaging.
+for _half in ("a", "b"):
+    PRESETS[f"fashion_{_half}"] = {**PRESETS["fashion_mnist"], "output_dir": f"benchmark/fashion_{_half}_source_model",
+                                   "work_dir": f"benchmark/fashion_{_half}_source_work",
+                                   "samples_path": f"docs/images/fashion_{_half}_source_samples.png",
+                                   "kl_weight": 1e-6, "vae_steps": 1500}
 # The emoji source without two groups, which become the target (new classes, a style the source knows):
 # the paper's setting (ImageNet -> Food101, CUB), where the source's low-noise knowledge should transfer.
 # It reuses the shipped emoji VAE (a latent-diffusion VAE is generic), so only the DiT is trained.
@@ -140,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--vae_from {args.vae_from} is not an AutoencoderKL folder (no config.json).")
     if args.exclude_groups:
         unknown = sorted(set(args.exclude_groups) - set(emoji_data.GROUPS))
-        if unknown or args.source == "fashion_mnist":
+        if unknown or args.source.startswith("fashion"):
             p.error(f"--exclude_groups {unknown or args.exclude_groups}: emoji sources only, groups from "
                     f"{list(emoji_data.GROUPS)}.")
     for flag in ("vae_steps", "vae_batch_size", "max_train_steps", "train_batch_size", "logging_steps",
@@ -167,6 +175,12 @@ def load_source_data(source: str, exclude_groups: list[str] | tuple = ()
         test_images, _ = load_fashion_mnist("test")
         return (to_model_range(images), torch.as_tensor(labels), list(FASHION_MNIST_CLASSES),
                 {"fashion_mnist_test": to_model_range(test_images[:1000])})
+    if source.startswith("fashion_"):
+        half = source.removeprefix("fashion_")
+        images, labels, names = fashion_half("train", half)
+        test_images, _, _ = fashion_half("test", half)
+        return (to_model_range(images), torch.as_tensor(labels), names,
+                {f"fashion_{half}_test": to_model_range(test_images[:1000])})
     emoji = emoji_data.load_source()
     emoji = emoji.subset([i for i, g in enumerate(emoji.groups) if g not in exclude_groups])
     class_names = list(dict.fromkeys(emoji.subgroups))  # in emoji order: face-smiling, face-affection, ...
