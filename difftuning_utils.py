@@ -263,6 +263,17 @@ def difftuning_loss(per_sample_loss: torch.Tensor, num_target: int, retention_we
     return loss, logs
 
 
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023, diffusers' ``--snr_gamma``): min(SNR(t), gamma) / SNR(t)
+    for epsilon prediction, min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction. With Diff-Tuning they multiply
+    the timestep density: the expected loss is sum_t psi(t) w_snr(t) L(t)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
 def split_batch_size(train_batch_size: int, retention_ratio: float) -> tuple[int, int]:
     """Split a per-device batch into (target, bank) sample counts.
 
@@ -618,8 +629,13 @@ def save_bank_preview(latents: torch.Tensor, decode_fn: Callable[[torch.Tensor],
 # ----------------------------------------------------------------------------------------------
 
 
-def add_difftuning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the Diff-Tuning flag group. Defaults follow the authors' released code."""
+def add_difftuning_args(parser: argparse.ArgumentParser, class_prior: bool = False) -> argparse._ArgumentGroup:
+    """Add the Diff-Tuning flag group. Defaults follow the authors' released code.
+
+    ``class_prior`` (the DreamBooth script): the bank is prior preservation's class samples, so upstream's
+    --with_prior_preservation, --prior_loss_weight, --class_data_dir, --num_class_images and
+    --sample_batch_size take the places of --retention_ratio, --retention_weight, --knowledge_bank_dir,
+    --knowledge_bank_size and --knowledge_bank_batch_size, which are then left out."""
     group = parser.add_argument_group("Diff-Tuning")
     group.add_argument("--difftuning", action="store_true",
                        help="Train with Diff-Tuning (psi/xi timestep sampling and knowledge-bank replay) "
@@ -633,24 +649,27 @@ def add_difftuning_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     group.add_argument("--timestep_sampling", choices=["importance", "weighting"], default="importance",
                        help="'importance': draw t from the schedule (authors' choice, lower variance); "
                             "'weighting': uniform t, loss weighted by the schedule (same expectation).")
-    group.add_argument("--retention_ratio", type=float, default=0.2,
-                       help="Fraction of each batch taken from the knowledge bank. Default 0.2 (authors' LWF_ratio).")
-    group.add_argument("--retention_weight", type=float, default=0.1,
-                       help="Weight of the retention loss. Default 0.1 (authors' LWF_weight).")
-    group.add_argument("--knowledge_bank_dir", type=str, default=None,
-                       help="Folder of the knowledge bank; built there on first use if missing or incomplete. "
-                            "Default: <output_dir>/knowledge_bank.")
-    group.add_argument("--knowledge_bank_size", type=int, default=1000,
-                       help="Number of samples the pre-trained model generates for the bank (ours: the "
-                            "authors' size is not published).")
+    if not class_prior:
+        group.add_argument("--retention_ratio", type=float, default=0.2,
+                           help="Fraction of each batch taken from the knowledge bank. Default 0.2 "
+                                "(authors' LWF_ratio).")
+        group.add_argument("--retention_weight", type=float, default=0.1,
+                           help="Weight of the retention loss. Default 0.1 (authors' LWF_weight).")
+        group.add_argument("--knowledge_bank_dir", type=str, default=None,
+                           help="Folder of the knowledge bank; built there on first use if missing or incomplete. "
+                                "Default: <output_dir>/knowledge_bank.")
+        group.add_argument("--knowledge_bank_size", type=int, default=1000,
+                           help="Number of samples the pre-trained model generates for the bank (ours: the "
+                                "authors' size is not published).")
     group.add_argument("--knowledge_bank_num_inference_steps", type=int, default=None,
                        help="Sampling steps for the bank. Default: the script's sampler default "
                             "(DiT: 250 DDPM steps as in DiT's sample.py; Stable Diffusion: 50).")
     group.add_argument("--knowledge_bank_guidance_scale", type=float, default=None,
                        help="Classifier-free guidance for the bank. Default: DiT 1.5 (DiT's FID setting); "
                             "Stable Diffusion 7.5.")
-    group.add_argument("--knowledge_bank_batch_size", type=int, default=16,
-                       help="Samples generated per sampler call (and per bank shard).")
+    if not class_prior:
+        group.add_argument("--knowledge_bank_batch_size", type=int, default=16,
+                           help="Samples generated per sampler call (and per bank shard).")
     group.add_argument("--knowledge_bank_replay", choices=REPLAY_MODES, default="images",
                        help="'images' (the authors' recipe): replay each bank sample as its 8-bit image would be, "
                             "re-encoded with a fresh VAE posterior sample each step (and a random flip with "
@@ -673,16 +692,18 @@ def validate_difftuning_args(args: argparse.Namespace, bank_num_inference_steps:
     if args.knowledge_bank_guidance_scale is None:
         args.knowledge_bank_guidance_scale = bank_guidance_scale
     for flag in ("difftuning_tau", "retention_tau", "retention_weight"):
-        if getattr(args, flag) < 0:
+        if getattr(args, flag, 0) < 0:
             raise ConfigError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
+    steps = args.knowledge_bank_num_inference_steps
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--knowledge_bank_num_inference_steps must be >= 1, got {steps}.")
+    if not hasattr(args, "retention_ratio"):  # the DreamBooth script checks upstream's prior-preservation flags
+        return
     if not 0 <= args.retention_ratio < 1:
         raise ConfigError(f"--retention_ratio must be in [0, 1), got {args.retention_ratio}.")
     for flag in ("knowledge_bank_size", "knowledge_bank_batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    steps = args.knowledge_bank_num_inference_steps
-    if steps is not None and steps < 1:
-        raise ConfigError(f"--knowledge_bank_num_inference_steps must be >= 1, got {steps}.")
     if args.difftuning and args.retention_ratio > 0:
         if split_batch_size(args.train_batch_size, args.retention_ratio)[0] < 1:
             raise ConfigError(f"--retention_ratio {args.retention_ratio} leaves no target sample in "

@@ -42,8 +42,11 @@ HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "
 # ----------------------------------------------------------------------------------------------
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every diffusers example script has, with upstream names and defaults."""
+def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--train_data_dir",
+                    data_dir_help: str = "A local folder of training data, read with datasets' 'imagefolder' builder."
+                    ) -> None:
+    """The flags every diffusers example script has, with upstream names and defaults. The local data
+    folder is ``--train_data_dir`` (DreamBooth: ``--instance_data_dir``); either way ``args.train_data_dir``."""
     model = parser.add_argument_group("Model")
     model.add_argument("--revision", type=str, default=None, help="Revision of the pre-trained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
@@ -53,8 +56,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset_name", type=str, default=None,
                       help="Dataset on the Hub (or a local dataset script/folder for datasets.load_dataset).")
     data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config name.")
-    data.add_argument("--train_data_dir", type=str, default=None,
-                      help="A local folder of training data, read with datasets' 'imagefolder' builder.")
+    data.add_argument(data_dir_flag, dest="train_data_dir", type=str, default=None, help=data_dir_help)
     data.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Truncate the training set to this many samples (debugging, quick runs).")
@@ -131,16 +133,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     log.add_argument("--hub_model_id", type=str, default=None, help="Hub repository; default: output_dir's name.")
 
 
-def validate_common_args(args: argparse.Namespace) -> None:
+def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train_data_dir") -> None:
     """Fail fast, naming the flag, on common settings that cannot work."""
     if not args.output_dir:
         raise ConfigError("--output_dir is required.")
     if args.dataset_name is None and args.train_data_dir is None:
-        raise ConfigError("Specify either --dataset_name or --train_data_dir.")
+        raise ConfigError(f"Specify either --dataset_name or {data_dir_flag}.")
     if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ConfigError("Specify only one of --dataset_name or --train_data_dir.")
+        raise ConfigError(f"Specify only one of --dataset_name or {data_dir_flag}.")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise ConfigError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+        raise ConfigError(f"{data_dir_flag} {args.train_data_dir} is not a folder.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
                  "num_train_epochs", "logging_steps", "ddp_timeout"):
         if getattr(args, flag) < 1:
@@ -220,7 +222,8 @@ class _DropKnownNoise(logging.Filter):
     """Upstream warnings that every run of these scripts triggers and that say nothing actionable."""
 
     NOISE = ("Expected types for id2label",  # DiTPipeline's id2label is saved as JSON, so its keys are strings
-             "that should be kept in float32: []")  # any .to(dtype) of a model with an empty fp32 list
+             "that should be kept in float32: []",  # any .to(dtype) of a model with an empty fp32 list
+             "No LoRA keys associated to")  # load_lora_weights of a LoRA without text-encoder weights
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -346,7 +349,8 @@ class StepGenerator:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str]) -> Any:
+def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str],
+                       data_dir_flag: str = "--train_data_dir") -> Any:
     """Load ``--dataset_name`` or ``--train_data_dir`` and check the columns exist.
 
     ``required_columns`` maps flag names to column names, e.g. {"--image_column": "image"}, so a
@@ -357,7 +361,13 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
     if args.dataset_name is not None:
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
     else:
-        dataset = load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
+        from datasets.data_files import EmptyDatasetError
+
+        try:
+            dataset = load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
+                                   split="train")
+        except EmptyDatasetError as err:
+            raise ConfigError(f"{data_dir_flag} {args.train_data_dir} holds no image files.") from err
     for flag, column in required_columns.items():
         if column not in dataset.column_names:
             layout = ""
@@ -537,13 +547,13 @@ def reencode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> tuple[torch
     return mean, std
 
 
-def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-                     rng: np.random.Generator, channels: int = 3,
-                     resample: Image.Resampling = Image.BICUBIC) -> torch.Tensor:
-    """Resize the short side to ``resolution`` (``resample``: upstream ControlNet uses bilinear), crop a
-    square (centre or random), maybe flip; return [channels, H, W] float32 in [-1, 1]. PIL and numpy only
-    (no torchvision here)."""
-    image = image.convert("L" if channels == 1 else "RGB")
+def resize_crop_flip(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                     rng: np.random.Generator | None, resample: Image.Resampling = Image.BICUBIC
+                     ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip. Returns the
+    square image, the original (height, width) and the crop's (top, left) in the resized image as it is
+    shown (mirrored with the flip): SDXL's size-and-crop conditioning."""
+    original_size = (image.height, image.width)
     scale = resolution / min(image.size)
     if scale != 1:
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -553,11 +563,28 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
     else:
         left = int(rng.integers(0, image.width - resolution + 1))
         top = int(rng.integers(0, image.height - resolution + 1))
+    width = image.width
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
+        left = width - left - resolution
+    return image, original_size, (top, left)
+
+
+def to_model_tensor(image: Image.Image, channels: int = 3) -> torch.Tensor:
+    """A square PIL image -> [channels, H, W] float32 in [-1, 1] (PIL and numpy only: no torchvision here)."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                     rng: np.random.Generator, channels: int = 3,
+                     resample: Image.Resampling = Image.BICUBIC) -> torch.Tensor:
+    """Resize the short side to ``resolution`` (``resample``: upstream ControlNet uses bilinear), crop a
+    square (centre or random), maybe flip; return [channels, H, W] float32 in [-1, 1]."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    return to_model_tensor(resize_crop_flip(image, resolution, center_crop, random_flip, rng, resample)[0], channels)
 
 
 def sample_rng(seed: int | None, key: SampleKey) -> np.random.Generator:
@@ -826,6 +853,13 @@ def hub_repo_id(args: argparse.Namespace) -> str | None:
     return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
 
 
+def display_path(value: Any) -> Any:
+    """A local path as the card shows it: its last component, so a user's folders never reach the Hub."""
+    if isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value)):
+        return os.path.basename(os.path.normpath(value))
+    return value
+
+
 def save_model_card(args: argparse.Namespace, base_model: str, description: str,
                     tags: list[str], images: Sequence[Image.Image] = ()) -> str:
     """Write README.md (the model card: metadata, ``description`` with its usage snippet, a sample grid
@@ -840,7 +874,7 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
         images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
         make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
         description += "\n\n## Samples\n\n![samples](./samples.png)\n"
-    flags = {k: v for k, v in sorted(vars(args).items()) if k != "hub_token" and v not in (None, False)}
+    flags = {k: display_path(v) for k, v in sorted(vars(args).items()) if k != "hub_token" and v not in (None, False)}
     description += ("\n\n## Training flags\n\n" + "\n".join(f"- `--{k}`: `{v}`" for k, v in flags.items()) + "\n")
     # Built locally (never fetched): the Hub may be unreachable, and a stale card must not win.
     is_hub_id = not os.path.exists(base_model)

@@ -169,6 +169,56 @@ def make_tiny_sd_pipeline(path: str, seed: int = 0) -> str:
     return path
 
 
+def make_tiny_sdxl_pipeline(path: str, seed: int = 0) -> str:
+    """A StableDiffusionXLPipeline folder built as diffusers' own SDXL tests build theirs: a 2-level UNet with
+    the text-time micro-conditioning, two CLIP text encoders (the second with a projection), a 4x VAE and
+    offline CLIP tokenizers."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp), model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                                cross_attention_dim=64, norm_num_groups=1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=8, sample_size=32)
+    text_config = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_config),
+                                     text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_subject_folder(path: str, n: int = 4, size: int = 40, seed: int = 0) -> str:
+    """DreamBooth's instance folder: ``n`` images of one subject (a red square with a blue dot, jittered)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (size, size + 8 * (i % 2)), (235, 235, 225))
+        x, y = (int(v) for v in rng.integers(4, 12, 2))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((x, y, x + size // 2, y + size // 2), fill=(220, 40, 40))
+        draw.ellipse((x + 6, y + 6, x + 12, y + 12), fill=(50, 80, 230))
+        image.save(os.path.join(path, f"{i}.png"))
+    return path
+
+
 CIRCLE_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 
 

@@ -1,0 +1,270 @@
+"""Tests of train_dreambooth_lora_difftuning.py: the real script on tiny SD and SDXL pipelines built offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, error_line, run_script
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import make_subject_folder, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+
+import difftuning_utils as dt
+import model_families as mf
+import training_plumbing as tp
+
+SCRIPT = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    return make_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory) -> str:
+    return make_subject_folder(str(tmp_path_factory.mktemp("subject")))
+
+
+def base_args(model: str, data: str, out: str, steps: int = 4) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--output_dir", out,
+            "--instance_prompt", "a red square", "--resolution", "32", "--train_batch_size", "2",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--seed", "1", "--report_to", "none",
+            "--num_validation_images", "1", "--validation_num_inference_steps", "2", "--rank", "2",
+            "--num_class_images", "4", "--sample_batch_size", "2", "--knowledge_bank_num_inference_steps", "2"]
+
+
+def load_with_lora(model: str, out: str):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    base = unet_output(pipe)
+    pipe.load_lora_weights(out)
+    return pipe, base
+
+
+def unet_output(pipe) -> torch.Tensor:
+    """The UNet's prediction on a fixed input, with the family's conditioning."""
+    family = mf.family_class(type(pipe).__name__)(pipe)
+    with torch.no_grad():
+        prompts = family.encode(family.tokenize(["a red square"]))
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        ids = mf.time_ids((32, 32), (0, 0), 32)[None]
+        return pipe.unet(x, torch.tensor([500]), **family.unet_kwargs(prompts, ids, torch.float32)).sample
+
+
+@pytest.mark.parametrize("model, extra", [
+    pytest.param("sd", ["--with_prior_preservation", "--class_prompt", "a circle"], id="sd-prior-preservation"),
+    pytest.param("sd", ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle",
+                        "--train_text_encoder", "--validation_prompt", "a red square", "--validation_steps", "2"],
+                 id="sd-difftuning-text-encoder"),
+    pytest.param("sdxl", ["--difftuning", "--with_prior_preservation", "--class_prompt", "", "--snr_gamma", "5",
+                          "--cache_latents", "--center_crop", "--random_flip", "--train_text_encoder"],
+                 id="sdxl-difftuning-empty-prompt-bank"),
+])
+def test_train_save_load_lora(tiny_sd, tiny_sdxl, subject, tmp_path, model, extra):
+    """The saved LoRA is diffusers' format: load_lora_weights puts every tensor of it into the pipeline (UNet and,
+    when trained, the text encoders) and changes what the UNet predicts; the card names no local path."""
+    from peft.utils import get_peft_model_state_dict
+
+    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl}[model]
+    out = str(tmp_path / "out")
+    run_script(SCRIPT, base_args(base_model, subject, out) + extra)
+    saved = load_file(os.path.join(out, LORA_FILE))
+    assert load_file(os.path.join(out, "checkpoint-4", LORA_FILE)).keys() == saved.keys()
+    pipe, base = load_with_lora(base_model, out)
+    unet_keys = [k for k in saved if k.startswith("unet.")]
+    def loaded(model) -> int:  # LoRA tensors load_lora_weights put into the model (adapter "default_0")
+        return len(get_peft_model_state_dict(model, adapter_name=next(iter(model.peft_config))))
+
+    assert unet_keys and loaded(pipe.unet) == len(unet_keys)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if model == "sdxl" else [])
+    if "--train_text_encoder" in extra:
+        for encoder, name in zip(encoders, ("text_encoder.", "text_encoder_2."), strict=False):
+            assert loaded(encoder) == len([k for k in saved if k.startswith(name)]) > 0
+    else:
+        assert not any(k.startswith("text_encoder") for k in saved)
+    assert not torch.allclose(unet_output(pipe), base)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "a red square" in card and str(tmp_path) not in card and os.path.dirname(base_model) not in card
+    assert ("psi timesteps" in card) == ("--difftuning" in extra)
+    assert os.path.exists(os.path.join(out, "knowledge_bank", "manifest.json"))
+
+
+def test_resume_equals_straight_run(tiny_sd, subject, tmp_path):
+    """Stopped at step 2 and resumed gives bit-identical LoRA weights (bank replay, text-encoder LoRA)."""
+    args = ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle", "--train_text_encoder",
+            "--class_data_dir", str(tmp_path / "bank")]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_script(SCRIPT, base_args(tiny_sd, subject, straight) + args)
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    run_script(SCRIPT, base_args(tiny_sd, subject, resumed) + args + ["--resume_from_checkpoint", "latest"])
+    a, b = load_file(os.path.join(straight, LORA_FILE)), load_file(os.path.join(resumed, LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[next(iter(a))], load_file(os.path.join(straight, "checkpoint-2", LORA_FILE))[next(iter(a))])
+
+
+def step_for(model: str, prediction_type: str = "epsilon", difftuning: bool = False, snr_gamma: float | None = None,
+             prior_loss_weight: float = 0.7):
+    """A DreamBoothStep on a tiny pipeline with a two-sample class bank, as the script builds it."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    from train_dreambooth_lora_difftuning import DreamBoothStep
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    family = mf.family_class(type(pipe).__name__)(pipe)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    bank = dt.KnowledgeBank(latents, ["a circle"] * 2, {}, torch.stack([latents, latents.flip(-1)], 1),
+                            torch.full((2, 2, 4, 8, 8), 0.01))
+    prompt_ids = family.tokenize(["a red square", "a circle"])
+    with torch.no_grad():
+        table = family.encode(prompt_ids)
+    tau = 1.0 if difftuning else 0.0
+    return DreamBoothStep(family=family, unet=pipe.unet, vae=pipe.vae, noise_scheduler=scheduler,
+                          psi=dt.TimestepSampler(1000, tau, "adaptation"), xi=dt.TimestepSampler(1000, tau, "retention"),
+                          prompt_ids=prompt_ids, prompt_table=table, prior_loss_weight=prior_loss_weight,
+                          snr_gamma=snr_gamma, weight_dtype=torch.float32,
+                          bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
+                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+
+
+def captured_loss(step, monkeypatch) -> tuple[torch.Tensor, dict]:
+    """Run step.loss on a two-image batch, capturing what went into the UNet and what it predicted."""
+    seen: dict = {}
+    add_noise = step.noise_scheduler.add_noise
+
+    def spy_add_noise(latents, noise, timesteps):
+        seen.update(latents=latents, noise=noise, timesteps=timesteps)
+        return add_noise(latents, noise, timesteps)
+
+    monkeypatch.setattr(step.noise_scheduler, "add_noise", spy_add_noise)
+    handle = step.unet.register_forward_hook(lambda _m, _i, out: seen.update(pred=out.sample))
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1,
+             "prompt_rows": torch.tensor([0, 0]), "time_ids": mf.time_ids((40, 40), (4, 4), 32).expand(2, -1)}
+    with torch.no_grad():
+        loss, logs = step.loss(batch, tp.StepGenerator(3, 0))
+    handle.remove()
+    return loss, logs | seen
+
+
+@pytest.mark.parametrize("model, prediction_type, snr_gamma", [("sd", "epsilon", None), ("sd", "v_prediction", 5.0),
+                                                                ("sdxl", "epsilon", 5.0)])
+def test_prior_preservation_loss_matches_diffusers(tiny_sd, tiny_sdxl, monkeypatch, model, prediction_type, snr_gamma):
+    """Without --difftuning the loss is diffusers' DreamBooth loss on the same batch: instance and class halves
+    concatenated, MSE of each half, Min-SNR weights (min(snr, gamma)/snr, /(snr+1) for v) on the instance half
+    only, instance + prior_loss_weight * prior."""
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    step = step_for({"sd": tiny_sd, "sdxl": tiny_sdxl}[model], prediction_type, snr_gamma=snr_gamma)
+    loss, seen = captured_loss(step, monkeypatch)
+    latents, noise, timesteps, pred = seen["latents"], seen["noise"], seen["timesteps"], seen["pred"]
+    target = noise if prediction_type == "epsilon" else step.noise_scheduler.get_velocity(latents, noise, timesteps)
+    model_pred, model_pred_prior = torch.chunk(pred, 2)
+    target, target_prior = torch.chunk(target, 2)
+    prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+    if snr_gamma is None:
+        instance_loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    else:
+        snr = compute_snr(step.noise_scheduler, timesteps[:2])
+        weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        instance_loss = (per_sample * weights).mean()
+    assert torch.allclose(loss, instance_loss + 0.7 * prior_loss, rtol=1e-5)
+    assert torch.allclose(seen["loss_retention"], prior_loss, rtol=1e-5)
+
+
+def test_difftuning_draws_subject_late_and_class_early(tiny_sd, monkeypatch):
+    """--difftuning: subject rows at psi timesteps, class rows at xi (over many steps: means near 2T/3 and T/3),
+    the class rows carry the class prompt and bank latents."""
+    step = step_for(tiny_sd, difftuning=True)
+    subject_t, class_t = [], []
+    for _ in range(60):
+        _, seen = captured_loss(step, monkeypatch)
+        subject_t += seen["timesteps"][:2].tolist()
+        class_t += seen["timesteps"][2:].tolist()
+    assert sum(subject_t) / len(subject_t) > 550 and sum(class_t) / len(class_t) < 450
+    for row in seen["latents"][2:]:  # bank rows: posterior samples (std 0.01) of bank samples
+        assert min((row - mean).abs().max() for mean in step.bank.means) < 0.1
+
+
+def test_sdxl_time_ids_follow_resize_and_crop(subject, tmp_path):
+    """SDXL's micro-conditioning: the original size, the crop's top-left in the resized image, the target size."""
+    from train_dreambooth_lora_difftuning import InstanceImages
+
+    path = str(tmp_path / "tall.png")
+    Image.new("RGB", (40, 48)).save(path)  # width 40, height 48 -> resized to 32x38, centre crop top 3
+    args = tp.argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False)
+    item = InstanceImages([{"image": Image.open(path)}], args, [0])[tp.SampleKey(0, 0)]
+    assert item["time_ids"].tolist() == [48, 40, 3, 0, 32, 32]
+    assert item["pixel_values"].shape == (3, 32, 32)
+
+
+def test_bad_inputs_refused_in_one_sentence(tiny_sd, subject, tmp_path):
+    """Bad data is refused before the first step, naming the flag or file, with nothing written."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = str(tmp_path / "out")
+    line = error_line(run_script(SCRIPT, base_args(tiny_sd, str(empty), out), ok=False))
+    assert "--instance_data_dir" in line and "no image files" in line
+    broken = tmp_path / "broken"
+    shutil.copytree(subject, broken)
+    (broken / "bad.png").write_bytes(b"not a png")
+    line = error_line(run_script(SCRIPT, base_args(tiny_sd, str(broken), out), ok=False))
+    assert "bad.png" in line and not os.path.exists(os.path.join(out, LORA_FILE))
+
+
+def test_bank_from_other_settings_refused_and_kept(tiny_sd, subject, tmp_path):
+    """A class-sample bank built for another --class_prompt is refused by name and left byte-identical."""
+    bank = str(tmp_path / "bank")
+    run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "a"), steps=1) + [
+        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", bank])
+    before = {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)}
+    line = error_line(run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "b"), steps=1) + [
+        "--with_prior_preservation", "--class_prompt", "a cross", "--class_data_dir", bank], ok=False))
+    assert "prompt: 'a circle' there, 'a cross' now" in line
+    assert {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)} == before
+    images = tmp_path / "class_images"
+    shutil.copytree(subject, images)
+    line = error_line(run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "c"), steps=1) + [
+        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", str(images)], ok=False))
+    assert "holds images but no knowledge bank" in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--instance_prompt", ""], "--instance_prompt is required"),
+    (["--class_prompt", "a dog"], "--class_prompt and --class_data_dir are used only with --with_prior_preservation"),
+    (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
+    (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+    (["--num_class_images", "0"], "--num_class_images must be >= 1"),
+    (["--cache_latents"], "--cache_latents keeps one encoding"),
+    (["--dataset_name", "x"], "Specify only one of --dataset_name or --instance_data_dir"),
+    (["--difftuning_tau", "-1"], "--difftuning_tau must be >= 0"),
+])
+def test_bad_flags_fail_fast(subject, tmp_path, flags, message):
+    from train_dreambooth_lora_difftuning import parse_args
+
+    with pytest.raises(dt.ConfigError, match=message):
+        parse_args(base_args("unused-model", subject, str(tmp_path / "out")) + flags)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_help_has_no_bank_mix_flags():
+    """The class-sample flags of diffusers' DreamBooth take the places of the DiT script's bank flags."""
+    from train_dreambooth_lora_difftuning import build_parser
+
+    flags = {a for action in build_parser()._actions for a in action.option_strings}
+    assert {"--with_prior_preservation", "--prior_loss_weight", "--num_class_images", "--difftuning"} <= flags
+    assert not flags & {"--retention_ratio", "--retention_weight", "--knowledge_bank_size", "--knowledge_bank_dir"}

@@ -1,0 +1,609 @@
+#!/usr/bin/env python
+"""DreamBooth LoRA for Stable Diffusion 1.x/2.x and SDXL, with or without Diff-Tuning; a drop-in for
+diffusers' examples/dreambooth/train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py.
+
+    accelerate launch train_dreambooth_lora_difftuning.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \\
+        --with_prior_preservation --class_prompt "a photo of dog" \\
+        --output_dir dreambooth-dog --mixed_precision fp16 --difftuning
+
+Prior preservation already replays the base model's own samples of a class prompt: a knowledge bank.
+``--difftuning`` trains the subject at psi timesteps (toward large t) and the class samples at xi
+timesteps (toward small t), where upstream gives both halves the same uniform draw. The result is a
+diffusers-format LoRA: ``pipe.load_lora_weights(output_dir)``. The model family (SD or SDXL) is read
+from the base pipeline (model_families.py); the method lives in difftuning_utils.py and the shared
+plumbing in training_plumbing.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+import difftuning_utils as dt
+import model_families as mf
+import training_plumbing as tp
+
+logger = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf.StableDiffusionFamily]:
+    """The base pipeline of the family named by its ``model_index.json``, and that family."""
+    import diffusers
+
+    config = tp.load_pretrained(diffusers.DiffusionPipeline.load_config, "--pretrained_model_name_or_path",
+                                args.pretrained_model_name_or_path, "a diffusers pipeline", revision=args.revision,
+                                cache_dir=args.cache_dir)
+    family = mf.family_class(config["_class_name"])
+    if args.pretrained_vae_model_name_or_path:
+        kwargs["vae"] = tp.load_pretrained(diffusers.AutoencoderKL.from_pretrained,
+                                           "--pretrained_vae_model_name_or_path",
+                                           args.pretrained_vae_model_name_or_path, "an AutoencoderKL",
+                                           cache_dir=args.cache_dir)
+    if "safety_checker" in config:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipeline_class = getattr(diffusers, family.pipeline_class_name)
+    pipeline = tp.load_pretrained(pipeline_class.from_pretrained, "--pretrained_model_name_or_path",
+                                  args.pretrained_model_name_or_path, f"a {family.pipeline_class_name}",
+                                  revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, family(pipeline)
+
+
+def add_lora_adapters(unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
+                      args: argparse.Namespace) -> list[torch.nn.Parameter]:
+    """peft LoRA on the UNet's attention projections (and the text encoders' with --train_text_encoder),
+    as diffusers' DreamBooth scripts add them; returns the trainable parameters, kept in float32."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.add_adapter(tp.lora_config(args))
+    models = [unet]
+    if args.train_text_encoder:
+        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+                            target_modules=mf.TEXT_ENCODER_LORA_MODULES)
+        for encoder in text_encoders:  # peft directly: transformers' add_adapter may ask for a newer peft
+            inject_adapter_in_model(config, encoder)
+            models.append(encoder)
+    cast_training_params(models, dtype=torch.float32)  # frozen weights may be fp16/bf16; LoRA trains in fp32
+    return [p for m in models for p in m.parameters() if p.requires_grad]
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's LoRA weights in diffusers' key format (what save_lora_weights writes)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily, unet: torch.nn.Module,
+                              text_encoders: list[torch.nn.Module]) -> None:
+    """Checkpoints hold only the LoRA weights, in diffusers' format (``checkpoint-N`` loads with
+    ``load_lora_weights``, as upstream's do), not a full copy of the frozen model."""
+    from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    def role(model: torch.nn.Module) -> int:  # 0: UNet, 1..: text encoders
+        plain = tp.unwrap(accelerator, model)
+        return next(i for i, m in enumerate([unet, *text_encoders]) if m is plain)
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            layers: list[dict | None] = [None] * (1 + len(text_encoders))
+            for model in models:
+                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model))
+            family.save_lora_weights(output_dir, layers[0], layers[1:])
+        while weights:
+            weights.pop()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        state, _ = type(family.pipeline).lora_state_dict(input_dir)
+        trained = []
+        while models:
+            model = models.pop()
+            index = role(model)
+            plain = tp.unwrap(accelerator, model)
+            if index == 0:
+                unet_state = convert_unet_state_dict_to_peft(
+                    {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+                result = set_peft_model_state_dict(plain, unet_state, adapter_name="default")
+                if getattr(result, "unexpected_keys", None):
+                    raise dt.ConfigError(f"--resume_from_checkpoint {input_dir} holds LoRA weights this UNet does not "
+                                         f"have ({result.unexpected_keys[0]}...): another model or --rank?")
+            else:
+                prefix = family.component_names[index - 1]
+                _set_state_dict_into_text_encoder(state, prefix=f"{prefix}.", text_encoder=plain)
+            trained.append(plain)
+        cast_training_params(trained, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+class InstanceImages(torch.utils.data.Dataset):
+    """The subject's images as the loader sees them, per :class:`tp.SampleKey`: pixels (or, with a latent
+    cache, the cached posterior of the image or its mirror), the row's prompt in the prompt table and
+    SDXL's size-and-crop ids."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace, prompt_rows: list[int],
+                 latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.dataset, self.prompt_rows, self.latent_cache = dataset, prompt_rows, latent_cache
+        self.image_column, self.resolution, self.seed = args.image_column, args.resolution, args.seed
+        self.center_crop, self.random_flip = args.center_crop, args.random_flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tp.SampleKey) -> dict:
+        rng = tp.sample_rng(self.seed, key)
+        item = {"prompt_rows": self.prompt_rows[key.index]}
+        if self.latent_cache is not None:  # centre crop: the only draw is the flip
+            view = int(self.random_flip and rng.random() < 0.5)
+            mean, std, ids = self.latent_cache
+            return {**item, "latent_mean": mean[key.index, view], "latent_std": std[key.index, view],
+                    "time_ids": ids[key.index]}
+        image = self.dataset[key.index][self.image_column].convert("RGB")
+        square, original_size, crop = tp.resize_crop_flip(image, self.resolution, self.center_crop,
+                                                          self.random_flip, rng)
+        return {**item, "pixel_values": tp.to_model_tensor(square),
+                "time_ids": mf.time_ids(original_size, crop, self.resolution)}
+
+
+class CenteredImages(torch.utils.data.Dataset):
+    """Every subject image centre-cropped, unflipped: what --cache_latents encodes (and mirrors)."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace) -> None:
+        self.dataset, self.column, self.resolution = dataset, args.image_column, args.resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.dataset[index][self.column].convert("RGB")
+        return tp.to_model_tensor(tp.resize_crop_flip(image, self.resolution, True, False, None)[0])
+
+
+def centre_crop_time_ids(dataset: Any, column: str, resolution: int) -> torch.Tensor:
+    """SDXL ids [N, 6] of every image centre-cropped (--cache_latents)."""
+    ids = []
+    for i in range(len(dataset)):
+        height, width = dataset[i][column].height, dataset[i][column].width
+        scale = resolution / min(height, width)
+        resized = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+        ids.append(mf.time_ids((height, width), ((resized[0] - resolution) // 2, (resized[1] - resolution) // 2),
+                               resolution))
+    return torch.stack(ids)
+
+
+@dataclass
+class DreamBoothStep:
+    """One training step's loss, given a batch: the subject's latents at psi timesteps (uniform without
+    --difftuning) and, with prior preservation, as many class samples from the bank at xi timesteps
+    (uniform without --difftuning), one UNet pass, MSE (Min-SNR-weighted on the subject rows, as upstream),
+    and subject + prior_loss_weight * prior. The training loop calls it."""
+
+    family: mf.StableDiffusionFamily
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None  # None when batches carry cached latents
+    noise_scheduler: Any
+    psi: dt.TimestepSampler
+    xi: dt.TimestepSampler
+    prompt_ids: list[torch.Tensor]  # token ids [P, L] per tokenizer, on the device
+    prompt_table: mf.PromptEmbeddings | None  # encoded once when the text encoders are frozen
+    prior_loss_weight: float
+    snr_gamma: float | None
+    weight_dtype: torch.dtype
+    bank: dt.BankReplay | None = None
+    bank_prompt_row: int = -1
+    bank_time_ids: torch.Tensor | None = None  # [6]
+
+    def loss(self, batch: dict, step_rng: tp.StepGenerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = tp.batch_latents(self.vae, batch, step_rng)
+        device, num_instance = latents.device, latents.shape[0]
+        rows, time_ids = batch["prompt_rows"], batch["time_ids"]
+        timesteps, weights = self.psi.sample(num_instance, step_rng.generator, device)
+        if self.bank is not None:
+            bank_latents, _ = self.bank.next(step_rng.generator, lambda shape: step_rng.randn(shape, device))
+            bank_t, bank_w = self.xi.sample(bank_latents.shape[0], step_rng.generator, device)
+            latents = torch.cat([latents, bank_latents])
+            rows = torch.cat([rows, torch.full_like(bank_t, self.bank_prompt_row)])
+            time_ids = torch.cat([time_ids, self.bank_time_ids.expand(bank_latents.shape[0], -1)])
+            timesteps, weights = torch.cat([timesteps, bank_t]), torch.cat([weights, bank_w])
+        if self.snr_gamma is not None:  # upstream weights the subject rows only
+            snr_w = dt.min_snr_weights(self.noise_scheduler, timesteps[:num_instance], self.snr_gamma)
+            weights = torch.cat([weights[:num_instance] * snr_w, weights[num_instance:]])
+        noise = step_rng.randn(latents.shape, device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prompt_table is not None:
+            prompts = self.prompt_table.take(rows)
+        else:  # --train_text_encoder: the encoders' LoRA is in the graph
+            prompts = self.family.encode([ids[rows] for ids in self.prompt_ids])
+        model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps,
+                               **self.family.unet_kwargs(prompts, time_ids, self.weight_dtype)).sample
+        per_sample = dt.per_sample_denoising_loss(model_pred, latents, noise, noisy_latents, timesteps,
+                                                  self.noise_scheduler)
+        return dt.difftuning_loss(per_sample, num_instance, self.prior_loss_weight, weights)
+
+
+def denoiser_flops_per_image(family: mf.StableDiffusionFamily, unet: torch.nn.Module, prompt_ids: list[torch.Tensor],
+                             prompt_table: mf.PromptEmbeddings | None, latent_shape: list[int], resolution: int,
+                             weight_dtype: torch.dtype) -> int:
+    """The forward + backward FLOPs of one training image: the UNet, and the text encoders when they train."""
+    device = next(unet.parameters()).device
+    x = torch.zeros(2, *latent_shape, device=device, dtype=weight_dtype)
+    t = torch.tensor([10, 900], device=device)
+    rows = torch.zeros(2, dtype=torch.long, device=device)
+    ids = mf.time_ids((resolution, resolution), (0, 0), resolution).expand(2, -1).to(device)
+
+    def fwd_bwd() -> None:
+        prompts = prompt_table.take(rows) if prompt_table is not None else family.encode([i[rows] for i in prompt_ids])
+        unet(x, t, **family.unet_kwargs(prompts, ids, weight_dtype)).sample.float().square().mean().backward()
+
+    flops = tp.count_flops(fwd_bwd)
+    for model in (unet, *family.text_encoders):
+        model.zero_grad(set_to_none=True)
+    return flops // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, grouped as ``--help`` shows them (docs/scripts/flag_tables.py writes the docs' tables from it)."""
+    parser = argparse.ArgumentParser(description="DreamBooth LoRA for Stable Diffusion and SDXL, with Diff-Tuning.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                        help="A Stable Diffusion (1.x/2.x) or SDXL pipeline on the Hub or in a local folder.")
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                        help="A VAE instead of the pipeline's (SDXL in fp16: e.g. madebyollin/sdxl-vae-fp16-fix).")
+    tp.add_common_args(parser, "--instance_data_dir",
+                       "A folder of the subject's images (with a metadata.jsonl for per-image captions).")
+    db = parser.add_argument_group("DreamBooth")
+    db.add_argument("--instance_prompt", type=str, default=None,
+                    help="The prompt with the identifier of the subject, e.g. 'a photo of sks dog' (required).")
+    db.add_argument("--caption_column", type=str, default=None,
+                    help="A column of per-image captions (--dataset_name or a metadata.jsonl); default: every "
+                         "image gets --instance_prompt.")
+    db.add_argument("--with_prior_preservation", action="store_true",
+                    help="Replay the base model's own samples of --class_prompt beside the subject (DreamBooth's "
+                         "prior-preservation loss).")
+    db.add_argument("--class_prompt", type=str, default=None,
+                    help="The prompt of the class samples, e.g. 'a photo of dog'; '' gives an empty-prompt bank "
+                         "(unconditional samples, replayed on the empty prompt).")
+    db.add_argument("--class_data_dir", type=str, default=None,
+                    help="Where the class samples are generated and kept (a knowledge bank: latents + manifest); "
+                         "reused by later runs with the same settings. Default: <output_dir>/knowledge_bank.")
+    db.add_argument("--num_class_images", type=int, default=100, help="Number of class samples.")
+    db.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    db.add_argument("--sample_batch_size", type=int, default=4,
+                    help="Class samples generated per pipeline call (one bank shard each).")
+    db.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+                    help="Precision of class-sample generation; default: the training's mixed precision.")
+    db.add_argument("--resolution", type=int, default=None,
+                    help="Training resolution; default: the model's (SD 1.x 512, SD 2.x 768, SDXL 1024).")
+    db.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
+    db.add_argument("--random_flip", action="store_true",
+                    help="Random horizontal flips of the subject's images (and of the class samples).")
+    db.add_argument("--train_text_encoder", action="store_true",
+                    help="Train LoRA adapters on the text encoder(s) too (q/k/v/out projections).")
+    db.add_argument("--snr_gamma", type=float, default=None,
+                    help="Min-SNR weighting gamma (5.0 is recommended); weights the subject rows, as upstream.")
+    tp.add_lora_args(db)
+    val = next(g for g in parser._action_groups if g.title == "Validation")
+    val.add_argument("--validation_prompt", type=str, default=None, help="A prompt sampled at each validation.")
+    val.add_argument("--validation_epochs", type=int, default=None,
+                     help="Validate every N epochs (upstream's flag); overrides --validation_steps.")
+    val.add_argument("--validation_num_inference_steps", type=int, default=25,
+                     help="DPM-Solver++ steps of validation and final samples (upstream: 25).")
+    dt.add_difftuning_args(parser, class_prior=True)
+    parser.set_defaults(output_dir="lora-dreambooth-model", learning_rate=5e-4)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(input_args)
+    if not args.instance_prompt:
+        raise dt.ConfigError("--instance_prompt is required: the prompt that names the subject, e.g. "
+                             "'a photo of sks dog'.")
+    tp.validate_common_args(args, "--instance_data_dir")
+    if args.with_prior_preservation and args.class_prompt is None:
+        raise dt.ConfigError("--with_prior_preservation needs --class_prompt (the class the subject belongs to, "
+                             "e.g. 'a photo of dog'; '' for the empty prompt).")
+    if not args.with_prior_preservation and (args.class_prompt is not None or args.class_data_dir is not None):
+        raise dt.ConfigError("--class_prompt and --class_data_dir are used only with --with_prior_preservation: add "
+                             "it, or leave them out.")
+    for flag in ("num_class_images", "sample_batch_size", "rank"):
+        if getattr(args, flag) < 1:
+            raise dt.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.validation_epochs is not None and args.validation_epochs < 1:
+        raise dt.ConfigError(f"--validation_epochs must be >= 1, got {args.validation_epochs}.")
+    if not args.prior_loss_weight >= 0:
+        raise dt.ConfigError(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}.")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise dt.ConfigError(f"--snr_gamma must be > 0, got {args.snr_gamma}.")
+    if args.cache_latents and not args.center_crop:
+        raise dt.ConfigError("--cache_latents keeps one encoding per image (and its mirror image): add --center_crop, "
+                             "since random crops would differ every epoch, or leave --cache_latents out.")
+    if args.class_data_dir and os.path.isfile(args.class_data_dir):
+        raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
+    args.knowledge_bank_dir = args.class_data_dir or os.path.join(args.output_dir, "knowledge_bank")
+    dt.validate_difftuning_args(args, bank_num_inference_steps=50)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> None:
+    from diffusers import DDPMScheduler
+
+    accelerator, weight_dtype = tp.setup_accelerator(args)
+    repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
+
+    # --- Models -------------------------------------------------------------------------------
+    pipeline, family = load_base_pipeline(args)
+    unet, vae, text_encoders = pipeline.unet, pipeline.vae, family.text_encoders
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    args.resolution = args.resolution or unet.config.sample_size * vae_scale
+    if args.resolution % vae_scale:
+        raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+    for frozen in (unet, vae, *text_encoders):
+        frozen.requires_grad_(False)
+    for module in (unet, *text_encoders):  # upstream: frozen parts in the mixed-precision dtype
+        tp.cast(module, accelerator.device, weight_dtype)
+    # The fp16 VAE overflows (SDXL's especially): keep it in fp32 unless another VAE was given, as upstream.
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path or weight_dtype == torch.bfloat16 else (
+        torch.float32)
+    tp.cast(vae, accelerator.device, vae_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    # --- The subject's data (checked before the expensive class-sample generation) --------------------
+    columns = {"--image_column": args.image_column, **({"--caption_column": args.caption_column}
+                                                        if args.caption_column else {})}
+    dataset = tp.load_train_dataset(args, columns, "--instance_data_dir")
+    if args.train_data_dir is not None:
+        tp.check_images_readable(dataset, args.image_column)
+    tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
+    captions = list(dataset[args.caption_column]) if args.caption_column else [args.instance_prompt] * len(dataset)
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise dt.ConfigError(f"--caption_column: row {i} holds {type(caption).__name__}, not a string.")
+    prompts = list(dict.fromkeys(captions)) + ([args.class_prompt] if args.with_prior_preservation else [])
+    prompt_rows = [prompts.index(c) for c in captions]
+
+    # --- Class samples: the knowledge bank (the frozen base model's own samples of --class_prompt) ------
+    bank, bank_dir = None, args.knowledge_bank_dir
+    latent_shape = [unet.config.in_channels] + [args.resolution // vae_scale] * 2
+    if args.with_prior_preservation:
+        if os.path.isdir(bank_dir) and not os.path.exists(os.path.join(bank_dir, dt.MANIFEST_NAME)) and any(
+                f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) for f in os.listdir(bank_dir)):
+            raise dt.ConfigError(f"--class_data_dir {bank_dir} holds images but no knowledge bank: this script "
+                                 "generates its class samples with the base model and keeps them as latents; pass "
+                                 "a new folder.")
+        fingerprint = dt.model_fingerprint(unet)
+        call_defaults = inspect.signature(type(pipeline).__call__).parameters
+        guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
+        settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
+                    "fingerprint": fingerprint, "vae_fingerprint": dt.model_fingerprint(vae),
+                    "scheduler": type(pipeline.scheduler).__name__,
+                    "num_inference_steps": args.knowledge_bank_num_inference_steps, "guidance_scale": guidance,
+                    "resolution": args.resolution, "prompt": args.class_prompt}
+        sample_fn = lambda batch, gen: pipeline(  # noqa: E731
+            batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
+            num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images
+        precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.prior_generation_precision)
+        autocast = (torch.autocast(accelerator.device.type, dtype=precision) if precision
+                    else accelerator.autocast())
+        with autocast:
+            dt.build_knowledge_bank(bank_dir, sample_fn, [args.class_prompt] * args.num_class_images,
+                                    args.sample_batch_size, args.seed or 0, settings,
+                                    reencode_fn=lambda z: tp.reencode_latents(vae, z))
+        bank = dt.load_knowledge_bank(bank_dir, fingerprint, latent_shape)
+        preview = os.path.join(bank_dir, "preview.png")
+        if accelerator.is_main_process and not os.path.exists(preview):
+            dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
+        bank = dt.BankReplay(bank, args.knowledge_bank_replay, args.random_flip, args.train_batch_size,
+                             args.seed or 0, accelerator.process_index, accelerator.device, bank_dir)
+
+    # --- What to train --------------------------------------------------------------------------
+    params = add_lora_adapters(unet, text_encoders, args)
+    register_checkpoint_hooks(accelerator, family, unet, text_encoders)
+    prompt_ids = [ids.to(accelerator.device) for ids in family.tokenize(prompts)]
+    prompt_table = None
+    if not args.train_text_encoder:  # fixed prompts, frozen encoders: encode them once
+        with torch.no_grad():
+            prompt_table = family.encode(prompt_ids)
+    # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
+    # would upset its gradient hooks.
+    flops_per_image = denoiser_flops_per_image(family, unet, prompt_ids, prompt_table, latent_shape, args.resolution,
+                                               weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in text_encoders if args.train_text_encoder else ():
+            encoder.gradient_checkpointing_enable()
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = tp.create_optimizer(args, params)
+
+    # --- Data loader: a seeded permutation per epoch, per-sample augmentation from (seed, epoch, index) ---
+    if len(dataset) < args.train_batch_size * accelerator.num_processes:
+        raise dt.ConfigError(f"There are {len(dataset)} subject images, fewer than one batch of "
+                             f"{args.train_batch_size} on each of {accelerator.num_processes} process(es); lower "
+                             "--train_batch_size.")
+    latent_cache = None
+    if args.cache_latents:
+        mean, std = tp.cache_posteriors(vae, CenteredImages(dataset, args), args.random_flip, 32,
+                                        args.dataloader_num_workers, accelerator.device)
+        latent_cache = (mean, std, centre_crop_time_ids(dataset, args.image_column, args.resolution))
+    sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
+    train_dataloader = tp.make_dataloader(InstanceImages(dataset, args, prompt_rows, latent_cache),
+                                          args.train_batch_size, sampler, args.dataloader_num_workers)
+    trained_encoders = text_encoders if args.train_text_encoder else []
+    unet, optimizer, train_dataloader, *prepared_encoders = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                               *trained_encoders)
+    if prepared_encoders:
+        family.text_encoders = prepared_encoders
+    max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
+    lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
+                                                              max_train_steps))
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.validation_epochs is not None:
+        args.validation_steps = args.validation_epochs * updates_per_epoch
+
+    # --- Resume -----------------------------------------------------------------------------------
+    step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
+    per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
+    resume_path = tp.resolve_resume_checkpoint(args)
+    global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
+    if accelerator.is_main_process:
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name or "dreambooth-lora-difftuning", config=tracked)
+
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    step = DreamBoothStep(
+        family=family, unet=unet, vae=None if args.cache_latents else vae, noise_scheduler=noise_scheduler,
+        psi=dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
+                               args.timestep_sampling),
+        xi=dt.TimestepSampler(num_timesteps, args.retention_tau if args.difftuning else 0.0, "retention",
+                              args.timestep_sampling),
+        prompt_ids=prompt_ids, prompt_table=prompt_table, prior_loss_weight=args.prior_loss_weight,
+        snr_gamma=args.snr_gamma, weight_dtype=weight_dtype, bank=bank, bank_prompt_row=len(prompts) - 1,
+        bank_time_ids=mf.time_ids((args.resolution,) * 2, (0, 0), args.resolution).to(accelerator.device))
+    rows_per_step = args.train_batch_size * (2 if bank is not None else 1)
+    log = tp.TrainingLog(accelerator, args.logging_steps,
+                         rows_per_step * accelerator.num_processes * args.gradient_accumulation_steps,
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision))
+    logger.info(f"***** Training: {family.name}, {len(dataset)} subject images, {max_train_steps} steps, "
+                f"{args.train_batch_size} subject + {rows_per_step - args.train_batch_size} class samples per device "
+                f"batch, difftuning={args.difftuning}, train_text_encoder={args.train_text_encoder} *****")
+
+    # --- Training loop ---------------------------------------------------------------------------
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    for epoch in range(global_step // updates_per_epoch, num_epochs):
+        unet.train()
+        for batch in tp.epoch_loader(accelerator, train_dataloader, sampler, epoch, global_step, updates_per_epoch,
+                                     args.gradient_accumulation_steps):
+            with accelerator.accumulate(unet, *prepared_encoders):
+                loss, logs = step.loss(batch, step_rng)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            log.add(logs)
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress_bar.update(1)
+                logged = log.step(global_step, lr_scheduler.get_last_lr()[0], force=global_step >= max_train_steps)
+                if logged:
+                    progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
+                with log.paused():
+                    if global_step % args.checkpointing_steps == 0:
+                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
+                    if args.validation_prompt and global_step % args.validation_steps == 0:
+                        run_validation(args, accelerator, pipeline, global_step)
+            if global_step >= max_train_steps:
+                break
+
+    # --- Save ------------------------------------------------------------------------------------
+    tp.log_throughput(accelerator, log, global_step, args)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
+        family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, unet)),
+                                 [lora_layers(e) if e is not None else None for e in encoders])
+        del pipeline, unet, text_encoders, step
+        final, _ = load_base_pipeline(args)  # the saved file, loaded as a user would
+        final.load_lora_weights(args.output_dir)
+        prompt = args.validation_prompt or args.instance_prompt
+        images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device)
+        tp.log_images(accelerator, images, [prompt] * len(images), global_step, tag="final")
+        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt),
+                           ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "diff-tuning",
+                            "stable-diffusion-xl" if family.uses_time_ids else "stable-diffusion"], images)
+        logger.info(f"Saved the LoRA weights to {args.output_dir} (load them with "
+                    f"pipe.load_lora_weights({args.output_dir!r}))")
+        if args.push_to_hub:
+            tp.push_output_dir(args, repo_id)
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and output
+# ----------------------------------------------------------------------------------------------
+
+
+def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device: torch.device) -> list:
+    """--num_validation_images samples of ``prompt`` with DPM-Solver++ (upstream's validation sampler)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    training_scheduler = pipeline.scheduler
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(training_scheduler.config)
+    generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+    with torch.no_grad():
+        images = [pipeline(prompt, num_inference_steps=args.validation_num_inference_steps, generator=generator,
+                           height=args.resolution, width=args.resolution).images[0]
+                  for _ in range(args.num_validation_images)]
+    pipeline.scheduler = training_scheduler
+    return images
+
+
+def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, global_step: int) -> None:
+    """Sample --validation_prompt with the current LoRA (the pipeline holds the trained modules) and log it."""
+    if not accelerator.is_main_process:
+        return
+    pipeline.unet.eval()
+    with accelerator.autocast():
+        images = generate_images(args, pipeline, args.validation_prompt, accelerator.device)
+    tp.log_images(accelerator, images, [args.validation_prompt] * len(images), global_step)
+    pipeline.unet.train()
+
+
+def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str) -> str:
+    if args.with_prior_preservation:
+        prior = (f"prior preservation on {args.num_class_images} base-model samples of "
+                 f"'{args.class_prompt}' (weight {args.prior_loss_weight})")
+    else:
+        prior = "no prior preservation"
+    method = (f"Diff-Tuning (subject at psi timesteps, tau {args.difftuning_tau}; class samples at xi timesteps, "
+              f"tau {args.retention_tau}; {args.timestep_sampling} sampling)" if args.difftuning
+              else "uniform timesteps (standard DreamBooth)")
+    where = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    return (f"# DreamBooth LoRA for {family.name}: {args.instance_prompt}\n\n"
+            f"LoRA rank {args.rank}{' with text-encoder LoRA' if args.train_text_encoder else ''}, "
+            f"{method}, {prior}; {args.max_train_steps or '?'} steps, batch {args.train_batch_size}, "
+            f"lr {args.learning_rate}, resolution {args.resolution}.\n\n"
+            f"Trigger prompt: `{args.instance_prompt}`.\n\n"
+            "```python\nfrom diffusers import DiffusionPipeline\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained(\"{tp.display_path(args.pretrained_model_name_or_path)}\")\n"
+            f"pipe.load_lora_weights(\"{where}\")\n"
+            f"image = pipe(\"{prompt}\").images[0]\n```")
+
+
+if __name__ == "__main__":
+    tp.run_cli(main, parse_args)
