@@ -171,6 +171,42 @@ def test_controlnet_benchmark_smoke(tmp_path):
     assert "| replay | 2 (2, +0%) | not all (never) |" in table
 
 
+@needs_emoji_models
+def test_dreambooth_benchmark_smoke(tmp_path):
+    """The DreamBooth miniature end to end at a few steps: the subject folder, two arms through the real script
+    (sharing one class bank), the metrics of every checkpoint in both feature spaces, the paired table."""
+    from benchmark import dreambooth_benchmark as dbb
+
+    out = str(tmp_path / "db")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "dreambooth_benchmark.py"), "--output_dir", out,
+           "--arms", "prior", "difftuning_class", "--seeds", "0", "--max_train_steps", "4", "--eval_every", "2",
+           "--samples_per_prompt", "2", "--num_class_images", "4", "--num_inference_steps", "2", "--jobs", "1",
+           "--extra_flags", "--knowledge_bank_num_inference_steps", "2"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(out, "subject"))) == [f"cat-{i}.png" for i in dbb.SUBJECT_SPLIT["train"]]
+    assert os.listdir(os.path.join(out, "banks")) == ["class-seed0"]
+    result = json.load(open(os.path.join(out, "runs", "difftuning_class-seed0", "result.json")))
+    assert sorted(map(int, result["curve"])) == [2, 4] and result["chosen_step"] in (2, 4)
+    assert set(result["chosen"]) == set(dbb.FEATURE_SPACES) and set(dbb.METRICS) <= set(result["chosen"]["openmoji"])
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| prior | 1 |" in table and "Against `prior`" in table and "| difftuning_class |" in table
+
+
+def test_dreambooth_metrics_of_the_base_model_itself():
+    """Samples identical to the base model's keep the prior fully and drift nowhere; identical subject samples
+    have no diversity."""
+    from benchmark import dreambooth_benchmark as dbb
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (len(dbb.eval_prompts()), 3, 32, 32, 3), dtype=np.uint8)
+    m = dbb.metrics(base, base, "openmoji")
+    assert m["prior_kept"] == pytest.approx(1.0, abs=1e-5) and m["drift"] == pytest.approx(0.0, abs=1e-5)
+    same = base.copy()
+    same[0] = same[0, :1]
+    assert dbb.metrics(same, base, "openmoji")["div"] == pytest.approx(0.0, abs=1e-5)
+
+
 HELDOUT_SOURCE = os.path.join(ROOT, "benchmark", "emoji_heldout_source_model")
 
 

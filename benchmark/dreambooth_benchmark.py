@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""The DreamBooth miniature: does Diff-Tuning's timestep split beat diffusers' prior preservation?
+
+Base model: the tiny text-to-image model (benchmark/emoji_text2image_model, Twemoji + Noto Emoji with
+their CLDR names). Subject: OpenMoji's nine cat faces, a style the base never saw (black outlines, flat
+fills): five train the LoRA ("sks cat face"), two choose each run's checkpoint, two are the fidelity
+reference. Class prompt: "cat face", a 🐱 the base model draws in its own styles.
+
+Every arm is one ``train_dreambooth_lora_difftuning.py`` run (the real script) with the same steps,
+batch, learning rate and seed, saving a LoRA checkpoint every ``--eval_every`` steps. Each checkpoint
+then samples, from the same initial noise in every arm (DPM-Solver++ is deterministic), K images of the
+subject prompt, of the class prompt and of each unrelated prompt. Metrics, in two feature spaces (the
+penultimate layers of the OpenMoji CNN and of the held-out emoji CNN; cosine similarity):
+
+* ``fidelity``: subject samples against the two reference images (DreamBooth's DINO / CLIP-I role);
+* ``val_fidelity``: the same against the two validation images: it picks the checkpoint (early stopping);
+* ``pres``: class-prompt samples against the subject's nine images (DreamBooth's PRES; lower = the class
+  did not collapse onto the subject);
+* ``prior_kept``: class-prompt samples against the base model's at the same noise (higher = kept);
+* ``drift``: 1 - the same paired similarity on unrelated prompts (lower = less forgetting);
+* ``div``: mean pairwise distance among subject samples (DreamBooth's DIV).
+
+Arms are compared at their validation-chosen checkpoint, paired by seed (mean difference, paired t-test).
+
+    python benchmark/dreambooth_benchmark.py --output_dir outputs/dreambooth --seeds 0 1 2 3 4
+
+Finished runs are reused (their settings are checked), so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+
+from run_benchmark import check_run_settings, run_step  # noqa: E402
+
+from difftuning_utils import atomic_write_json  # noqa: E402
+from training_plumbing import run_cli  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
+INSTANCE_PROMPT, CLASS_PROMPT = "sks cat face", "cat face"
+UNRELATED_PROMPTS = ("grinning face", "red heart", "dog face", "pizza", "rocket", "sun")
+PRIOR = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT]
+ARMS: dict[str, list[str]] = {
+    "plain": [],  # DreamBooth LoRA without prior preservation
+    "prior": PRIOR,  # diffusers' prior preservation: class samples at the subject's uniform timesteps
+    "difftuning_class": ["--difftuning", *PRIOR],  # subject at psi, class-prompt bank at xi
+    "difftuning_empty": ["--difftuning", "--with_prior_preservation", "--class_prompt", ""],  # empty-prompt bank
+    "psi_only": ["--difftuning"],  # subject at psi, no bank
+}
+BASELINES = ("prior", "plain")
+METRICS = {"fidelity": "higher", "pres": "lower", "prior_kept": "higher", "drift": "lower", "div": "higher"}
+FEATURE_SPACES = ("openmoji", "emoji_heldout")
+RUN_SETTINGS = ("base_model", "max_train_steps", "train_batch_size", "learning_rate", "rank", "eval_every",
+                "num_class_images", "samples_per_prompt", "num_inference_steps", "guidance_scale", "extra_flags")
+SUBJECT_SPLIT = {"train": [0, 2, 4, 6, 8], "val": [1, 5], "reference": [3, 7]}  # of the nine, in OpenMoji order
+
+
+# ----------------------------------------------------------------------------------------------
+# Subject, sampling, features
+# ----------------------------------------------------------------------------------------------
+
+
+def subject_images() -> np.ndarray:
+    """OpenMoji's nine cat faces, uint8 [9, 32, 32, 3] on white, in OpenMoji's order."""
+    from benchmark import emoji_data
+
+    openmoji = emoji_data.load_openmoji()
+    index = [i for i, s in enumerate(openmoji.subgroups) if s == "cat-face"]
+    return openmoji.images[index]
+
+
+def write_instance_folder(output_dir: str) -> str:
+    """The five training images of the subject as a flat image folder (DreamBooth's --instance_data_dir)."""
+    from PIL import Image
+
+    folder = os.path.join(output_dir, "subject")
+    if not os.path.isdir(folder):
+        tmp = folder + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        for i in SUBJECT_SPLIT["train"]:
+            Image.fromarray(subject_images()[i]).save(os.path.join(tmp, f"cat-{i}.png"))
+        os.replace(tmp, folder)
+    return folder
+
+
+def eval_prompts() -> list[str]:
+    return [INSTANCE_PROMPT, CLASS_PROMPT, *UNRELATED_PROMPTS]
+
+
+@torch.no_grad()
+def generate(pipe, lora_dir: str | None, args: argparse.Namespace) -> np.ndarray:
+    """uint8 [P, K, 32, 32, 3]: K samples of each evaluation prompt, from the same initial noise whatever the
+    LoRA (``None``: the base model), so every comparison is paired."""
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    prompts, k = eval_prompts(), args.samples_per_prompt
+    shape = (k, pipe.unet.config.in_channels, 8, 8)
+    images = []
+    for p, prompt in enumerate(prompts):
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(1000 + p))
+        out = pipe([prompt] * k, latents=latents, height=32, width=32, num_inference_steps=args.num_inference_steps,
+                   guidance_scale=args.guidance_scale, output_type="np").images
+        images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    if lora_dir is not None:
+        pipe.unload_lora_weights()
+    return np.stack(images)
+
+
+def load_pipeline(base_model: str):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def features(images: np.ndarray, space: str) -> torch.Tensor:
+    """L2-normalised penultimate features [..., 64] of uint8 images [..., 32, 32, 3]."""
+    from benchmark import emoji_data, evaluate
+
+    classifier, _ = evaluate.load_or_train_classifier(target=space)
+    flat = images.reshape(-1, *images.shape[-3:])
+    feats = evaluate.classify(classifier, emoji_data.to_model_range(flat))[0]
+    return torch.nn.functional.normalize(feats, dim=1).reshape(*images.shape[:-3], -1)
+
+
+def metrics(samples: np.ndarray, base: np.ndarray, space: str) -> dict[str, float]:
+    """The miniature's metrics (see the module docstring) of ``samples`` [P, K, ...] in one feature space."""
+    f, b, subject = features(samples, space), features(base, space), features(subject_images(), space)
+    mean_sim = lambda x, y: (x @ y.T).mean().item()  # noqa: E731
+    subject_f, class_f = f[0], f[1]
+    k = subject_f.shape[0]
+    pairwise = subject_f @ subject_f.T
+    return {"fidelity": mean_sim(subject_f, subject[SUBJECT_SPLIT["reference"]]),
+            "val_fidelity": mean_sim(subject_f, subject[SUBJECT_SPLIT["val"]]),
+            "pres": mean_sim(class_f, subject),
+            "prior_kept": (class_f * b[1]).sum(-1).mean().item(),
+            "drift": 1 - (f[2:] * b[2:]).sum(-1).mean().item(),
+            "div": 1 - ((pairwise.sum() - pairwise.diagonal().sum()) / (k * (k - 1))).item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base_model", default=os.path.join(ROOT, "benchmark", "emoji_text2image_model"))
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "dreambooth_benchmark"))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--max_train_steps", type=int, default=400)
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Subject images per step (upstream's 4).")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--eval_every", type=int, default=50, help="Checkpoint and evaluate every N steps.")
+    parser.add_argument("--num_class_images", type=int, default=100, help="Class samples (upstream's 100).")
+    parser.add_argument("--samples_per_prompt", type=int, default=16)
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="DPM-Solver++ steps when evaluating.")
+    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
+    parser.add_argument("--table", default=None,
+                        help="Where the markdown table goes (default: <output_dir>/results.md).")
+    parser.add_argument("--summarize_only", action="store_true", help="Train nothing: tabulate finished runs.")
+    parser.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
+                        help="Flags passed on to every training run (last on the line).")
+    args = parser.parse_args(argv)
+    for flag in ("max_train_steps", "train_batch_size", "rank", "eval_every", "num_class_images",
+                 "samples_per_prompt", "num_inference_steps", "jobs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.samples_per_prompt < 2:
+        parser.error("--samples_per_prompt must be >= 2 (diversity compares samples with each other).")
+    if not args.summarize_only and not os.path.isfile(os.path.join(args.base_model, "model_index.json")):
+        parser.error(f"--base_model {args.base_model} is not a pipeline folder (no model_index.json); make it with "
+                     "`python benchmark/pretrain_text2image.py`.")
+    return args
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    settings["base_model"] = os.path.abspath(settings["base_model"])
+    return settings
+
+
+def base_samples(args: argparse.Namespace, pipe) -> np.ndarray:
+    path = os.path.join(args.output_dir, "base_samples.npz")
+    if not os.path.exists(path):
+        np.savez_compressed(path + ".tmp.npz", images=generate(pipe, None, args))
+        os.replace(path + ".tmp.npz", path)
+    return np.load(path)["images"]
+
+
+def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: str) -> dict:
+    """One arm = one run of the real script, then the metrics of every checkpoint and the chosen one."""
+    out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+    result_path = os.path.join(out, "result.json")
+    if os.path.exists(result_path):
+        return json.load(open(result_path))
+    check_run_settings(out, run_settings(args))
+    if not os.path.exists(os.path.join(out, "settings.json")):
+        os.makedirs(out, exist_ok=True)
+        atomic_write_json(os.path.join(out, "settings.json"), run_settings(args))
+    if not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors")):
+        bank = "class" if CLASS_PROMPT in ARMS[arm] else "empty"
+        cmd = [sys.executable, SCRIPT, "--pretrained_model_name_or_path", args.base_model,
+               "--instance_data_dir", subject, "--instance_prompt", INSTANCE_PROMPT, "--output_dir", out,
+               "--resolution", "32", "--random_flip", "--seed", str(seed), "--max_train_steps",
+               str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size), "--learning_rate",
+               str(args.learning_rate), "--lr_warmup_steps", "0", "--rank", str(args.rank), "--checkpointing_steps",
+               str(args.eval_every), "--num_class_images", str(args.num_class_images), "--report_to", "none",
+               "--num_validation_images", "2", "--class_data_dir",
+               os.path.join(args.output_dir, "banks", f"{bank}-seed{seed}"), *ARMS[arm], *args.extra_flags]
+        if "--with_prior_preservation" not in ARMS[arm]:
+            cmd = cmd[:cmd.index("--class_data_dir")] + cmd[cmd.index("--class_data_dir") + 2:]
+        start = time.time()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        run_step(cmd, env, out + ".log", f"train_dreambooth_lora_difftuning.py for {arm} seed {seed}")
+        atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
+    torch.set_num_threads(1)
+    pipe = load_pipeline(args.base_model)
+    base = base_samples(args, pipe)
+    curve_path = os.path.join(out, "curve.json")
+    curve = json.load(open(curve_path)) if os.path.exists(curve_path) else {}
+    checkpoints = sorted(int(d.split("-")[1]) for d in os.listdir(out)
+                         if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    for step in checkpoints:
+        if str(step) not in curve:
+            samples = generate(pipe, os.path.join(out, f"checkpoint-{step}"), args)
+            np.savez_compressed(os.path.join(out, f"samples-{step}.npz"), images=samples)
+            curve[str(step)] = {space: metrics(samples, base, space) for space in FEATURE_SPACES}
+            atomic_write_json(curve_path, curve)
+    # Early stopping: the checkpoint whose subject samples are closest to the validation images (first space).
+    chosen = max(curve, key=lambda s: (curve[s][FEATURE_SPACES[0]]["val_fidelity"], -int(s)))
+    result = {"arm": arm, "seed": seed, "chosen_step": int(chosen), "chosen": curve[chosen],
+              "final": curve[str(max(checkpoints))], "curve": curve,
+              "train_seconds": json.load(open(os.path.join(out, "train_time.json")))["seconds"]}
+    atomic_write_json(result_path, result)
+    chosen_metrics = result["chosen"][FEATURE_SPACES[0]]
+    print(f"[dreambooth benchmark] {arm} seed {seed}: step {chosen} chosen, fidelity {chosen_metrics['fidelity']:.3f}, "
+          f"prior kept {chosen_metrics['prior_kept']:.3f}", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
+
+
+def collect_results(output_dir: str) -> dict[str, dict[int, dict]]:
+    results: dict[str, dict[int, dict]] = {}
+    runs = os.path.join(output_dir, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        path = os.path.join(runs, name, "result.json")
+        if os.path.exists(path):
+            result = json.load(open(path))
+            results.setdefault(result["arm"], {})[result["seed"]] = result
+    return results
+
+
+def paired(results: dict[str, dict[int, dict]], arm: str, baseline: str, metric: str, space: str,
+           at: str = "chosen") -> tuple[float, float | None, int]:
+    """(mean difference arm - baseline, paired t-test p-value or None, number of paired seeds)."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(set(results.get(arm, {})) & set(results.get(baseline, {})))
+    a = [results[arm][s][at][space][metric] for s in seeds]
+    b = [results[baseline][s][at][space][metric] for s in seeds]
+    if not seeds:
+        return float("nan"), None, 0
+    diff = statistics.mean(a) - statistics.mean(b)
+    p = float(ttest_rel(a, b).pvalue) if len(seeds) > 1 and any(x != y for x, y in zip(a, b, strict=True)) else None
+    return diff, p, len(seeds)
+
+
+def summarize(results: dict[str, dict[int, dict]], at: str = "chosen") -> str:
+    """Markdown: per arm and feature space, mean ± std over seeds of each metric; then each arm against
+    prior preservation and plain DreamBooth (difference, paired p)."""
+    lines = []
+    for space in FEATURE_SPACES:
+        lines += [f"**{space} features** ({'validation-chosen checkpoint' if at == 'chosen' else 'last checkpoint'})",
+                  "", "| arm | seeds | step | " + " | ".join(f"{m} ({d})" for m, d in METRICS.items()) + " |",
+                  "|---|---|---|" + "---|" * len(METRICS)]
+        for arm, runs in results.items():
+            cells = []
+            for metric in METRICS:
+                values = [r[at][space][metric] for r in runs.values()]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+            steps = statistics.mean(r["chosen_step"] for r in runs.values()) if at == "chosen" else "last"
+            lines.append(f"| {arm} | {len(runs)} | {steps} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for baseline in (b for b in BASELINES if b in results):
+        lines += [f"Against `{baseline}` (mean paired difference, paired t-test p; sign agreement of both feature "
+                  "spaces marked ✓):", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for arm in results:
+            if arm == baseline:
+                continue
+            cells = []
+            for metric in METRICS:
+                diffs = [paired(results, arm, baseline, metric, space, at) for space in FEATURE_SPACES]
+                agree = "✓" if len({np.sign(d[0]) for d in diffs}) == 1 else ""
+                first = diffs[0]
+                p = f", p={first[1]:.3f}" if first[1] is not None else ""
+                cells.append(f"{first[0]:+.3f}{p} / {diffs[1][0]:+.3f} {agree}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.summarize_only:
+        subject = write_instance_folder(args.output_dir)
+        base_samples(args, load_pipeline(args.base_model))  # once, before the parallel runs
+        jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: train_and_evaluate(args, job[0], job[1], subject), jobs))
+    results = collect_results(args.output_dir)
+    table = summarize(results) + "\n" + summarize(results, at="final")
+    print(table)
+    with open(args.table or os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
