@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the "All flags" tables of docs/dit.md and docs/controlnet.md from the scripts' own parsers.
+"""Write the "All flags" tables of docs/dit.md, controlnet.md and dreambooth.md from the scripts' own parsers.
 
     python docs/scripts/flag_tables.py          # rewrite the tables in place
     python docs/scripts/flag_tables.py --check  # exit 1 if a table is out of date (the tests run this)
@@ -16,7 +16,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 BEGIN, END = "<!-- flags:begin -->", "<!-- flags:end -->"
-DOCS = {"dit.md": "train_dit_difftuning", "controlnet.md": "train_controlnet_difftuning"}
+DOCS = {"dit.md": "train_dit_difftuning", "controlnet.md": "train_controlnet_difftuning",
+        "dreambooth.md": "train_dreambooth_lora_difftuning"}
 
 
 def _default(action: argparse.Action) -> str:
