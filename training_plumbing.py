@@ -427,7 +427,9 @@ def log_throughput(accelerator: Accelerator, log: TrainingLog, global_step: int,
         atomic_write_json(os.path.join(folder, "throughput.json"),
                           {**summary, "images_per_step": log.images_per_step, "flops_per_image": log.flops_per_image,
                            "peak_flops": log.peak, "mixed_precision": accelerator.mixed_precision,
-                           "num_processes": accelerator.num_processes, "global_step": global_step})
+                           "num_processes": accelerator.num_processes, "global_step": global_step,
+                           "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                               if torch.cuda.is_available() else None)})
     if summary:
         accelerator.log(summary, step=global_step)
         tflops = f", {summary['steady_model_tflops']:.3g} model TFLOP/s" if "steady_model_tflops" in summary else ""

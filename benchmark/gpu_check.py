@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One command that checks both training scripts at real size on one GPU, offline, and measures them.
+"""One command that checks the training scripts at real size on one GPU, offline, and measures them.
 
     python benchmark/gpu_check.py --output_dir outputs/gpu_check                 # one GPU, about 8 minutes
     python benchmark/gpu_check.py --size tiny --output_dir /tmp/gpu_check        # CPU smoke (the tests run it)
@@ -8,12 +8,13 @@ What it does, with no Hub access:
 
 1. builds random-init models of real size from configs and saves them as pipelines: DiT-XL/2-256 with an
    SD-style VAE (a ``DiTPipeline``), and an SD-1.5-shaped UNet + VAE + a CLIP-L-shaped text encoder with
-   an offline tokenizer (a ``StableDiffusionPipeline``);
+   an offline tokenizer (a ``StableDiffusionPipeline``), and an SDXL-base-shaped pipeline (UNet, VAE, CLIP-L and
+   bigG-shaped text encoders, saved in bf16) for the DreamBooth LoRA script;
 2. writes generated datasets large enough that epochs do not dominate: 2,048 class-labelled 256 px images
-   for DiT, 1,024 (image, condition, caption) triples at 512 px for ControlNet;
-3. runs both scripts for ``--steps`` steps, standard vs Diff-Tuning, in bf16 and fp16, with and without
-   ``--cache_latents``, and reads each run's steady-state throughput (``logs/throughput.json``);
-4. loads the outputs with ``DiffusionPipeline`` / ``ControlNetModel`` and samples them;
+   for DiT, 1,024 (image, condition, caption) triples at 512 px for ControlNet, 8 subject images for DreamBooth;
+3. runs the scripts for ``--steps`` steps, standard vs Diff-Tuning, in bf16 and fp16, with and without
+   ``--cache_latents``, and reads each run's steady-state throughput and peak memory (``logs/throughput.json``);
+4. loads the outputs with ``DiffusionPipeline`` / ``ControlNetModel`` / ``load_lora_weights`` and samples them;
 5. runs ``benchmark/overhead.py`` (the scripts' own step, timed in isolation) at the same batches;
 6. writes ``summary.md`` and ``gpu_check.json`` in ``--output_dir``.
 
@@ -49,22 +50,38 @@ RUNS = {
     "controlnet-replay-bf16-cached": ("controlnet", "bf16", True, ["--difftuning", "--retention", "replay"]),
     "controlnet-distill-bf16-cached": ("controlnet", "bf16", True, ["--difftuning", "--retention", "distill"]),
     "controlnet-replay-fp16": ("controlnet", "fp16", False, ["--difftuning", "--retention", "replay"]),
+    # DreamBooth LoRA: diffusers' prior preservation vs the same with --difftuning (the subject at psi, the
+    # class samples at xi); the step is the same work, so the two should match in speed and memory.
+    "dreambooth-sd-prior-bf16": ("dreambooth-sd", "bf16", False, ["--with_prior_preservation"]),
+    "dreambooth-sd-difftuning-bf16": ("dreambooth-sd", "bf16", False, ["--with_prior_preservation", "--difftuning"]),
+    "dreambooth-sd-difftuning-fp16-te": ("dreambooth-sd", "fp16", False, ["--with_prior_preservation", "--difftuning",
+                                                                          "--train_text_encoder"]),
+    "dreambooth-sdxl-prior-bf16": ("dreambooth-sdxl", "bf16", True, ["--with_prior_preservation"]),
+    "dreambooth-sdxl-difftuning-bf16": ("dreambooth-sdxl", "bf16", True, ["--with_prior_preservation",
+                                                                          "--difftuning"]),
 }
-SIZES = {  # dataset size, image resolution, global batch
-    "real": {"dit": (2048, 256, 32), "controlnet": (1024, 512, 8)},
-    "tiny": {"dit": (48, 32, 8), "controlnet": (24, 32, 4)},
+SIZES = {  # dataset size, image resolution, global batch (DreamBooth: subject images; as many class samples join)
+    "real": {"dit": (2048, 256, 32), "controlnet": (1024, 512, 8), "dreambooth-sd": (8, 512, 4),
+             "dreambooth-sdxl": (8, 1024, 2)},
+    "tiny": {"dit": (48, 32, 8), "controlnet": (24, 32, 4), "dreambooth-sd": (8, 32, 2), "dreambooth-sdxl": (8, 32, 2)},
 }
+DREAMBOOTH_SCRIPT = "train_dreambooth_lora_difftuning.py"
+SCRIPTS = {"dit": "train_dit_difftuning.py", "controlnet": "train_controlnet_difftuning.py",
+           "dreambooth-sd": DREAMBOOTH_SCRIPT, "dreambooth-sdxl": DREAMBOOTH_SCRIPT}
 
 
 def build_models(size: str, folder: str, device: str) -> dict[str, str]:
     """Pipeline folders (random init) of both base models; reused when already written."""
     import torch
 
-    paths = {"dit": os.path.join(folder, "dit-pipeline"), "controlnet": os.path.join(folder, "sd-pipeline")}
+    paths = {"dit": os.path.join(folder, "dit-pipeline"), "controlnet": os.path.join(folder, "sd-pipeline"),
+             "dreambooth-sdxl": os.path.join(folder, "sdxl-pipeline")}
+    paths["dreambooth-sd"] = paths["controlnet"]
     if size == "tiny":
-        from tiny_models import make_tiny_dit_pipeline, make_tiny_sd_pipeline
+        from tiny_models import make_tiny_dit_pipeline, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 
-        for kind, make in (("dit", make_tiny_dit_pipeline), ("controlnet", make_tiny_sd_pipeline)):
+        for kind, make in (("dit", make_tiny_dit_pipeline), ("controlnet", make_tiny_sd_pipeline),
+                           ("dreambooth-sdxl", make_tiny_sdxl_pipeline)):
             if not os.path.exists(os.path.join(paths[kind], "model_index.json")):
                 make(paths[kind])
         return paths
@@ -106,7 +123,41 @@ def build_models(size: str, folder: str, device: str) -> dict[str, str]:
         StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(paths["controlnet"])
+    if not os.path.exists(os.path.join(paths["dreambooth-sdxl"], "model_index.json")):
+        build_sdxl(paths["dreambooth-sdxl"], os.path.join(folder, "tokenizer"), device)
     return paths
+
+
+def build_sdxl(path: str, tokenizer_dir: str, device: str) -> None:
+    """An SDXL-base-shaped pipeline with random weights (2.6B-parameter UNet, CLIP-L and bigG-shaped text
+    encoders), saved in bf16 to keep the folder at ~7 GB."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from overhead import SD_VAE
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        vae = AutoencoderKL(**SD_VAE, sample_size=1024)
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                    num_attention_heads=12, projection_dim=768, **ids))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            projection_dim=1280, hidden_act="gelu", **ids))
+    vae.register_to_config(scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.to(torch.bfloat16).save_pretrained(path)
 
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -122,7 +173,9 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
     from PIL import Image, ImageDraw
 
     (n_dit, res_dit, _), (n_cn, res_cn, _) = SIZES[size]["dit"], SIZES[size]["controlnet"]
-    paths = {"dit": os.path.join(folder, "dit-data"), "controlnet": os.path.join(folder, "controlnet-data")}
+    paths = {"dit": os.path.join(folder, "dit-data"), "controlnet": os.path.join(folder, "controlnet-data"),
+             "dreambooth-sd": os.path.join(folder, "subject-sd"),
+             "dreambooth-sdxl": os.path.join(folder, "subject-sdxl")}
     rng = np.random.default_rng(0)
     rgb = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
            "purple": (140, 50, 200), "orange": (240, 140, 30), "white": (250, 250, 250), "black": (10, 10, 10)}
@@ -157,6 +210,13 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
                 f.write(json.dumps({"file_name": f"images/{i:05d}.png", "text": caption(i),
                                     "conditioning_image_file_name": f"conditioning_images/{i:05d}.png"}) + "\n")
         os.replace(tmp, paths["controlnet"])
+    for kind in ("dreambooth-sd", "dreambooth-sdxl"):  # one subject: a red circle, in several places and sizes
+        if not os.path.isdir(paths[kind]):
+            n, res, _ = SIZES[size][kind]
+            os.makedirs(paths[kind] + ".tmp")
+            for i in range(n):
+                draw(0, res)[0].save(os.path.join(paths[kind] + ".tmp", f"{i:02d}.png"))
+            os.replace(paths[kind] + ".tmp", paths[kind])
     return paths
 
 
@@ -165,19 +225,24 @@ def train(name: str, args: argparse.Namespace, models: dict, data: dict) -> dict
     kind, precision, cached, extra = RUNS[name]
     _, resolution, batch = SIZES[args.size][kind]
     out = os.path.join(args.output_dir, "runs", name)
-    script = os.path.join(ROOT, "train_dit_difftuning.py" if kind == "dit" else "train_controlnet_difftuning.py")
-    cmd = [sys.executable, script, "--pretrained_model_name_or_path", models[kind], "--train_data_dir", data[kind],
+    bank = os.path.join(args.output_dir, f"bank-{kind}")
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[kind]), "--pretrained_model_name_or_path", models[kind],
+           "--train_data_dir" if kind in ("dit", "controlnet") else "--instance_data_dir", data[kind],
            "--output_dir", out, "--max_train_steps", str(args.steps), "--train_batch_size", str(batch),
            "--mixed_precision", precision, "--logging_steps", str(max(1, args.steps // 10)), "--seed", "0",
            "--checkpointing_steps", "1000000", "--report_to", "none", "--num_validation_images", "1",
            "--dataloader_num_workers", str(args.dataloader_num_workers), "--resolution", str(resolution),
-           "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-{kind}"), "--knowledge_bank_size",
-           str(2 * batch), "--knowledge_bank_num_inference_steps", "10", "--knowledge_bank_batch_size", str(batch),
-           *(["--cache_latents"] if cached else []), *(["--center_crop"] if kind == "dit" else []), *extra]
-    if kind == "dit":
-        cmd += ["--validation_num_inference_steps", "10"]
+           "--knowledge_bank_num_inference_steps", "10", *(["--cache_latents"] if cached else []),
+           *(["--center_crop"] if kind != "controlnet" else []), *extra]
+    if kind.startswith("dreambooth"):
+        cmd += ["--instance_prompt", "a sks circle", "--class_prompt", "a circle", "--class_data_dir", bank,
+                "--num_class_images", str(2 * batch), "--sample_batch_size", str(batch), "--learning_rate", "1e-4",
+                "--validation_num_inference_steps", "5"]
     else:
-        cmd += ["--validation_num_inference_steps", "5", "--learning_rate", "1e-5"]
+        cmd += ["--knowledge_bank_dir", bank, "--knowledge_bank_size", str(2 * batch),
+                "--knowledge_bank_batch_size", str(batch)]
+        cmd += (["--validation_num_inference_steps", "10"] if kind == "dit" else
+                ["--validation_num_inference_steps", "5", "--learning_rate", "1e-5"])
     start = time.time()
     with open(out + ".log", "w") as log:
         returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -203,7 +268,7 @@ def load_and_sample(name: str, args: argparse.Namespace, models: dict, data: dic
 
             pipe = DiffusionPipeline.from_pretrained(out).to(device)
             pipe(class_labels=pipe.get_label_ids(["class3"]), num_inference_steps=4, guidance_scale=4.0)
-        else:
+        elif kind == "controlnet":
             from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
             from PIL import Image
 
@@ -212,6 +277,14 @@ def load_and_sample(name: str, args: argparse.Namespace, models: dict, data: dic
                 requires_safety_checker=False).to(device)
             condition = Image.open(os.path.join(data["controlnet"], "conditioning_images", "00000.png"))
             pipe(caption(0), condition, num_inference_steps=4)
+        if kind.startswith("dreambooth"):
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(models[kind], torch_dtype=torch.bfloat16 if device == "cuda"
+                                                     else torch.float32).to(device)
+            pipe.load_lora_weights(out)
+            resolution = SIZES[args.size][kind][1]
+            pipe("a sks circle", num_inference_steps=4, height=resolution, width=resolution)
         return "ok"
     except Exception as err:  # noqa: BLE001 - reported in the summary, not raised
         return f"{type(err).__name__}: {err}"
@@ -275,12 +348,12 @@ def markdown(report: dict) -> str:
 
     lines = [f"GPU check on {report['device']} (torch {report['torch']}, size {report['size']}, {report['steps']} "
              f"steps per run, {report['wall_s']:.0f} s in all).", "",
-             "| run | exit | images/s (steady) | model TFLOP/s | MFU | wall (s) | load + sample |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | exit | images/s (steady) | model TFLOP/s | MFU | peak GiB | wall (s) | load + sample |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
         lines.append(f"| {name} | {r['returncode']} | {num(r.get('steady_images_per_sec'), '.1f')} | "
                      f"{num(r.get('steady_model_tflops'), '.3g')} | {num(r.get('steady_mfu'), '.1%')} | "
-                     f"{r['wall_s']:.0f} | {r['load_and_sample']} |")
+                     f"{num(r.get('peak_memory_gib'), '.1f')} | {r['wall_s']:.0f} | {r['load_and_sample']} |")
     if report["overhead"]:
         lines += ["", "| harness (the scripts' step alone) | standard images/s | DT images/s | DT / standard step time "
                       "| peak memory ratio | script / harness (standard) |", "|---|---|---|---|---|---|"]

@@ -266,7 +266,8 @@ def test_gpu_check_tiny_mode(tmp_path) -> None:
 
     report = gpu_check.main(gpu_check.parse_args([
         "--size", "tiny", "--output_dir", str(tmp_path), "--steps", "4", "--overhead_repeats", "1",
-        "--dataloader_num_workers", "0", "--runs", "dit-standard-bf16-cached", "controlnet-replay-bf16"]))
+        "--dataloader_num_workers", "0", "--runs", "dit-standard-bf16-cached", "controlnet-replay-bf16",
+        "dreambooth-sdxl-difftuning-bf16"]))
     for name, run in report["runs"].items():
         assert run["returncode"] == 0 and run["load_and_sample"] == "ok", (name, run)
         assert run["steady_images_per_sec"] > 0 and run["flops_per_image"] > 0
