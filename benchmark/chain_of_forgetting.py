@@ -9,6 +9,10 @@ i.e. low-t knowledge transfers and high-t knowledge does not.
 
     python benchmark/chain_of_forgetting.py --base benchmark/source_model \\
         --finetuned outputs/benchmark/standard-seed0 --reference mnist --output_dir outputs/cof
+    # the gate: does handing t < 100 to the pre-trained model cost more than 10% FID? (plain fine-tunes, 3 seeds)
+    python benchmark/chain_of_forgetting.py --base benchmark/source_model --reference mnist --output_dir outputs/gate \
+        --finetuned outputs/benchmark/standard-seed0 outputs/benchmark/standard-seed1 outputs/benchmark/standard-seed2 \
+        --thresholds 0 100 --gate_threshold 100
     # real models (GPU, online for Inception weights):
     python benchmark/chain_of_forgetting.py --base facebook/DiT-XL-2-256 --finetuned dit-food101 \\
         --reference_dir ./food101/val --inception --device cuda --num_samples 5000
@@ -33,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample with the fine-tuned model above a timestep threshold and "
                                                  "the pre-trained one below it; plot quality against the threshold.")
     parser.add_argument("--base", required=True, help="Pre-trained DiTPipeline (folder or Hub id).")
-    parser.add_argument("--finetuned", required=True, help="Fine-tuned DiTPipeline (folder or Hub id).")
+    parser.add_argument("--finetuned", required=True, nargs="+",
+                        help="Fine-tuned DiTPipeline(s) (folder or Hub id); several (plain fine-tunes with other "
+                             "seeds) give the gate its spread over training seeds. The curve uses the first.")
     parser.add_argument("--thresholds", type=int, nargs="+", default=[0, 100, 200, 300, 400, 500, 600, 700, 800,
                                                                        900, 1000])
     parser.add_argument("--num_samples", type=int, default=500, help="Class-balanced samples per threshold.")
@@ -46,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "FID/KID).")
     parser.add_argument("--reference_dir", default=None, help="Folder of real target images (Inception FID).")
     parser.add_argument("--inception", action="store_true", help="Standard Inception FID (downloads weights).")
+    parser.add_argument("--gate_threshold", type=int, default=None,
+                        help="Also give the gate's verdict: does letting the pre-trained model denoise t < this cost "
+                             "more than --gate_tolerance in FID, over every --finetuned model, with a bootstrap "
+                             "interval? (--reference miniatures only.)")
+    parser.add_argument("--gate_tolerance", type=float, default=0.10,
+                        help="The relative FID cost the gate allows (0.10: +10%%).")
+    parser.add_argument("--bootstrap", type=int, default=200,
+                        help="Bootstrap resamples (generated and reference images) of the gate's interval.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
@@ -53,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give exactly one of --reference (mnist, openmoji, emoji_heldout) or --reference_dir.")
     if args.reference_dir is not None and not args.inception:
         parser.error("--reference_dir needs --inception (classifier features exist only for the miniatures).")
+    if args.gate_threshold is not None and (args.reference is None or args.gate_threshold < 1):
+        parser.error("--gate_threshold must be >= 1 and needs --reference (the bootstrap works in the miniature's "
+                     "feature space).")
+    if args.bootstrap < 10 or not 0 <= args.gate_tolerance:
+        parser.error("--bootstrap must be >= 10 and --gate_tolerance >= 0.")
     if min(args.thresholds) < 0 or args.num_samples < 2 or args.batch_size < 1 or args.num_inference_steps < 1:
         parser.error("--thresholds must be >= 0, --num_samples >= 2, --batch_size and --num_inference_steps >= 1.")
     return args
@@ -82,6 +101,54 @@ def load_reference_folder(folder: str, resolution: int, channels: int) -> torch.
     return torch.stack([preprocess_image(Image.open(p), resolution, True, False, rng, channels) for p in paths])
 
 
+def gate_verdict(low: float, high: float, tolerance: float) -> str:
+    """PASS when the whole interval of the FID change stays under the tolerance, FAIL when it lies above it,
+    else UNDECIDED (more seeds or samples needed)."""
+    if high <= tolerance:
+        return "PASS"
+    if low > tolerance:
+        return "FAIL"
+    return "UNDECIDED"
+
+
+def gate(args: argparse.Namespace, models: list, base, labels: list[int], classes: list[int], reference: torch.Tensor,
+         classifier) -> dict:
+    """The premise check: for each fine-tuned model, FID with the pre-trained model denoising t < --gate_threshold
+    against FID of the fine-tuned model alone (same noise), and a bootstrap interval of the mean relative change
+    over models (generated images resampled pairwise across the two arms, the reference independently)."""
+    from benchmark import evaluate
+
+    ref_features = evaluate.classify(classifier, reference)[0]
+    pairs = []
+    for model in models:
+        arms = [evaluate.sample_pipeline(model, labels, args.seed, args.num_inference_steps, args.guidance_scale,
+                                         args.batch_size, base_transformer=base.transformer, switch_timestep=s)
+                for s in (0, args.gate_threshold)]
+        pairs.append([evaluate.classify(classifier, images)[0] for images in arms])
+    ratios = [evaluate._fid(ref_features, mixed) / evaluate._fid(ref_features, alone) - 1 for alone, mixed in pairs]
+    generator = torch.Generator().manual_seed(dt.derive_seed(args.seed, "gate-bootstrap"))
+    draws = []
+    for _ in range(args.bootstrap):
+        ref = ref_features[torch.randint(0, len(ref_features), (len(ref_features),), generator=generator)]
+        change = []
+        for alone, mixed in pairs:
+            pick = torch.randint(0, len(alone), (len(alone),), generator=generator)
+            change.append(evaluate._fid(ref, mixed[pick]) / evaluate._fid(ref, alone[pick]) - 1)
+        draws.append(sum(change) / len(change))
+    low, high = (float(v) for v in torch.tensor(draws).quantile(torch.tensor([0.025, 0.975]), dim=0))
+    mean = sum(ratios) / len(ratios)
+    result = {"threshold": args.gate_threshold, "tolerance": args.gate_tolerance, "fid_change": mean,
+              "fid_change_per_model": ratios, "ci95": [low, high], "num_models": len(models),
+              "num_samples": len(labels), "bootstrap": args.bootstrap,
+              "verdict": gate_verdict(low, high, args.gate_tolerance)}
+    seeds_note = "" if len(models) >= 3 else f" (only {len(models)} fine-tuned model(s): give 3 or more seeds)"
+    print(f"gate: the pre-trained model denoising t < {args.gate_threshold} changes FID by {100 * mean:+.1f}% "
+          f"(95% interval {100 * low:+.1f}% to {100 * high:+.1f}%; per model "
+          + ", ".join(f"{100 * r:+.1f}%" for r in ratios) + f"); allowed +{100 * args.gate_tolerance:.0f}%: "
+          f"{result['verdict']}{seeds_note}", flush=True)
+    return result
+
+
 def main(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -93,7 +160,8 @@ def main(args: argparse.Namespace) -> None:
 
     quiet_known_warnings()
     base = load_pipeline("--base", args.base, args.device)
-    finetuned = load_pipeline("--finetuned", args.finetuned, args.device)
+    models = [load_pipeline("--finetuned", path, args.device) for path in args.finetuned]
+    finetuned = models[0]
     os.makedirs(args.output_dir, exist_ok=True)
     if args.reference is not None:
         target = evaluate.TARGETS[args.reference]
@@ -102,6 +170,10 @@ def main(args: argparse.Namespace) -> None:
         classifier, _ = evaluate.load_or_train_classifier(target=args.reference)
         reference, _ = target.split("reference")
         measure = lambda images: evaluate.compute_metrics(images, classes, reference, classifier, bootstrap=0)  # noqa: E731
+        if args.gate_threshold is not None:
+            verdict = gate(args, models, base, labels, classes, reference, classifier)
+            dt.atomic_write_json(os.path.join(args.output_dir, "gate.json"), {**verdict, "base": args.base,
+                                                                               "finetuned": args.finetuned})
     else:
         num_classes = len(finetuned.labels) or finetuned.transformer.config.num_embeds_ada_norm
         labels = [i % num_classes for i in range(args.num_samples)]

@@ -79,10 +79,16 @@ def test_benchmark_smoke(tmp_path):
 
     cof = str(tmp_path / "cof")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", SOURCE,
-                           "--finetuned", os.path.join(out, "runs", "standard-seed0"), "--reference", "mnist",
+                           "--finetuned", os.path.join(out, "runs", "standard-seed0"),
+                           os.path.join(out, "runs", "difftuning-seed0"), "--reference", "mnist",
                            "--thresholds", "0", "1000", "--num_samples", "10", "--num_inference_steps", "3",
-                           "--output_dir", cof], env=ENV, capture_output=True, text=True, timeout=600)
+                           "--gate_threshold", "100", "--bootstrap", "10", "--output_dir", cof],
+                          env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    verdict = json.load(open(os.path.join(cof, "gate.json")))
+    assert verdict["num_models"] == 2 and verdict["verdict"] in ("PASS", "FAIL", "UNDECIDED")
+    assert verdict["ci95"][0] <= verdict["ci95"][1] and len(verdict["fid_change_per_model"]) == 2
+    assert f"allowed +10%: {verdict['verdict']} (only 2 fine-tuned model(s)" in proc.stdout
     rows = json.load(open(os.path.join(cof, "chain_of_forgetting.json")))["rows"]
     assert [r["threshold"] for r in rows] == [0, 1000] and all(r["fid"] > 0 for r in rows)
     assert os.path.exists(os.path.join(cof, "chain_of_forgetting.png"))

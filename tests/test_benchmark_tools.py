@@ -309,3 +309,13 @@ def test_run_benchmark_unpaired_baseline_refused_before_any_write(tmp_path) -> N
     with pytest.raises(run_benchmark.ConfigError, match="nothing to summarize"):
         run_benchmark.main(run_benchmark.parse_args(["--output_dir", str(sweep), "--summarize_only"]))
     assert not sweep.exists()
+
+
+def test_gate_verdict_reads_the_whole_interval() -> None:
+    """The gate passes only when the whole interval of the FID change is within the tolerance, fails only when
+    all of it is above, and is undecided when the interval straddles the line."""
+    from benchmark.chain_of_forgetting import gate_verdict
+
+    assert gate_verdict(-0.08, 0.04, 0.10) == "PASS"
+    assert gate_verdict(0.12, 0.30, 0.10) == "FAIL"
+    assert gate_verdict(0.02, 0.15, 0.10) == "UNDECIDED"
