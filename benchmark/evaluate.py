@@ -394,6 +394,65 @@ def heldout_splits(labels: np.ndarray, seed: int = 0, shots_per_class: int = 10)
     return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
 
 
+# Fashion-MNIST halves (benchmark/data.py FASHION_HALVES): each half is the other half's source's target.
+# Per class, from the train split: the feature CNN's images, its check images, a validation set for early
+# stopping, then the few-shot set; from the test split: the FID reference (2,000 images per half).
+FASHION_SPLIT_PER_CLASS = {"classifier": 2000, "classifier_val": 300, "val": 300}
+FASHION_REFERENCE_PER_CLASS = 400
+FASHION_MIN_ACCURACY = 0.90
+
+
+@functools.lru_cache(maxsize=2)
+def fashion_half_arrays(half: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """One half's train then test images (uint8 [N,28,28]), labels 0..4, and the number of train images."""
+    from benchmark.data import fashion_half
+
+    train, train_labels, _ = fashion_half("train", half)
+    test, test_labels, _ = fashion_half("test", half)
+    images, labels = np.concatenate([train, test]), np.concatenate([train_labels, test_labels])
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels, len(train)
+
+
+def fashion_half_names(half: str) -> tuple[str, ...]:
+    """The half's class names as folder names ("t-shirt/top" -> "t-shirt-top")."""
+    from benchmark.data import FASHION_HALVES, FASHION_MNIST_CLASSES
+
+    return tuple(FASHION_MNIST_CLASSES[c].replace("/", "-") for c in FASHION_HALVES[half])
+
+
+def fashion_splits(half: str, labels: np.ndarray, seed: int = 0, shots_per_class: int = 10) -> dict[str, np.ndarray]:
+    """Disjoint index sets of one half: ``classifier``, ``classifier_val``, ``val`` (early stopping) and the
+    few-shot ``train`` set from the train split (a seeded permutation per class, the shots last, so smaller
+    sets are nested), the ``reference`` from the test split."""
+    _, all_labels, num_train = fashion_half_arrays(half)
+    if len(labels) != len(all_labels):
+        raise ValueError("fashion_splits expects the labels of fashion_half_arrays().")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"classifier": [], "classifier_val": [], "val": [], "train": [],
+                                          "reference": []}
+    for c in np.unique(labels):
+        train = rng.permutation(np.flatnonzero(all_labels[:num_train] == c))
+        test = rng.permutation(np.flatnonzero(all_labels[num_train:] == c)) + num_train
+        start = 0
+        for name, count in FASHION_SPLIT_PER_CLASS.items():
+            parts[name].append(train[start:start + count])
+            start += count
+        parts["train"].append(train[start:start + shots_per_class])
+        parts["reference"].append(test[:FASHION_REFERENCE_PER_CLASS])
+    return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
+
+
+def fashion_wide_extra(half: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The other half's classifier images, labelled 5..9: the second feature space of a Fashion-MNIST target
+    learns all ten classes (other data, other weights) rather than the target's five."""
+    other = "b" if half == "a" else "a"
+    images, labels, _ = fashion_half_arrays(other)
+    index = fashion_splits(other, labels)["classifier"]
+    return to_model_range(images[index]), torch.as_tensor(labels[index]) + 5
+
+
 @dataclass(frozen=True)
 class Target:
     """A miniature's target domain: its images, their split, and its feature classifier's settings."""
@@ -442,6 +501,15 @@ TARGETS: dict[str, Target] = {
                              "flips": True, "extra": "source-subcategories"}, 0.25, True, 1.0,
                             heldout_extra_classifier_data),
 }
+for _half in ("a", "b"):
+    for _wide in (False, True):
+        _name = f"fashion_{_half}{'_wide' if _wide else ''}"
+        TARGETS[_name] = Target(
+            _name, fashion_half_names(_half), 1, lambda h=_half: fashion_half_arrays(h)[:2],
+            lambda h=_half, **kw: fashion_splits(h, **kw), to_model_range, 10,
+            REPO_ROOT / "benchmark" / f"feature_classifier_{_name}", 3000,
+            {"target": _name, "split": FASHION_SPLIT_PER_CLASS, "reference_per_class": FASHION_REFERENCE_PER_CLASS},
+            FASHION_MIN_ACCURACY, False, -1.0, (lambda h=_half: fashion_wide_extra(h)) if _wide else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,6 +733,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", required=True, help="DiTPipeline folder to sample from.")
     p.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples (>= 1,000 recommended).")
     p.add_argument("--reference", choices=list(TARGETS), default="mnist", help="Target domain of the reference set.")
+    p.add_argument("--second_reference", choices=list(TARGETS), default=None,
+                   help="Also score the samples in this target's feature space (same reference images, another "
+                        "feature CNN): a conclusion should hold in both.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed; the same across arms = paired comparison.")
     p.add_argument("--num_inference_steps", type=int, default=250, help="Ancestral DDPM steps (DiT: 250).")
     p.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance (DiT's FID: 1.5).")
@@ -715,6 +786,13 @@ def main(args: argparse.Namespace) -> dict:
                               train_images=few_shot)
     if args.inception:
         metrics["inception_fid"] = inception_fid(images, reference, args.device, metric=inception)
+    if args.second_reference:
+        second, second_info = load_or_train_classifier(None, 0, None, args.split_seed, args.second_reference)
+        scores = compute_metrics(images, classes, reference, second, bootstrap=0, seed=args.seed,
+                                 train_images=few_shot)
+        metrics["second_space"] = {"target": args.second_reference, "classifier_val_accuracy":
+                                   second_info["val_accuracy"], **{k: scores[k] for k in ("fid", "kid_mean",
+                                                                                          "accuracy", "copy_rate")}}
     result = {"pipeline": os.path.abspath(args.pipeline), **metrics,
               "settings": {k: v for k, v in vars(args).items() if k not in ("pipeline",)},
               "classifier": {"val_accuracy": classifier_info["val_accuracy"], "dir": args.classifier_dir},

@@ -71,6 +71,13 @@ MINIATURES = {
     "emoji_heldout": {"source_model": os.path.join(ROOT, "benchmark", "emoji_heldout_source_model"),
                       "target": "emoji_heldout", "shots": 10, "flags": ["--random_flip"]},
 }
+# Fashion-MNIST split by class: each half's source model -> 10-shot of the other half's classes, scored in two
+# feature spaces (a CNN of the target's five classes, and one of all ten).
+for _source, _target in (("a", "b"), ("b", "a")):
+    MINIATURES[f"fashion_{_source}_to_{_target}"] = {
+        "source_model": os.path.join(ROOT, "benchmark", f"fashion_{_source}_source_model"),
+        "target": f"fashion_{_target}", "second": f"fashion_{_target}_wide", "shots": 10,
+        "flags": ["--no-random_flip"]}
 # The flags that define a run. A finished run is reused only with the same values, so a table never
 # mixes runs of different lengths or sample counts without saying so.
 RUN_SETTINGS = ("miniature", "source_model", "shots_per_class", "max_train_steps", "train_batch_size",
@@ -83,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--miniature", choices=list(MINIATURES), default="mnist",
                         help="mnist: Fashion-MNIST -> MNIST; emoji: Twemoji + Noto -> OpenMoji; emoji_heldout: "
-                             "Twemoji + Noto without animals and food -> animals and food.")
+                             "Twemoji + Noto without animals and food -> animals and food; fashion_a_to_b / "
+                             "fashion_b_to_a: one half of Fashion-MNIST's classes -> the other half.")
     parser.add_argument("--source_model", default=None, help="Default: the miniature's shipped source model.")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmark"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
@@ -239,6 +247,8 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
               "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
               "--shots_per_class", str(args.shots_per_class), "--output_json", metrics_path + ".eval",
               "--reference", MINIATURES[args.miniature]["target"],
+              *(["--second_reference", MINIATURES[args.miniature]["second"]] if "second" in MINIATURES[
+                  args.miniature] else []),
               "--save_grid", os.path.join(out, "eval_grid.png")], env, out + ".eval.log",
              f"evaluate.py for {arm} seed {seed}")
     metrics = json.load(open(metrics_path + ".eval"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -319,3 +320,26 @@ def test_gate_verdict_reads_the_whole_interval() -> None:
     assert gate_verdict(-0.08, 0.04, 0.10) == "PASS"
     assert gate_verdict(0.12, 0.30, 0.10) == "FAIL"
     assert gate_verdict(0.02, 0.15, 0.10) == "UNDECIDED"
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_half_splits_are_disjoint_and_reference_is_held_out() -> None:
+    """Each Fashion-MNIST half: classifier, its check, the early-stopping validation set and the few-shot set come
+    from the train split and never overlap; the 2,000-image reference is the test split; the halves' classes are
+    disjoint and the wide feature space's extra classes are the other half's."""
+    from benchmark import evaluate
+
+    _, labels, num_train = evaluate.fashion_half_arrays("b")
+    splits = evaluate.fashion_splits("b", labels, shots_per_class=10)
+    seen = set()
+    for name in ("classifier", "classifier_val", "val", "train"):
+        index = set(splits[name].tolist())
+        assert not index & seen and max(index) < num_train
+        seen |= index
+    assert len(splits["train"]) == 50 and min(splits["reference"]) >= num_train and len(splits["reference"]) == 2000
+    assert set(splits["train"][:5].tolist()) <= set(evaluate.fashion_splits("b", labels, shots_per_class=20)["train"])
+    assert not set(evaluate.fashion_half_names("a")) & set(evaluate.fashion_half_names("b"))
+    assert "t-shirt-top" in evaluate.fashion_half_names("a")
+    _, extra_labels = evaluate.fashion_wide_extra("b")
+    assert extra_labels.unique().tolist() == [5, 6, 7, 8, 9]
