@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, error_line, run_script
+from conftest import ROOT, error_line, files_uploaded, run_script
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import make_subject_folder, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
@@ -113,6 +113,22 @@ def test_resume_equals_straight_run(tiny_sd, subject, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     halfway = load_file(os.path.join(straight, "checkpoint-2", LORA_FILE))
     assert not all(torch.equal(a[k], halfway[k]) for k in a)  # the last two steps did train
+
+
+def test_push_to_hub_uploads_the_lora_and_card_only(tiny_sd, subject, tmp_path, captured_hub):
+    """The Hub is unreachable: capture create_repo/upload_folder; the LoRA and the card go, the checkpoints and
+    the class-sample bank stay; the card's snippet names the Hub repo."""
+    import train_dreambooth_lora_difftuning as script
+
+    out = str(tmp_path / "out")
+    script.main(script.parse_args(base_args(tiny_sd, subject, out, steps=2) + [
+        "--difftuning", "--with_prior_preservation", "--class_prompt", "a circle", "--push_to_hub",
+        "--hub_model_id", "me/sks-square"]))
+    assert captured_hub["create"]["repo_id"] == "me/sks-square"
+    sent = files_uploaded(captured_hub["upload"])
+    assert LORA_FILE in sent and "README.md" in sent
+    assert not any(p.startswith(("checkpoint-", "knowledge_bank")) for p in sent)
+    assert 'pipe.load_lora_weights("me/sks-square")' in open(os.path.join(out, "README.md")).read()
 
 
 def step_for(model: str, prediction_type: str = "epsilon", difftuning: bool = False, snr_gamma: float | None = None,
