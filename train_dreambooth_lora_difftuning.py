@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--sample_batch_size", type=int, default=4,
                     help="Class samples generated per pipeline call (one bank shard each).")
     db.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
-                    help="Precision of class-sample generation; default: the training's mixed precision.")
+                    help="Precision of the frozen model while it generates the class samples; default: the "
+                         "training's mixed precision.")
     db.add_argument("--resolution", type=int, default=None,
                     help="Training resolution; default: the model's (SD 1.x 512, SD 2.x 768, SDXL 1024).")
     db.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
@@ -368,10 +369,16 @@ def main(args: argparse.Namespace) -> None:
     args.resolution = args.resolution or unet.config.sample_size * vae_scale
     if args.resolution % vae_scale:
         raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+    # The bank's identity: the weights as loaded (before any cast, so every precision shares one bank).
+    fingerprint = dt.model_fingerprint(unet) if args.with_prior_preservation else None
     for frozen in (unet, vae, *text_encoders):
         frozen.requires_grad_(False)
-    for module in (unet, *text_encoders):  # upstream: frozen parts in the mixed-precision dtype
-        tp.cast(module, accelerator.device, weight_dtype)
+    # Frozen parts in the mixed-precision dtype (upstream); first in --prior_generation_precision's, if given,
+    # while the class samples are generated.
+    generation_dtype = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+                        "bf16": torch.bfloat16}.get(args.prior_generation_precision, weight_dtype)
+    for module in (unet, *text_encoders):
+        tp.cast(module, accelerator.device, generation_dtype if args.with_prior_preservation else weight_dtype)
     # The fp16 VAE overflows (SDXL's especially): keep it in fp32 unless another VAE was given, as upstream.
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path or weight_dtype == torch.bfloat16 else (
         torch.float32)
@@ -402,7 +409,6 @@ def main(args: argparse.Namespace) -> None:
             raise dt.ConfigError(f"--class_data_dir {bank_dir} holds images but no knowledge bank: this script "
                                  "generates its class samples with the base model and keeps them as latents; pass "
                                  "a new folder.")
-        fingerprint = dt.model_fingerprint(unet)
         call_defaults = inspect.signature(type(pipeline).__call__).parameters
         guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
@@ -413,13 +419,11 @@ def main(args: argparse.Namespace) -> None:
         sample_fn = lambda batch, gen: pipeline(  # noqa: E731
             batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
             num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images
-        precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.prior_generation_precision)
-        autocast = (torch.autocast(accelerator.device.type, dtype=precision) if precision
-                    else accelerator.autocast())
-        with autocast:
-            dt.build_knowledge_bank(bank_dir, sample_fn, [args.class_prompt] * args.num_class_images,
-                                    args.sample_batch_size, args.seed or 0, settings,
-                                    reencode_fn=lambda z: tp.reencode_latents(vae, z))
+        dt.build_knowledge_bank(bank_dir, sample_fn, [args.class_prompt] * args.num_class_images,
+                                args.sample_batch_size, args.seed or 0, settings,
+                                reencode_fn=lambda z: tp.reencode_latents(vae, z))
+        for module in (unet, *text_encoders):
+            tp.cast(module, accelerator.device, weight_dtype)
         bank = dt.load_knowledge_bank(bank_dir, fingerprint, latent_shape)
         preview = os.path.join(bank_dir, "preview.png")
         if accelerator.is_main_process and not os.path.exists(preview):
