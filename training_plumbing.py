@@ -273,8 +273,8 @@ def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtyp
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    # --output_dir is made by the first thing written into it (the bank, a checkpoint, the model), so an input
+    # refused before the first step leaves nothing behind.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     return accelerator, weight_dtype
 

@@ -236,12 +236,12 @@ def test_bad_inputs_refused_in_one_sentence(tiny_sd, subject, tmp_path):
     empty.mkdir()
     out = str(tmp_path / "out")
     line = error_line(run_script(SCRIPT, base_args(tiny_sd, str(empty), out), ok=False))
-    assert "--instance_data_dir" in line and "no image files" in line
+    assert "--instance_data_dir" in line and "no image files" in line and not os.path.exists(out)
     broken = tmp_path / "broken"
     shutil.copytree(subject, broken)
     (broken / "bad.png").write_bytes(b"not a png")
     line = error_line(run_script(SCRIPT, base_args(tiny_sd, str(broken), out), ok=False))
-    assert "bad.png" in line and not os.path.exists(os.path.join(out, LORA_FILE))
+    assert "bad.png" in line and not os.path.exists(out)
 
 
 def test_bank_from_other_settings_refused_and_kept(tiny_sd, subject, tmp_path):
