@@ -135,6 +135,11 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
 
 def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train_data_dir") -> None:
     """Fail fast, naming the flag, on common settings that cannot work."""
+    for name, value in vars(args).items():  # inf or nan in any numeric flag: nothing sensible can follow
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}.")
+    if not args.learning_rate > 0:
+        raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if not args.output_dir:
         raise ConfigError("--output_dir is required.")
     if args.dataset_name is None and args.train_data_dir is None:
@@ -193,7 +198,7 @@ def run_cli(main: Any, parse_args: Any) -> None:
     try:
         main(parse_args())
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, also under a progress bar
         sys.exit(2)
 
 
@@ -748,6 +753,10 @@ def count_flops(fn: Any) -> int:
     return counter.get_total_flops()
 
 
+class NonFiniteLoss(ConfigError):
+    """Training diverged: reported as one sentence (exit status 2), like bad input, since a setting caused it."""
+
+
 class TrainingLog:
     """The losses of each step, added up on the device and read every ``logging_steps`` (one host sync
     there, none in between), and the steady-state throughput.
@@ -760,8 +769,10 @@ class TrainingLog:
     """
 
     def __init__(self, accelerator: Accelerator, logging_steps: int, images_per_step: int,
-                 flops_per_image: float | None = None, peak: float | None = None) -> None:
+                 flops_per_image: float | None = None, peak: float | None = None,
+                 checkpointing_steps: int | None = None) -> None:
         self.accelerator, self.logging_steps, self.images_per_step = accelerator, logging_steps, images_per_step
+        self.checkpointing_steps = checkpointing_steps  # also read before every checkpoint: never save a NaN model
         self.flops_per_image, self.peak = flops_per_image, peak
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
@@ -787,10 +798,16 @@ class TrainingLog:
     def step(self, global_step: int, lr: float, force: bool = False) -> dict[str, float] | None:
         """Count an optimizer step; every ``logging_steps`` (or when ``force``) read and log the window."""
         self.window_steps += 1
-        if not (force or global_step % self.logging_steps == 0) or not self.count:
+        before_checkpoint = self.checkpointing_steps and global_step % self.checkpointing_steps == 0
+        if not (force or before_checkpoint or global_step % self.logging_steps == 0) or not self.count:
             return None
         names = list(self.sums)
         values = (torch.stack([self.sums[k].float() for k in names]) / self.count).tolist()  # the one sync
+        bad = [name for name, value in zip(names, values, strict=True) if not math.isfinite(value)]
+        if bad:  # stop before a non-finite model is checkpointed, saved or pushed
+            raise NonFiniteLoss(f"The loss became non-finite by step {global_step} ({', '.join(bad)} = "
+                                f"{values[names.index(bad[0])]}); nothing was saved after the last checkpoint. Lower "
+                                "--learning_rate (or set --max_grad_norm) and resume from that checkpoint.")
         seconds = max(time.perf_counter() - self.window_start - self.paused_seconds, 1e-9)
         logs = dict(zip(names, values, strict=True)) | {"lr": lr}
         logs["images_per_sec"] = self.window_steps * self.images_per_step / seconds

@@ -286,3 +286,22 @@ def test_help_has_no_bank_mix_flags():
     flags = {a for action in build_parser()._actions for a in action.option_strings}
     assert {"--with_prior_preservation", "--prior_loss_weight", "--num_class_images", "--difftuning"} <= flags
     assert not flags & {"--retention_ratio", "--retention_weight", "--knowledge_bank_size", "--knowledge_bank_dir"}
+
+
+def test_diverging_run_stops_in_one_sentence_before_saving(tiny_sd, subject, tmp_path):
+    """A learning rate that blows the weights up stops the run at the next loss read (every checkpoint is preceded
+    by one) in one sentence naming the step: no non-finite LoRA is saved or checkpointed."""
+    out = str(tmp_path / "out")
+    args = base_args(tiny_sd, subject, out) + ["--learning_rate", "1e30", "--logging_steps", "100"]
+    line = error_line(run_script(SCRIPT, args, ok=False))
+    assert "non-finite by step 2" in line and "--learning_rate" in line
+    assert not os.path.exists(os.path.join(out, LORA_FILE)) and not os.path.exists(os.path.join(out, "checkpoint-2"))
+
+
+@pytest.mark.parametrize("flag, value", [("--learning_rate", "inf"), ("--learning_rate", "nan"),
+                                         ("--difftuning_tau", "nan"), ("--snr_gamma", "inf")])
+def test_non_finite_numbers_refused(subject, tmp_path, flag, value):
+    from train_dreambooth_lora_difftuning import parse_args
+
+    with pytest.raises(dt.ConfigError, match=f"{flag} must be a finite number, got {value}"):
+        parse_args(base_args("unused-model", subject, str(tmp_path / "out")) + [flag, value])
