@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from tiny_models import make_image_folder, make_tiny_dit_pipeline  # noqa: E402
+from tiny_models import make_image_folder, make_tiny_dit_pipeline, make_tiny_sd_pipeline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,6 +24,12 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_dit(tmp_path_factory) -> str:
     return make_tiny_dit_pipeline(str(tmp_path_factory.mktemp("tiny-dit")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    """A tiny StableDiffusionPipeline folder (ControlNet and DreamBooth tests)."""
+    return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
 
 
 @pytest.fixture(scope="session")

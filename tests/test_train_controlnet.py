@@ -21,11 +21,6 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> str:
-    return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
-
-
-@pytest.fixture(scope="module")
 def circles(tmp_path_factory) -> str:
     return make_circle_dataset(str(tmp_path_factory.mktemp("circles")), n=12)
 

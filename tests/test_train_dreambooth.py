@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, error_line, files_uploaded, run_script
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import make_subject_folder, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+from tiny_models import make_subject_folder, make_tiny_sdxl_pipeline
 
 import difftuning_utils as dt
 import model_families as mf
@@ -18,11 +18,6 @@ import training_plumbing as tp
 
 SCRIPT = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> str:
-    return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
 
 
 @pytest.fixture(scope="session")
