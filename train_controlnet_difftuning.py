@@ -372,6 +372,9 @@ def main(args: argparse.Namespace) -> None:
     from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
     accelerator, weight_dtype = tp.setup_accelerator(args)
+    if weight_dtype == torch.float16 and accelerator.device.type == "cpu":  # the fp32 ControlNet meets fp16 inputs
+        raise dt.ConfigError("--mixed_precision fp16 needs a GPU: accelerate runs no fp16 autocast on the CPU, "
+                             "which the float32 ControlNet relies on; use bf16 or no.")
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- Models -------------------------------------------------------------------------------
@@ -402,6 +405,7 @@ def main(args: argparse.Namespace) -> None:
     if controlnet.dtype != torch.float32:
         raise dt.ConfigError(f"The ControlNet was loaded as {controlnet.dtype}; trainable weights must be float32.")
     base_fingerprint = dt.model_fingerprint(unet) if args.difftuning and args.retention == "replay" else None
+    vae_fingerprint = dt.model_fingerprint(vae) if base_fingerprint else None  # before the cast, like the UNet's
     for frozen in (vae, unet, text_encoder):  # upstream: frozen parts in the mixed-precision dtype
         frozen.requires_grad_(False)
         tp.cast(frozen, accelerator.device, weight_dtype)
@@ -431,7 +435,7 @@ def main(args: argparse.Namespace) -> None:
         picks = torch.randint(0, len(captions), (args.knowledge_bank_size,), generator=prompt_gen).tolist()
         prompts = [c if isinstance(c, str) else c[0] for c in (captions[i] for i in picks)]
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": base_fingerprint, "vae_fingerprint": dt.model_fingerprint(vae),
+                    "fingerprint": base_fingerprint, "vae_fingerprint": vae_fingerprint,
                     "scheduler": type(pipeline.scheduler).__name__,
                     "num_inference_steps": args.knowledge_bank_num_inference_steps,
                     "guidance_scale": args.knowledge_bank_guidance_scale, "resolution": args.resolution}

@@ -348,6 +348,7 @@ def main(args: argparse.Namespace) -> None:
                              f"{transformer.config.sample_size} latents x {vae_scale}): use --resolution "
                              f"{model_resolution} or leave it out.")
     vae.requires_grad_(False)
+    vae_fingerprint = dt.model_fingerprint(vae) if args.difftuning else None  # as loaded: one bank for all precisions
     # The fp16 VAE is known to give NaNs; bf16 is safe.
     tp.cast(vae, accelerator.device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     tp.disable_per_block_label_dropout(transformer)
@@ -374,7 +375,7 @@ def main(args: argparse.Namespace) -> None:
         label_gen = torch.Generator().manual_seed(dt.derive_seed(args.seed or 0, "bank-labels"))
         picks = torch.randint(0, len(source_classes), (args.knowledge_bank_size,), generator=label_gen)
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": base_fingerprint, "vae_fingerprint": dt.model_fingerprint(vae),
+                    "fingerprint": base_fingerprint, "vae_fingerprint": vae_fingerprint,
                     "scheduler": type(bank_scheduler).__name__,
                     "num_inference_steps": args.knowledge_bank_num_inference_steps,
                     "guidance_scale": args.knowledge_bank_guidance_scale}

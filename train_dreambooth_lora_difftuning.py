@@ -371,6 +371,7 @@ def main(args: argparse.Namespace) -> None:
         raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
     # The bank's identity: the weights as loaded (before any cast, so every precision shares one bank).
     fingerprint = dt.model_fingerprint(unet) if args.with_prior_preservation else None
+    vae_fingerprint = dt.model_fingerprint(vae) if args.with_prior_preservation else None
     for frozen in (unet, vae, *text_encoders):
         frozen.requires_grad_(False)
     # Frozen parts in the mixed-precision dtype (upstream); first in --prior_generation_precision's, if given,
@@ -412,7 +413,7 @@ def main(args: argparse.Namespace) -> None:
         call_defaults = inspect.signature(type(pipeline).__call__).parameters
         guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": fingerprint, "vae_fingerprint": dt.model_fingerprint(vae),
+                    "fingerprint": fingerprint, "vae_fingerprint": vae_fingerprint,
                     "scheduler": type(pipeline.scheduler).__name__,
                     "num_inference_steps": args.knowledge_bank_num_inference_steps, "guidance_scale": guidance,
                     "resolution": args.resolution, "prompt": args.class_prompt}

@@ -70,8 +70,8 @@ SCRIPTS = {"dit": "train_dit_difftuning.py", "controlnet": "train_controlnet_dif
            "dreambooth-sd": DREAMBOOTH_SCRIPT, "dreambooth-sdxl": DREAMBOOTH_SCRIPT}
 
 
-def build_models(size: str, folder: str, device: str) -> dict[str, str]:
-    """Pipeline folders (random init) of both base models; reused when already written."""
+def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[str, str]:
+    """Pipeline folders (random init) of the base models the chosen runs need; reused when already written."""
     import torch
 
     paths = {"dit": os.path.join(folder, "dit-pipeline"), "controlnet": os.path.join(folder, "sd-pipeline"),
@@ -99,7 +99,7 @@ def build_models(size: str, folder: str, device: str) -> dict[str, str]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    if not os.path.exists(os.path.join(paths["dit"], "model_index.json")):
+    if "dit" in kinds and not os.path.exists(os.path.join(paths["dit"], "model_index.json")):
         with torch.device(device):
             transformer = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72,
                                                 patch_size=2, sample_size=32, in_channels=4, out_channels=8,
@@ -107,9 +107,11 @@ def build_models(size: str, folder: str, device: str) -> dict[str, str]:
             vae = AutoencoderKL(**SD_VAE, sample_size=256)
         DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler(variance_type="learned_range")
                     ).save_pretrained(paths["dit"])
-    if not os.path.exists(os.path.join(paths["controlnet"], "model_index.json")):
-        tokenizer_dir = os.path.join(folder, "tokenizer")
+    tokenizer_dir = os.path.join(folder, "tokenizer")
+    if kinds - {"dit"} and not os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
         train_clip_tokenizer(tokenizer_dir, [caption(i) for i in range(64)], 200)
+    needs_sd = kinds & {"controlnet", "dreambooth-sd"}
+    if needs_sd and not os.path.exists(os.path.join(paths["controlnet"], "model_index.json")):
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         with torch.device(device):
             unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's shape (the defaults)
@@ -123,8 +125,8 @@ def build_models(size: str, folder: str, device: str) -> dict[str, str]:
         StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(paths["controlnet"])
-    if not os.path.exists(os.path.join(paths["dreambooth-sdxl"], "model_index.json")):
-        build_sdxl(paths["dreambooth-sdxl"], os.path.join(folder, "tokenizer"), device)
+    if "dreambooth-sdxl" in kinds and not os.path.exists(os.path.join(paths["dreambooth-sdxl"], "model_index.json")):
+        build_sdxl(paths["dreambooth-sdxl"], tokenizer_dir, device)
     return paths
 
 
@@ -299,9 +301,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="Training steps per run.")
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     parser.add_argument("--overhead_repeats", type=int, default=10, help="0 skips the overhead harness.")
+    parser.add_argument("--deadline_s", type=float, default=None,
+                        help="Start no new run or harness measurement after this many seconds (a lease's limit); "
+                             "what was skipped is listed in the report.")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.dataloader_num_workers < 0 or args.overhead_repeats < 0:
         parser.error("--steps must be >= 2, --dataloader_num_workers and --overhead_repeats >= 0.")
+    if args.deadline_s is not None and not 0 < args.deadline_s < float("inf"):
+        parser.error("--deadline_s must be a positive number of seconds.")
     return args
 
 
@@ -311,33 +318,48 @@ def main(args: argparse.Namespace) -> dict:
     start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
-    models = build_models(args.size, args.output_dir, device)
+    kinds = {RUNS[name][0] for name in args.runs}
+    models = build_models(args.size, args.output_dir, device, kinds)
     data = write_datasets(args.size, args.output_dir)
     print(f"[gpu_check] models and data ready in {time.time() - start:.0f} s", flush=True)
-    runs = {name: train(name, args, models, data) for name in args.runs}
-    for name, result in runs.items():
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "size": args.size, "steps": args.steps, "runs": {}, "overhead": {}, "skipped": []}
+
+    def write_report() -> None:  # after every run: a machine taken back mid-way still leaves its figures
+        report["wall_s"] = round(time.time() - start, 1)
+        with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
+            f.write(markdown(report))
+        atomic_write_json(os.path.join(args.output_dir, "gpu_check.json"), report)
+
+    def out_of_time() -> bool:
+        return args.deadline_s is not None and time.time() - start > args.deadline_s
+
+    for name in args.runs:  # in the order given: put the runs that matter most first
+        if out_of_time():
+            report["skipped"].append(name)
+            continue
+        result = train(name, args, models, data)
         result["load_and_sample"] = load_and_sample(name, args, models, data) if result["returncode"] == 0 else "-"
-    harness = {}
+        report["runs"][name] = result
+        write_report()
     if args.overhead_repeats:
         import overhead
 
         sizes = {"dit": "dit-xl", "controlnet": "sd15-controlnet"} if args.size == "real" else {
             "dit": "tiny", "controlnet": "tiny-controlnet"}
         for kind, cached in (("dit", False), ("dit", True), ("controlnet", False)):
-            batch = SIZES[args.size][kind][2]
             key = f"{kind}-bf16{'-cached' if cached else ''}"
-            harness[key] = overhead.run_overhead(sizes[kind], batch, device, "bf16", args.overhead_repeats, 2,
-                                                 cache_latents=cached)
-            print(f"[gpu_check] overhead {key}: DT/standard step time {harness[key]['ratios']['step_time']:.3f}",
-                  flush=True)
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "size": args.size, "steps": args.steps, "runs": runs, "overhead": harness,
-              "wall_s": round(time.time() - start, 1)}
-    summary = markdown(report)
-    with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
-        f.write(summary)
-    atomic_write_json(os.path.join(args.output_dir, "gpu_check.json"), report)
-    print(summary)
+            if out_of_time():
+                report["skipped"].append(f"overhead {key}")
+                continue
+            batch = SIZES[args.size][kind][2]
+            report["overhead"][key] = overhead.run_overhead(sizes[kind], batch, device, "bf16",
+                                                            args.overhead_repeats, 2, cache_latents=cached)
+            print(f"[gpu_check] overhead {key}: DT/standard step time "
+                  f"{report['overhead'][key]['ratios']['step_time']:.3f}", flush=True)
+            write_report()
+    write_report()
+    print(markdown(report))
     return report
 
 

@@ -217,6 +217,13 @@ def test_bad_flags_fail_fast(tiny_sd, circles):
             script.parse_args(common + bad)
 
 
+def test_fp16_on_cpu_refused_in_one_sentence(tiny_sd, circles, tmp_path):
+    """Without CUDA autocast the float32 ControlNet meets fp16 inputs: refused before any model is loaded."""
+    result = run(base_args(tiny_sd, circles, str(tmp_path / "out"), 1) + ["--mixed_precision", "fp16"], ok=False)
+    assert "--mixed_precision fp16 needs a GPU" in error_line(result)
+    assert not os.path.exists(tmp_path / "out")
+
+
 # Every flag of diffusers' examples/controlnet/train_controlnet.py and its default.
 UPSTREAM_DEFAULTS = {
     "controlnet_model_name_or_path": None, "revision": None, "variant": None, "tokenizer_name": None,

@@ -245,6 +245,11 @@ def test_bank_from_other_settings_refused_and_kept(tiny_sd, subject, tmp_path):
     run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "a"), steps=1) + [
         "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", bank])
     before = {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)}
+    # Another precision is the same base model: the bank is reused as it is, not refused or rebuilt.
+    run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "bf16"), steps=1) + [
+        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", bank,
+        "--mixed_precision", "bf16"])
+    assert {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)} == before
     line = error_line(run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "b"), steps=1) + [
         "--with_prior_preservation", "--class_prompt", "a cross", "--class_data_dir", bank], ok=False))
     assert "prompt: 'a circle' there, 'a cross' now" in line
