@@ -543,7 +543,10 @@ def main(args: argparse.Namespace) -> None:
         family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, unet)),
                                  [lora_layers(e) if e is not None else None for e in encoders])
         del pipeline, unet, text_encoders, step
-        final, _ = load_base_pipeline(args)  # the saved file, loaded as a user would
+        # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
+        # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.
+        final_dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32
+        final, _ = load_base_pipeline(args, torch_dtype=final_dtype)
         final.load_lora_weights(args.output_dir)
         prompt = args.validation_prompt or args.instance_prompt
         images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device)

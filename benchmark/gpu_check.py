@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One command that checks the training scripts at real size on one GPU, offline, and measures them.
 
-    python benchmark/gpu_check.py --output_dir outputs/gpu_check                 # one GPU, about 8 minutes
+    python benchmark/gpu_check.py --output_dir outputs/gpu_check                 # one GPU, every run: ~25 minutes
+    python benchmark/gpu_check.py --steps 40 --deadline_s 380 --runs ...         # a short lease: what matters first
     python benchmark/gpu_check.py --size tiny --output_dir /tmp/gpu_check        # CPU smoke (the tests run it)
 
 What it does, with no Hub access:
@@ -16,7 +17,8 @@ What it does, with no Hub access:
    ``--cache_latents``, and reads each run's steady-state throughput and peak memory (``logs/throughput.json``);
 4. loads the outputs with ``DiffusionPipeline`` / ``ControlNetModel`` / ``load_lora_weights`` and samples them;
 5. runs ``benchmark/overhead.py`` (the scripts' own step, timed in isolation) at the same batches;
-6. writes ``summary.md`` and ``gpu_check.json`` in ``--output_dir``.
+6. writes ``summary.md`` and ``gpu_check.json`` in ``--output_dir`` after every run (a machine taken back
+   mid-way leaves what was measured), and lists what ``--deadline_s`` skipped.
 
 Numbers on random weights measure speed and plumbing, not quality.
 """
@@ -387,6 +389,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {key} | {h['standard']['images_per_s']:.1f} | {h['difftuning']['images_per_s']:.1f} | "
                          f"{h['ratios']['step_time']:.3f} | {num(h['ratios']['peak_memory'], '.3f')} | "
                          f"{num(ratio, '.2f')} |")
+    if report.get("skipped"):
+        lines += ["", f"Skipped (past --deadline_s): {', '.join(report['skipped'])}."]
     return "\n".join(lines) + "\n"
 
 

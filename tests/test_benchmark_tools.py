@@ -278,6 +278,21 @@ def test_gpu_check_tiny_mode(tmp_path) -> None:
     assert (tmp_path / "gpu_check.json").exists()
 
 
+def test_gpu_check_deadline_skips_and_still_reports(tmp_path) -> None:
+    """Past --deadline_s no run or harness measurement starts; the report lists what was skipped."""
+    from benchmark import gpu_check
+
+    report = gpu_check.main(gpu_check.parse_args([
+        "--size", "tiny", "--output_dir", str(tmp_path), "--deadline_s", "1e-9", "--overhead_repeats", "1",
+        "--runs", "dit-standard-bf16", "controlnet-none-bf16"]))
+    assert report["runs"] == {} and report["skipped"] == [
+        "dit-standard-bf16", "controlnet-none-bf16", "overhead dit-bf16", "overhead dit-bf16-cached",
+        "overhead controlnet-bf16"]
+    assert json.load(open(tmp_path / "gpu_check.json"))["skipped"] == report["skipped"]
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--deadline_s", "nan"])
+
+
 def test_pretrain_source_refuses_unknown_groups_and_missing_vae(capsys):
     """--exclude_groups must name emoji groups of an emoji source, --vae_from a VAE folder: one sentence, exit 2."""
     from benchmark import pretrain_source

@@ -95,6 +95,18 @@ def test_train_save_load_lora(tiny_sd, tiny_sdxl, subject, tmp_path, model, extr
     assert os.path.exists(os.path.join(out, "knowledge_bank", "manifest.json"))
 
 
+def test_half_precision_base_model(tiny_sdxl, subject, tmp_path):
+    """A base pipeline saved in bf16 (like an fp16 --variant): transformers loads its text encoders in bf16 and
+    diffusers its UNet in float32; training and the final samples still run, every part in one dtype."""
+    from diffusers import DiffusionPipeline
+
+    half = str(tmp_path / "sdxl-bf16")
+    DiffusionPipeline.from_pretrained(tiny_sdxl).to(torch.bfloat16).save_pretrained(half)
+    out = str(tmp_path / "out")
+    run_script(SCRIPT, base_args(half, subject, out, steps=1) + ["--mixed_precision", "bf16"])
+    assert os.path.exists(os.path.join(out, LORA_FILE)) and os.path.exists(os.path.join(out, "README.md"))
+
+
 def test_resume_equals_straight_run(tiny_sd, subject, tmp_path):
     """Stopped at step 2 and resumed gives bit-identical LoRA weights (bank replay, text-encoder LoRA)."""
     args = ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle", "--train_text_encoder",
