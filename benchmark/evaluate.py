@@ -478,7 +478,10 @@ class Target:
                                                                                            torch.Tensor]:
         """One split as (float images [N,C,32,32] in [-1,1], int64 labels [N])."""
         images, labels = self.arrays()
-        idx = self.splits(labels=labels, seed=seed, shots_per_class=shots_per_class or self.default_shots)[name]
+        splits = self.splits(labels=labels, seed=seed, shots_per_class=shots_per_class or self.default_shots)
+        if name not in splits:
+            raise dt.ConfigError(f"Target {self.name} has no {name!r} split (it has {', '.join(splits)}).")
+        idx = splits[name]
         return self.to_model(images[idx]), torch.as_tensor(labels[idx])
 
 
@@ -699,6 +702,79 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
     return torch.cat(images)
 
 
+def load_checkpoint_weights(transformer: nn.Module, checkpoint_dir: str) -> str:
+    """Put the weights of a full fine-tune's training checkpoint into ``transformer``: its EMA weights when the
+    run kept an EMA (they are what the run would have saved had it stopped there), else the raw weights.
+    Returns which were loaded ("ema" or "raw"). Other --finetune modes are refused: their checkpoints hold
+    adapters or a subset of the weights."""
+    from safetensors.torch import load_file
+
+    params = list(transformer.parameters())
+    ema_path = os.path.join(checkpoint_dir, "custom_checkpoint_0.pkl")
+    if os.path.exists(ema_path):
+        shadow = torch.load(ema_path, map_location="cpu", weights_only=False)["shadow_params"]
+        if [tuple(t.shape) for t in shadow] != [tuple(p.shape) for p in params]:
+            raise dt.ConfigError(f"{checkpoint_dir}: its EMA does not hold every weight of the model (only full "
+                                 "fine-tunes can be scored from checkpoints).")
+        with torch.no_grad():
+            for param, value in zip(params, shadow, strict=True):
+                param.copy_(value)
+        return "ema"
+    model_path = os.path.join(checkpoint_dir, "model.safetensors")
+    if not os.path.exists(model_path):
+        raise dt.ConfigError(f"{checkpoint_dir} is not a training checkpoint (no model.safetensors).")
+    missing, unexpected = transformer.load_state_dict(load_file(model_path), strict=False)
+    if missing or unexpected:
+        raise dt.ConfigError(f"{checkpoint_dir}: its weights do not match the model ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected; only full fine-tunes can be scored from checkpoints).")
+    return "raw"
+
+
+def checkpoint_step(path: str) -> int:
+    """The training step of a ``checkpoint-<step>`` folder."""
+    name = os.path.basename(os.path.normpath(path))
+    if not name.startswith("checkpoint-") or not name[len("checkpoint-"):].isdigit():
+        raise dt.ConfigError(f"--checkpoints {path}: not a checkpoint-<step> folder.")
+    return int(name[len("checkpoint-"):])
+
+
+def score_checkpoints(args: argparse.Namespace) -> dict:
+    """FID along a run: each of ``--checkpoints`` sampled with the same noise and scored against the
+    ``--reference_split`` (the ``val`` split, disjoint from the reference set, is the one to choose a step on),
+    in the first feature space and, with ``--second_reference``, the second. Writes ``--output_json``."""
+    from diffusers import DiTPipeline
+
+    checkpoints = sorted(args.checkpoints, key=checkpoint_step)
+    target = TARGETS[args.reference]
+    classifier, _ = load_or_train_classifier(args.classifier_dir, 0, args.classifier_steps, args.split_seed,
+                                             args.reference)
+    second = (load_or_train_classifier(None, 0, None, args.split_seed, args.second_reference)[0]
+              if args.second_reference else None)
+    reference, _ = target.split(args.reference_split, args.split_seed, args.shots_per_class)
+    pipe = DiTPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe.transformer.eval()
+    rows = class_rows(pipe, target.class_names)
+    classes = [i % len(target.class_names) for i in range(args.num_samples)]
+    curve = []
+    for checkpoint in checkpoints:
+        weights = load_checkpoint_weights(pipe.transformer, checkpoint)
+        images = sample_pipeline(pipe, [rows[c] for c in classes], args.seed, args.num_inference_steps,
+                                 args.guidance_scale, args.batch_size)
+        point = {"step": checkpoint_step(checkpoint), "weights": weights}
+        for name, network in (("", classifier), ("second_", second)):
+            if network is not None:
+                scores = compute_metrics(images, classes, reference, network, bootstrap=0, seed=args.seed)
+                point.update({f"{name}fid": scores["fid"], f"{name}accuracy": scores["accuracy"]})
+        curve.append(point)
+        print(f"step {point['step']}: FID {point['fid']:.2f} on {args.reference_split}" + (
+            f" (second space {point['second_fid']:.2f})" if second is not None else ""), flush=True)
+    result = {"pipeline": os.path.abspath(args.pipeline), "reference_split": args.reference_split,
+              "curve": curve, "settings": {k: v for k, v in vars(args).items() if k != "pipeline"}}
+    dt.atomic_write_json(args.output_json or os.path.join(args.pipeline, f"curve_{args.reference_split}.json"),
+                         result)
+    return result
+
+
 def class_rows(pipe, class_names: tuple[str, ...] = MNIST_CLASSES) -> list[int]:
     """Label-table row of each target class: read from the pipeline's id2label when it names them all
     (imagefolder class folders), else row = class index."""
@@ -752,11 +828,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_json", default=None, help="Default: <pipeline>/eval_seed<seed>.json.")
     p.add_argument("--save_grid", default=None, help="PNG of 10 samples per class.")
     p.add_argument("--save_samples", default=None, help=".npz of the uint8 samples and labels, to re-score later.")
+    p.add_argument("--reference_split", choices=["reference", "val"], default="reference",
+                   help="The real images scored against: the reference set, or the validation split (disjoint from "
+                        "it) to choose a checkpoint on.")
+    p.add_argument("--checkpoints", nargs="+", default=None,
+                   help="Score these training checkpoints of --pipeline's run (full fine-tunes; EMA weights when "
+                        "kept) instead of the pipeline itself: a FID-vs-steps curve in --output_json.")
+    p.add_argument("--load_checkpoint", default=None,
+                   help="Evaluate --pipeline with the weights of this training checkpoint of its run.")
     args = p.parse_args(argv)
     if args.num_samples < 2 or args.batch_size < 1 or args.num_inference_steps < 1:
         raise dt.ConfigError("--num_samples must be >= 2, --batch_size and --num_inference_steps >= 1.")
     if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         raise dt.ConfigError(f"--pipeline {args.pipeline} is not a pipeline folder (no model_index.json).")
+    for path in (args.checkpoints or []) + ([args.load_checkpoint] if args.load_checkpoint else []):
+        checkpoint_step(path)
+        if not os.path.isdir(path):
+            raise dt.ConfigError(f"Checkpoint {path} does not exist.")
     return args
 
 
@@ -767,15 +855,19 @@ def main(args: argparse.Namespace) -> dict:
 
     quiet_known_warnings()
     torch.set_num_threads(args.num_threads)
+    if args.checkpoints:
+        return score_checkpoints(args)
     start = time.time()
     inception = inception_metric(args.device) if args.inception else None
     target = TARGETS[args.reference]
     classifier, classifier_info = load_or_train_classifier(args.classifier_dir, 0, args.classifier_steps,
                                                            args.split_seed, args.reference)
-    reference, _ = target.split("reference", args.split_seed, args.shots_per_class)
+    reference, _ = target.split(args.reference_split, args.split_seed, args.shots_per_class)
     few_shot, _ = target.split("train", args.split_seed, args.shots_per_class)  # for the memorisation metrics
     pipe = DiTPipeline.from_pretrained(args.pipeline).to(args.device)
     pipe.transformer.eval()
+    if args.load_checkpoint:
+        load_checkpoint_weights(pipe.transformer, args.load_checkpoint)
     rows = class_rows(pipe, target.class_names)
     classes = [i % len(target.class_names) for i in range(args.num_samples)]  # every batch is class-balanced
     sample_start = time.time()
@@ -793,7 +885,7 @@ def main(args: argparse.Namespace) -> dict:
         metrics["second_space"] = {"target": args.second_reference, "classifier_val_accuracy":
                                    second_info["val_accuracy"], **{k: scores[k] for k in ("fid", "kid_mean",
                                                                                           "accuracy", "copy_rate")}}
-    result = {"pipeline": os.path.abspath(args.pipeline), **metrics,
+    result = {"pipeline": os.path.abspath(args.pipeline), "checkpoint": args.load_checkpoint, **metrics,
               "settings": {k: v for k, v in vars(args).items() if k not in ("pipeline",)},
               "classifier": {"val_accuracy": classifier_info["val_accuracy"], "dir": args.classifier_dir},
               "sample_seconds": round(sample_seconds, 1), "total_seconds": round(time.time() - start, 1)}

@@ -82,7 +82,10 @@ for _source, _target in (("a", "b"), ("b", "a")):
 # mixes runs of different lengths or sample counts without saying so.
 RUN_SETTINGS = ("miniature", "source_model", "shots_per_class", "max_train_steps", "train_batch_size",
                 "learning_rate", "ema_decay", "knowledge_bank_size", "knowledge_bank_num_inference_steps",
-                "num_samples", "num_inference_steps", "guidance_scale", "authors_ema_decay", "extra_flags")
+                "num_samples", "num_inference_steps", "guidance_scale", "authors_ema_decay", "extra_flags",
+                "eval_every", "val_samples", "val_inference_steps")
+# Settings added later: runs made before them were made with these values.
+SETTING_DEFAULTS = {"eval_every": 0, "val_samples": 500, "val_inference_steps": 50}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples per run.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Ancestral DDPM steps for evaluation.")
     parser.add_argument("--guidance_scale", type=float, default=1.5)
+    parser.add_argument("--eval_every", type=int, default=0,
+                        help="Early stopping: keep a checkpoint every this many steps, score each on the target's "
+                             "validation split (disjoint from the reference set) and also report the run at its "
+                             "validation-chosen checkpoint. 0: only the final model.")
+    parser.add_argument("--val_samples", type=int, default=500, help="Samples per checkpoint scored on validation.")
+    parser.add_argument("--val_inference_steps", type=int, default=50, help="DDPM steps of those samples.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
     parser.add_argument("--table", default=None, help="Also write the markdown table here (e.g. docs/...).")
     parser.add_argument("--summarize_only", action="store_true",
@@ -137,6 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "knowledge_bank_num_inference_steps", "num_inference_steps", "jobs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.eval_every < 0 or (args.eval_every and args.max_train_steps % args.eval_every):
+        parser.error(f"--eval_every must divide --max_train_steps ({args.max_train_steps}), got {args.eval_every}.")
+    if args.val_samples < 2 or args.val_inference_steps < 1:
+        parser.error("--val_samples must be >= 2 and --val_inference_steps >= 1.")
     if args.num_samples < 2 or args.learning_rate <= 0 or not 0 <= args.ema_decay < 1:
         parser.error("--num_samples must be >= 2, --learning_rate > 0 and --ema_decay in [0, 1).")
     if args.baseline_dir and not os.path.isdir(os.path.join(args.baseline_dir, "runs")):
@@ -210,7 +223,7 @@ def check_run_settings(out: str, settings: dict) -> None:
                           "--output_dir.")
     stored = json.load(open(path))
     for name, value in settings.items():
-        if stored.get(name) != value:
+        if stored.get(name, SETTING_DEFAULTS.get(name)) != value:
             raise ConfigError(f"{out} was run with --{name} {stored.get(name)}, not {value}: use another "
                               "--output_dir or the same settings.")
 
@@ -230,7 +243,8 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
                "--pretrained_model_name_or_path", args.source_model, "--train_data_dir", data, "--output_dir", out,
                "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
                "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-               "--center_crop", "--use_ema", "--ema_decay", str(args.ema_decay), "--checkpointing_steps", "100000",
+               "--center_crop", "--use_ema", "--ema_decay", str(args.ema_decay),
+               "--checkpointing_steps", str(args.eval_every or 100000),
                "--report_to", "tensorboard", "--num_validation_images", "2", "--validation_num_inference_steps", "50",
                "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
                "--knowledge_bank_size", str(args.knowledge_bank_size),
@@ -242,19 +256,48 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
         run_step(cmd, env, out + ".log", f"train_dit_difftuning.py for {arm} seed {seed}{bank}")
         atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
     # Same --seed for every arm: the same sampling noise, a paired comparison.
-    run_step([sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
-              "--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps),
-              "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
-              "--shots_per_class", str(args.shots_per_class), "--output_json", metrics_path + ".eval",
-              "--reference", MINIATURES[args.miniature]["target"],
-              *(["--second_reference", MINIATURES[args.miniature]["second"]] if "second" in MINIATURES[
-                  args.miniature] else []),
-              "--save_grid", os.path.join(out, "eval_grid.png")], env, out + ".eval.log",
-             f"evaluate.py for {arm} seed {seed}")
+    evaluate_cmd = [sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
+                    "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
+                    "--shots_per_class", str(args.shots_per_class), "--reference", MINIATURES[args.miniature]["target"],
+                    *(["--second_reference", MINIATURES[args.miniature]["second"]] if "second" in MINIATURES[
+                        args.miniature] else [])]
+    full = ["--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps)]
+    if not os.path.exists(metrics_path + ".eval"):
+        run_step(evaluate_cmd + full + ["--output_json", metrics_path + ".eval", "--save_grid",
+                                        os.path.join(out, "eval_grid.png")], env, out + ".eval.log",
+                 f"evaluate.py for {arm} seed {seed}")
     metrics = json.load(open(metrics_path + ".eval"))
     metrics["train_seconds"] = json.load(open(os.path.join(out, "train_time.json")))["seconds"]
+    if args.eval_every:
+        metrics["early_stopped"], metrics["val_curve"] = early_stopped(args, arm, seed, out, evaluate_cmd + full,
+                                                                       metrics, env)
     atomic_write_json(metrics_path, metrics)
     return metrics
+
+
+def early_stopped(args: argparse.Namespace, arm: str, seed: int, out: str, evaluate_cmd: list[str],
+                  final: dict, env: dict) -> tuple[dict, list[dict]]:
+    """The run at its validation-chosen checkpoint: every kept checkpoint scored on the validation split (the
+    first feature space chooses), then the chosen one scored like the final model. Returns its metrics (with
+    ``step``) and the validation curve."""
+    checkpoints = sorted((os.path.join(out, name) for name in os.listdir(out) if name.startswith("checkpoint-")
+                          and not name.endswith(".tmp")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    curve_path = os.path.join(out, "curve_val.json")
+    if not os.path.exists(curve_path):
+        run_step(evaluate_cmd[:evaluate_cmd.index("--num_samples")] + [
+            "--num_samples", str(args.val_samples), "--num_inference_steps", str(args.val_inference_steps),
+            "--reference_split", "val", "--checkpoints", *checkpoints, "--output_json", curve_path],
+            env, out + ".curve.log", f"validation curve for {arm} seed {seed}")
+    curve = json.load(open(curve_path))["curve"]
+    best = min(curve, key=lambda point: point["fid"])["step"]
+    if best == args.max_train_steps:  # the final model is the last checkpoint's EMA
+        return {"step": best, **{k: v for k, v in final.items() if k not in ("early_stopped", "val_curve")}}, curve
+    chosen_path = os.path.join(out, "metrics_early.json")
+    if not os.path.exists(chosen_path):
+        run_step(evaluate_cmd + ["--load_checkpoint", os.path.join(out, f"checkpoint-{best}"), "--output_json",
+                                 chosen_path], env, out + ".early.log", f"evaluate.py for {arm} seed {seed} at "
+                                                                        f"step {best}")
+    return {"step": best, **json.load(open(chosen_path))}, curve
 
 
 def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
@@ -319,8 +362,8 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
             return f"{values[0]:.{digits}f}"
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
-    lines = ["| arm | seeds | FID ↓ | KID ↓ | accuracy ↑ | copy rate ↓ | NN ratio ↑ | FID vs baseline (paired, per "
-             "seed) | train (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | FID ↓ | FID at the validation-chosen step ↓ | KID ↓ | accuracy ↑ | copy rate ↓ | NN "
+             "ratio ↑ | FID vs baseline (paired, per seed) | train (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, by_seed in results.items():
         seeds = sorted(by_seed)
         fid = [by_seed[s]["fid"] for s in seeds]
@@ -338,8 +381,11 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
                 rel = [100 * (a - b) / b for a, b in pairs]
                 change = (f"{statistics.mean(rel):+.1f}% vs {base}{' in ' + where if where else ''} "
                           f"({', '.join(f'{r:+.1f}%' for r in rel)})")
-        lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {fmt(kid, 1)} | {fmt(acc, 3)} | {fmt(copies, 3)} | "
-                     f"{fmt(ratio)} | {change} | {fmt(secs, 0)} |")
+        early = [by_seed[s]["early_stopped"] for s in seeds if "early_stopped" in by_seed[s]]
+        stopped = (f"{fmt([e['fid'] for e in early])} (steps {', '.join(str(e['step']) for e in early)})"
+                   if len(early) == len(seeds) else "—")
+        lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {stopped} | {fmt(kid, 1)} | {fmt(acc, 3)} | "
+                     f"{fmt(copies, 3)} | {fmt(ratio)} | {change} | {fmt(secs, 0)} |")
     settings = settings or {}
     from benchmark import evaluate
 

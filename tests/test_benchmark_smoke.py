@@ -266,3 +266,36 @@ def test_heldout_emoji_splits_keep_each_emoji_whole_and_apart():
     assert set(evaluate.heldout_splits(labels, shots_per_class=4)["train"]) < set(splits["train"])
     x_extra, y_extra = evaluate.heldout_extra_classifier_data()
     assert int(y_extra.min()) == 11 and len(x_extra) == len(y_extra) > 3000  # no target class among them
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_early_stopping_on_a_fashion_pair(tmp_path):
+    """--eval_every keeps checkpoints, scores each on the validation split in both feature spaces and reports
+    the run at the chosen one; a checkpoint's EMA weights are what the run saves when it stops there."""
+    from diffusers import DiTPipeline
+
+    from benchmark import evaluate
+
+    out = str(tmp_path / "bench")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--output_dir", out,
+           "--miniature", "fashion_a_to_b", "--arms", "standard", "--seeds", "0", "--max_train_steps", "4",
+           "--eval_every", "2", "--train_batch_size", "8", "--num_samples", "20", "--num_inference_steps", "3",
+           "--val_samples", "10", "--val_inference_steps", "2", "--jobs", "1"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = os.path.join(out, "runs", "standard-seed0")
+    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    assert [p["step"] for p in metrics["val_curve"]] == [2, 4]
+    assert all(p["fid"] > 0 and p["second_fid"] > 0 and p["weights"] == "ema" for p in metrics["val_curve"])
+    chosen = metrics["early_stopped"]
+    assert chosen["step"] == min(metrics["val_curve"], key=lambda p: p["fid"])["step"]
+    assert chosen["num_generated"] == 20 and "second_space" in chosen
+    assert f"(steps {chosen['step']})" in open(os.path.join(out, "results.md")).read()
+
+    final = DiTPipeline.from_pretrained(run)
+    saved = [p.clone() for p in final.transformer.parameters()]
+    assert evaluate.load_checkpoint_weights(final.transformer, os.path.join(run, "checkpoint-4")) == "ema"
+    assert all(torch.equal(a, b) for a, b in zip(saved, final.transformer.parameters(), strict=True))
+    evaluate.load_checkpoint_weights(final.transformer, os.path.join(run, "checkpoint-2"))
+    assert not all(torch.equal(a, b) for a, b in zip(saved, final.transformer.parameters(), strict=True))

@@ -223,6 +223,7 @@ def test_overhead_tiny_controlnet(retention: str) -> None:
     (["--ema_decay", "1.0"], "--ema_decay in [0, 1)"),
     (["--source_model", "/no/such/model"], "--source_model /no/such/model is not a pipeline folder"),
     (["--baseline_dir", "/no/such/bench"], "--baseline_dir /no/such/bench has no runs/ folder"),
+    (["--eval_every", "300"], "--eval_every must divide --max_train_steps (1000), got 300."),
 ])
 def test_run_benchmark_bad_flags_refused_before_any_write(tmp_path, capsys, argv, message) -> None:
     out = tmp_path / "bench"
