@@ -17,11 +17,14 @@ stay readable and every piece is unit-tested. See docs/method.md for the equatio
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -301,6 +304,35 @@ OLD_BANK_HELP = ("it was written before bank samples were re-encoded (format 1: 
                  "only); delete it to rebuild it, or pass --knowledge_bank_replay latents to replay it as it is")
 
 
+def _is_disk_full(err: BaseException) -> bool:
+    text = str(err)
+    return (getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
+            or "file write failed" in text)
+
+
+@contextlib.contextmanager
+def disk_space_guard(folder: str, what: str, partial: str | None = None) -> Iterator[None]:
+    """Turn a full disk while writing ``what`` into ``folder`` into one sentence (the folder, the free bytes,
+    and the size of what was being written when known), after removing the ``partial`` file or folder."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _is_disk_full(err):
+            raise
+        written = 0
+        if partial and os.path.isdir(partial):
+            written = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(partial) for f in files)
+        if partial and os.path.isdir(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        elif partial and os.path.exists(partial):
+            os.remove(partial)
+        free = shutil.disk_usage(folder if os.path.exists(folder) else os.path.dirname(folder) or ".").free
+        raise ConfigError(f"The disk is full: writing {what} into {folder} failed with {free / 2**20:.0f} MiB free"
+                          f"{f' after {written / 2**20:.0f} MiB were written' if written else ''}; free space "
+                          "there (earlier checkpoints are intact) and resume with --resume_from_checkpoint "
+                          "latest.") from err
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed that depends on every part (e.g. base seed, rank, epoch) and nothing else."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -391,55 +423,82 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
         if state.is_main_process:
             logger.info(f"Reusing the knowledge bank in {bank_dir} ({existing.get('count')} samples).")
         return existing
-    if state.is_main_process:
-        os.makedirs(bank_dir, exist_ok=True)
-        atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME),
-                          {"format_version": BANK_FORMAT_VERSION, "complete": False, "settings": build_settings})
-    state.wait_for_everyone()
+    with _build_lock(bank_dir, state.is_main_process):
+        state.wait_for_everyone()
+        existing = _read_manifest(bank_dir)  # another run may have finished it while this one waited
+        if existing is not None and existing.get("complete") and existing.get("settings") == json.loads(
+                json.dumps(build_settings)):
+            return existing
+        if state.is_main_process:
+            os.makedirs(bank_dir, exist_ok=True)
+            atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME),
+                              {"format_version": BANK_FORMAT_VERSION, "complete": False, "settings": build_settings})
+        state.wait_for_everyone()
 
-    my_shards = [i for i in range(num_shards) if i % state.num_processes == state.process_index]
-    todo = [i for i in my_shards if not os.path.exists(os.path.join(bank_dir, _shard_name(i)))]
-    if state.is_main_process:
-        done = num_shards - len(todo) * state.num_processes
-        logger.info(f"Building the knowledge bank in {bank_dir}: {len(conditions)} samples of the frozen pre-trained "
-                    f"model ({settings.get('num_inference_steps')} sampling steps, guidance "
-                    f"{settings.get('guidance_scale')}), {num_shards} shards of {batch_size}"
-                    f"{f', {done} already done' if done > 0 else ''}. This runs once: later runs with the same "
-                    "settings and --knowledge_bank_dir reuse it, and an interrupted build resumes. The progress "
-                    "bar below gives the time left.")
-    for shard_index in tqdm(todo, desc="Building knowledge bank", disable=not state.is_local_main_process):
-        batch = conditions[shard_index * batch_size:(shard_index + 1) * batch_size]
-        generator = torch.Generator().manual_seed(derive_seed(seed, "bank", shard_index))
-        latents = sample_fn(batch, generator).detach().to("cpu", torch.float32).contiguous()
-        if latents.shape[0] != len(batch):
-            raise RuntimeError(f"The bank sampler returned {latents.shape[0]} latents for {len(batch)} conditions.")
-        tensors = {"latents": latents}
-        if reencode_fn is not None:
-            mean, std = reencode_fn(latents)
-            tensors["posterior_mean"] = mean.detach().to("cpu", torch.float32).contiguous()
-            tensors["posterior_std"] = std.detach().to("cpu", torch.float32).contiguous()
-        metadata = {}
-        if isinstance(batch[0], str):
-            metadata["prompts"] = json.dumps(batch)
-        else:
-            tensors["class_labels"] = torch.tensor(batch, dtype=torch.int64)
-        path = os.path.join(bank_dir, _shard_name(shard_index))
-        save_file(tensors, f"{path}.tmp", metadata=metadata)
-        os.replace(f"{path}.tmp", path)
-    state.wait_for_everyone()
+        my_shards = [i for i in range(num_shards) if i % state.num_processes == state.process_index]
+        todo = [i for i in my_shards if not os.path.exists(os.path.join(bank_dir, _shard_name(i)))]
+        if state.is_main_process:
+            done = num_shards - len(todo) * state.num_processes
+            logger.info(f"Building the knowledge bank in {bank_dir}: {len(conditions)} samples of the frozen "
+                        f"pre-trained model ({settings.get('num_inference_steps')} sampling steps, guidance "
+                        f"{settings.get('guidance_scale')}), {num_shards} shards of {batch_size}"
+                        f"{f', {done} already done' if done > 0 else ''}. This runs once: later runs with the same "
+                        "settings and --knowledge_bank_dir reuse it, and an interrupted build resumes. The progress "
+                        "bar below gives the time left.")
+        for shard_index in tqdm(todo, desc="Building knowledge bank", disable=not state.is_local_main_process):
+            batch = conditions[shard_index * batch_size:(shard_index + 1) * batch_size]
+            generator = torch.Generator().manual_seed(derive_seed(seed, "bank", shard_index))
+            latents = sample_fn(batch, generator).detach().to("cpu", torch.float32).contiguous()
+            if latents.shape[0] != len(batch):
+                raise RuntimeError(f"The bank sampler returned {latents.shape[0]} latents for {len(batch)} conditions.")
+            tensors = {"latents": latents}
+            if reencode_fn is not None:
+                mean, std = reencode_fn(latents)
+                tensors["posterior_mean"] = mean.detach().to("cpu", torch.float32).contiguous()
+                tensors["posterior_std"] = std.detach().to("cpu", torch.float32).contiguous()
+            metadata = {}
+            if isinstance(batch[0], str):
+                metadata["prompts"] = json.dumps(batch)
+            else:
+                tensors["class_labels"] = torch.tensor(batch, dtype=torch.int64)
+            path = os.path.join(bank_dir, _shard_name(shard_index))
+            tmp = f"{path}.tmp{os.getpid()}"  # one per process: two builders never share a half-written file
+            with disk_space_guard(bank_dir, f"knowledge-bank shard {shard_index}", tmp):
+                save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        state.wait_for_everyone()
 
-    manifest = {"format_version": BANK_FORMAT_VERSION, "complete": True, "settings": build_settings}
-    if state.is_main_process:
-        shards = []
-        for i in range(num_shards):
-            path = os.path.join(bank_dir, _shard_name(i))
-            shards.append({"file": _shard_name(i), "sha256": _sha256_file(path)})
-        first = load_file(os.path.join(bank_dir, _shard_name(0)))["latents"]
-        manifest.update(count=len(conditions), latent_shape=list(first.shape[1:]), dtype=str(first.dtype),
-                        shards=shards)
-        atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
-    state.wait_for_everyone()
-    return _read_manifest(bank_dir)
+        manifest = {"format_version": BANK_FORMAT_VERSION, "complete": True, "settings": build_settings}
+        if state.is_main_process:
+            shards = []
+            for i in range(num_shards):
+                path = os.path.join(bank_dir, _shard_name(i))
+                shards.append({"file": _shard_name(i), "sha256": _sha256_file(path)})
+            first = load_file(os.path.join(bank_dir, _shard_name(0)))["latents"]
+            manifest.update(count=len(conditions), latent_shape=list(first.shape[1:]), dtype=str(first.dtype),
+                            shards=shards)
+            atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
+        state.wait_for_everyone()
+        return _read_manifest(bank_dir)
+
+
+@contextlib.contextmanager
+def _build_lock(bank_dir: str, is_main_process: bool) -> Iterator[None]:
+    """An exclusive lock on ``bank_dir`` while a run builds it (the main process of each run takes it), so two
+    runs given one new bank folder build it once: the second waits, then finds it complete."""
+    if not is_main_process:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(bank_dir, exist_ok=True)
+    with open(os.path.join(bank_dir, ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning(f"Another run is building the knowledge bank in {bank_dir}; waiting for it to finish.")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _describe_mismatch(found: dict, expected: dict) -> str:

@@ -124,31 +124,19 @@ def register_checkpoint_hooks(accelerator: Any, lora: bool) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def check_image_pairs(dataset: Any, image_column: str, conditioning_column: str) -> None:
-    """Open both images of every row (headers only) before the first step: an unreadable file, or a
-    condition whose size differs from its image's (it would no longer be pixel-aligned after the
-    resize and crop), fails here naming the row and file, not thousands of steps in."""
-    import io
-
-    from datasets import Image as ImageFeature
-
-    raw = dataset.select_columns([image_column, conditioning_column])
-    for column in (image_column, conditioning_column):
-        raw = raw.cast_column(column, ImageFeature(decode=False))
-    for chunk_index, chunk in enumerate(raw.iter(batch_size=1000)):
-        for offset, pair in enumerate(zip(chunk[image_column], chunk[conditioning_column], strict=True)):
-            row, sizes = chunk_index * 1000 + offset, []
-            for column, item in zip((image_column, conditioning_column), pair, strict=True):
-                name = item.get("path") or f"of row {row}"
-                try:
-                    sizes.append(Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]).size)
-                except Exception as err:
-                    raise dt.ConfigError(f"{column} {name} cannot be read ({type(err).__name__}: {err}).") from err
-            if sizes[0] != sizes[1]:
-                raise dt.ConfigError(
-                    f"Row {row} ({pair[0].get('path') or 'in memory'}): {image_column} is "
-                    f"{sizes[0][0]}x{sizes[0][1]} but {conditioning_column} is {sizes[1][0]}x{sizes[1][1]}; "
-                    "each condition must have its image's size so the two stay pixel-aligned.")
+def check_image_pairs(args: argparse.Namespace, dataset: Any) -> Any:
+    """Decode both images of every row before the first step (see ``tp.check_images``; a row with an
+    unreadable image fails or, with --skip_bad_images, is left out) and refuse a condition whose size differs
+    from its image's: it would no longer be pixel-aligned after the resize and crop."""
+    columns = {"--image_column": args.image_column, "--conditioning_image_column": args.conditioning_image_column}
+    dataset, sizes = tp.check_images(dataset, columns, args.skip_bad_images)
+    for row, (image_size, condition_size) in enumerate(sizes):
+        if image_size != condition_size:
+            raise dt.ConfigError(
+                f"Row {row}: {args.image_column} is {image_size[0]}x{image_size[1]} but "
+                f"{args.conditioning_image_column} is {condition_size[0]}x{condition_size[1]}; each condition must "
+                "have its image's size so the two stay pixel-aligned.")
+    return dataset
 
 
 def check_captions(captions: list) -> None:
@@ -418,7 +406,7 @@ def main(args: argparse.Namespace) -> None:
     dataset = tp.load_train_dataset(args, {"--image_column": args.image_column,
                                            "--conditioning_image_column": args.conditioning_image_column,
                                            "--caption_column": args.caption_column})
-    check_image_pairs(dataset, args.image_column, args.conditioning_image_column)
+    dataset = check_image_pairs(args, dataset)
     captions = list(dataset[args.caption_column])
     check_captions(captions)
     tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
@@ -498,8 +486,8 @@ def main(args: argparse.Namespace) -> None:
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
     per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
-    resume_path = tp.resolve_resume_checkpoint(args)
-    global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
+    identity = tp.checkpoint_identity(args, __file__)
+    global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracked)
@@ -547,7 +535,8 @@ def main(args: argparse.Namespace) -> None:
                     progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
                 with log.paused():
                     if global_step % args.checkpointing_steps == 0:
-                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
+                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path,
+                                           identity=identity)
                     if args.validation_prompt and global_step % args.validation_steps == 0:
                         run_validation(args, accelerator, pipeline, controlnet, global_step)
             if global_step >= max_train_steps:
@@ -559,11 +548,12 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         controlnet = tp.unwrap(accelerator, controlnet)
         final = export_controlnet(controlnet, args.controlnet_lora)
-        final.save_pretrained(args.output_dir)
+        with dt.disk_space_guard(args.output_dir, "the fine-tuned ControlNet"):
+            final.save_pretrained(args.output_dir)
         if args.controlnet_lora:
             save_lora_adapter(controlnet, args)
         pairs = validation_pairs(args) or [(captions[0] if isinstance(captions[0], str) else captions[0][0],
-                                            dataset[0][args.conditioning_image_column].convert("RGB"))]
+                                            tp.convert_image(dataset[0][args.conditioning_image_column], "RGB"))]
         images, labels = generate_images(args, accelerator, pipeline,
                                          sampling_controlnet(final, False, pipeline.unet.dtype), pairs)
         tp.log_images(accelerator, images, labels, global_step, tag="final")
@@ -591,7 +581,7 @@ def validation_pairs(args: argparse.Namespace) -> list[tuple[str, Image.Image]]:
         prompts = prompts * len(paths)
     elif len(paths) == 1:
         paths = paths * len(prompts)
-    return [(p, Image.open(path).convert("RGB")) for p, path in zip(prompts, paths, strict=True)]
+    return [(p, tp.convert_image(Image.open(path), "RGB")) for p, path in zip(prompts, paths, strict=True)]
 
 
 def generate_images(args: argparse.Namespace, accelerator: Any, pipeline: StableDiffusionPipeline,

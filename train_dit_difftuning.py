@@ -357,10 +357,10 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Target data (checked before the expensive bank build) -------------------------------------
     dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
-    if args.train_data_dir is not None:
-        tp.check_images_readable(dataset, args.image_column)
+    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
     tp.describe_image_conversion(dataset, args.image_column, vae.config.in_channels, args.resolution)
     class_names, to_index = target_classes(dataset, args.label_column, null_class)
+    label_ids(args.validation_class_labels or [], class_names)  # a label that is not a class fails now, not at step N
     labels = [to_index(label) for label in dataset[args.label_column]]
 
     # --- Knowledge bank (built with the frozen pre-trained model, before any weight changes) ---
@@ -429,8 +429,8 @@ def main(args: argparse.Namespace) -> None:
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
     per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
-    resume_path = tp.resolve_resume_checkpoint(args)
-    global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
+    identity = tp.checkpoint_identity(args, __file__)
+    global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or "dit-difftuning", config=tracked)
@@ -479,7 +479,8 @@ def main(args: argparse.Namespace) -> None:
                     progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
                 with log.paused():
                     if global_step % args.checkpointing_steps == 0:
-                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
+                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path,
+                                           identity=identity)
                     if args.validation_class_labels and global_step % args.validation_steps == 0:
                         run_validation(args, accelerator, pipeline, transformer, ema, params, class_names,
                                        global_step)
@@ -499,7 +500,8 @@ def main(args: argparse.Namespace) -> None:
         tp.cast(vae, vae.device, torch.float32)
         out = DiTPipeline(transformer=final, vae=vae, scheduler=pipeline.scheduler)
         out.register_to_config(id2label=dict(enumerate(class_names)))
-        out.save_pretrained(args.output_dir, safe_serialization=True)
+        with dt.disk_space_guard(args.output_dir, "the fine-tuned pipeline"):
+            out.save_pretrained(args.output_dir, safe_serialization=True)
         shown = args.validation_class_labels or class_names[: min(len(class_names), 4)]
         images = generate_images(args, out.to(accelerator.device), shown, class_names, accelerator.device)
         tp.log_images(accelerator, images, shown, global_step, tag="final")

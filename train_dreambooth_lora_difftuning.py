@@ -158,7 +158,7 @@ class InstanceImages(torch.utils.data.Dataset):
             mean, std, ids = self.latent_cache
             return {**item, "latent_mean": mean[key.index, view], "latent_std": std[key.index, view],
                     "time_ids": ids[key.index]}
-        image = self.dataset[key.index][self.image_column].convert("RGB")
+        image = tp.convert_image(self.dataset[key.index][self.image_column], "RGB")
         square, original_size, crop = tp.resize_crop_flip(image, self.resolution, self.center_crop,
                                                           self.random_flip, rng)
         return {**item, "pixel_values": tp.to_model_tensor(square),
@@ -175,7 +175,7 @@ class CenteredImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.dataset[index][self.column].convert("RGB")
+        image = tp.convert_image(self.dataset[index][self.column], "RGB")
         return tp.to_model_tensor(tp.resize_crop_flip(image, self.resolution, True, False, None)[0])
 
 
@@ -391,8 +391,7 @@ def main(args: argparse.Namespace) -> None:
     columns = {"--image_column": args.image_column, **({"--caption_column": args.caption_column}
                                                         if args.caption_column else {})}
     dataset = tp.load_train_dataset(args, columns, "--instance_data_dir")
-    if args.train_data_dir is not None:
-        tp.check_images_readable(dataset, args.image_column)
+    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
     tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
     captions = list(dataset[args.caption_column]) if args.caption_column else [args.instance_prompt] * len(dataset)
     for i, caption in enumerate(captions):
@@ -480,8 +479,8 @@ def main(args: argparse.Namespace) -> None:
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
     per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
-    resume_path = tp.resolve_resume_checkpoint(args)
-    global_step = tp.load_checkpoint(accelerator, resume_path, per_process_state) if resume_path else 0
+    identity = tp.checkpoint_identity(args, __file__)
+    global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or "dreambooth-lora-difftuning", config=tracked)
@@ -529,7 +528,8 @@ def main(args: argparse.Namespace) -> None:
                     progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
                 with log.paused():
                     if global_step % args.checkpointing_steps == 0:
-                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path)
+                        tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path,
+                                           identity=identity)
                     if args.validation_prompt and global_step % args.validation_steps == 0:
                         run_validation(args, accelerator, pipeline, global_step)
             if global_step >= max_train_steps:
@@ -540,8 +540,9 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
-        family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, unet)),
-                                 [lora_layers(e) if e is not None else None for e in encoders])
+        with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
+            family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, unet)),
+                                     [lora_layers(e) if e is not None else None for e in encoders])
         del pipeline, unet, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.

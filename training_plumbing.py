@@ -29,7 +29,7 @@ from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftuning_utils import ConfigError, atomic_write_json, derive_seed
+from difftuning_utils import ConfigError, atomic_write_json, derive_seed, disk_space_guard
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -62,6 +62,10 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
                       help="Truncate the training set to this many samples (debugging, quick runs).")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
                       help="Subprocesses for data loading (kept alive across epochs); 0 loads in the main process.")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="Every training image is fully decoded once before the first step. By default an "
+                           "unreadable or truncated one stops the run, naming it (a silently smaller dataset is not "
+                           "what you asked for); with this flag such rows are left out, each named in a warning.")
     data.add_argument("--cache_latents", action="store_true",
                       help="Encode every training image once (and its mirror image with --random_flip) before "
                            "training and keep the VAE posteriors; each step then draws a posterior sample from them "
@@ -152,8 +156,19 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
                  "num_train_epochs", "logging_steps", "ddp_timeout"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    if args.max_grad_norm < 0:
-        raise ConfigError(f"--max_grad_norm must be >= 0 (0 = no clipping), got {args.max_grad_norm}.")
+    ranges = {  # flag: (lowest allowed, whether the lowest itself is allowed)
+        "max_grad_norm": (0, True), "lr_warmup_steps": (0, True), "lr_num_cycles": (1, True), "lr_power": (0, False),
+        "dataloader_num_workers": (0, True), "max_train_samples": (1, True), "num_validation_images": (1, True),
+        "checkpoints_total_limit": (1, True), "adam_epsilon": (0, False), "adam_weight_decay": (0, True),
+        "adam_beta1": (0, True), "adam_beta2": (0, True), "resolution": (8, True)}
+    for flag, (lowest, inclusive) in ranges.items():
+        value = getattr(args, flag, None)
+        if value is not None and (value < lowest or (value == lowest and not inclusive)):
+            raise ConfigError(f"--{flag} must be {'>=' if inclusive else '>'} {lowest}, got {value}.")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if getattr(args, flag) >= 1:
+            raise ConfigError(f"--{flag} must be < 1, got {getattr(args, flag)}.")
+    check_output_paths(args, data_dir_flag)
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ConfigError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.resolution is not None and args.resolution % 8 != 0:
@@ -172,6 +187,22 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not os.path.isdir(args.resume_from_checkpoint):
             raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
+
+
+def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
+    """Folders the run writes must be folders (or not exist yet) and must not lie inside the training data,
+    where the next run would read the model, checkpoints and samples as training images."""
+    outputs = {"--output_dir": args.output_dir}
+    if getattr(args, "knowledge_bank_dir", None):  # (DreamBooth's --class_data_dir is checked by its script)
+        outputs["--knowledge_bank_dir"] = args.knowledge_bank_dir
+    data = os.path.realpath(args.train_data_dir) if args.train_data_dir else None
+    for flag, path in outputs.items():
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a file; give a folder (new or existing).")
+        real = os.path.realpath(path)
+        if data and (real == data or real.startswith(data + os.sep)):
+            raise ConfigError(f"{flag} {path} is inside {data_dir_flag} {args.train_data_dir}: the next run would "
+                              "read what this one writes as training data; write it elsewhere.")
 
 
 def add_lora_args(group: argparse._ArgumentGroup) -> None:
@@ -373,7 +404,16 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
                                    split="train")
         except EmptyDatasetError as err:
             raise ConfigError(f"{data_dir_flag} {args.train_data_dir} holds no image files.") from err
+    from datasets import Image as ImageFeature
+
     for flag, column in required_columns.items():
+        if column in dataset.column_names and "image" in flag:
+            feature = dataset.features[column]
+            # pandas-written parquet keeps images as plain {bytes, path} structs; paths as strings also cast
+            if isinstance(feature, dict) and "bytes" in feature or getattr(feature, "dtype", None) == "string":
+                dataset = dataset.cast_column(column, ImageFeature())
+            elif not isinstance(feature, ImageFeature):
+                raise ConfigError(f"{flag} '{column}' holds {feature}, not images.")
         if column not in dataset.column_names:
             layout = ""
             if args.train_data_dir is not None and flag == "--label_column":
@@ -388,23 +428,76 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
     return dataset
 
 
-def check_images_readable(dataset: Any, image_column: str) -> None:
-    """Open every image's header once, so an unreadable file fails before the first step,
-    naming the file, instead of thousands of steps in."""
+def _decode_fully(item: dict) -> tuple[int, int] | str:
+    """An image cell as stored (``{"bytes", "path"}``) decoded to the last pixel: its size, or why it failed."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+            image.load()  # headers alone do not catch a truncated file
+            return image.size
+    except Exception as err:  # noqa: BLE001 - every decoder failure is reported the same way
+        return f"{type(err).__name__}: {err}"
+
+
+def check_images(dataset: Any, columns: dict[str, str], skip_bad: bool) -> tuple[Any, list[tuple]]:
+    """Decode every image of ``columns`` (flag -> column) once, in threads, before the first step.
+
+    An unreadable or truncated image stops the run naming its file (or, with ``--skip_bad_images``, its row
+    is dropped with a warning naming the file, and a count). Returns the dataset (without dropped rows) and,
+    per kept row, the (width, height) of each column's image, for checks such as ControlNet's alignment.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from datasets import Image as ImageFeature
 
-    raw = dataset.cast_column(image_column, ImageFeature(decode=False))
-    for row in raw[image_column]:
-        path = row.get("path") or "<in-memory image>"
-        try:
-            if row.get("bytes") is not None:
-                import io
+    names = list(columns.values())
+    raw = dataset.select_columns(names)
+    for column in names:
+        raw = raw.cast_column(column, ImageFeature(decode=False))
+    cells = [(row, column, item) for row, record in enumerate(raw) for column, item in record.items()]
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+        decoded = list(tqdm(pool.map(lambda cell: _decode_fully(cell[2]), cells), total=len(cells),
+                            desc="Checking images", disable=len(cells) < 2000 or not is_main_process()))
+    flag_of = {column: flag for flag, column in columns.items()}
+    bad: dict[int, str] = {}
+    sizes: dict[int, list] = {}
+    for (row, column, item), result in zip(cells, decoded, strict=True):
+        if isinstance(result, str):
+            bad.setdefault(row, f"{flag_of[column]} {item.get('path') or f'of row {row}'} cannot be decoded "
+                                f"({result})")
+        else:
+            sizes.setdefault(row, []).append(result)
+    if bad and not skip_bad:
+        more = f" ({len(bad) - 1} more unreadable; --skip_bad_images leaves them out)" if len(bad) > 1 else (
+            " (--skip_bad_images leaves such rows out)")
+        raise ConfigError(f"Training image {next(iter(bad.values()))}{more}.")
+    if bad:
+        for reason in bad.values():
+            logger.warning(f"Skipping training image {reason}.")
+        logger.warning(f"--skip_bad_images: left out {len(bad)} of {len(dataset)} rows.")
+        if len(bad) == len(dataset):
+            raise ConfigError("Every training image is unreadable.")
+        dataset = dataset.select([row for row in range(len(dataset)) if row not in bad])
+    return dataset, [tuple(sizes[row]) for row in range(len(raw)) if row not in bad]
 
-                Image.open(io.BytesIO(row["bytes"]))
-            else:
-                Image.open(path)
-        except Exception as err:
-            raise ConfigError(f"Training image {path} cannot be read ({type(err).__name__}: {err}).") from err
+
+HIGH_BIT_DEPTH_SCALE = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I;16N": 1 / 257}
+
+
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image.convert(mode)`` that keeps the real values of high-bit-depth images: PIL clips 16-bit grey
+    (``I;16``) and 32-bit (``I``, ``F``) pixels to 0..255, which turns most 16-bit photos solid white.
+    They are rescaled to 8 bits first (``I``: as 16-bit when any value exceeds 255; ``F``: as [0, 1] when
+    no value exceeds 1)."""
+    if image.mode in HIGH_BIT_DEPTH_SCALE or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode in HIGH_BIT_DEPTH_SCALE or (image.mode == "I" and array.max() > 255):
+            array = array / 257
+        elif image.mode == "F" and array.max() <= 1.0:
+            array = array * 255
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == mode else image.convert(mode)
 
 
 def describe_image_conversion(dataset: Any, image_column: str, channels: int, resolution: int) -> None:
@@ -580,7 +673,7 @@ def resize_crop_flip(image: Image.Image, resolution: int, center_crop: bool, ran
 
 def to_model_tensor(image: Image.Image, channels: int = 3) -> torch.Tensor:
     """A square PIL image -> [channels, H, W] float32 in [-1, 1] (PIL and numpy only: no torchvision here)."""
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = convert_image(image, "L" if channels == 1 else "RGB")
     array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
@@ -590,7 +683,7 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
                      resample: Image.Resampling = Image.BICUBIC) -> torch.Tensor:
     """Resize the short side to ``resolution`` (``resample``: upstream ControlNet uses bilinear), crop a
     square (centre or random), maybe flip; return [channels, H, W] float32 in [-1, 1]."""
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = convert_image(image, "L" if channels == 1 else "RGB")
     return to_model_tensor(resize_crop_flip(image, resolution, center_crop, random_flip, rng, resample)[0], channels)
 
 
@@ -665,28 +758,93 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(CHECKPOINT_PATTERN.match(d)[1]))]
 
 
-def resolve_resume_checkpoint(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from, or None. "latest" with none found starts fresh (upstream)."""
+CHECKPOINT_INFO = "checkpoint_info.json"
+# The flags that decide what a checkpoint holds: resuming across a change in any of them cannot work.
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "finetune", "controlnet_lora",
+                  "rank", "lora_target_modules", "use_ema", "train_text_encoder")
+
+
+def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
+    """What a checkpoint was saved by: the script and the flags that shape its state (models by last path
+    component, so a moved model folder still matches)."""
+    identity = {"script": os.path.basename(script)}
+    for flag in IDENTITY_FLAGS:
+        if hasattr(args, flag):
+            identity[flag] = display_path(getattr(args, flag))
+    return identity
+
+
+def _check_checkpoint(path: str, identity: dict, process_index: int) -> None:
+    """Refuse, in one sentence, a checkpoint of another script or set-up, or one with a missing or empty piece."""
+    import json
+
+    info_path = os.path.join(path, CHECKPOINT_INFO)
+    if os.path.exists(info_path):
+        saved = json.load(open(info_path))
+        differ = [k for k in identity if saved.get(k) != identity[k]]
+        if differ:
+            raise ConfigError(f"--resume_from_checkpoint {path} was saved by another set-up ("
+                              + ", ".join(f"{'' if k == 'script' else '--'}{k} {saved.get(k)!r} there, "
+                                          f"{identity[k]!r} now" for k in differ)
+                              + "); resume with the same script and flags, or start a new --output_dir.")
+    for piece in (f"process_{process_index}.pt", "optimizer.bin", "scheduler.bin"):
+        if not os.path.exists(os.path.join(path, piece)):
+            raise _UnreadableCheckpoint(f"{path} has no {piece}" + (
+                " (was it saved with another number of processes, or by another script?)"
+                if piece.startswith("process_") else ""))
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if os.path.isfile(file) and os.path.getsize(file) == 0:
+            raise _UnreadableCheckpoint(f"{file} is empty")
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except Exception as err:  # noqa: BLE001 - a damaged file, whatever the parser says
+                raise _UnreadableCheckpoint(f"{file} is damaged ({type(err).__name__}: {err})") from err
+
+
+class _UnreadableCheckpoint(ConfigError):
+    """A checkpoint that cannot be loaded (``latest`` falls back to the one before it)."""
+
+
+def resume(accelerator: Accelerator, args: argparse.Namespace, per_process_state: dict[str, Any],
+           identity: dict) -> tuple[int, str | None]:
+    """(global step, checkpoint) of --resume_from_checkpoint; (0, None) for a new run. With "latest", a
+    checkpoint that cannot be loaded is skipped with a warning for the one before it ("latest" with none
+    found starts a new run, as upstream); a checkpoint of another script or set-up is refused."""
     if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            logger.info("--resume_from_checkpoint latest: no checkpoint in --output_dir; starting a new run.")
-            return None
-        return found[-1]
-    return args.resume_from_checkpoint
+        return 0, None
+    latest = args.resume_from_checkpoint == "latest"
+    candidates = list_checkpoints(args.output_dir)[::-1] if latest else [args.resume_from_checkpoint]
+    if not candidates:
+        logger.info("--resume_from_checkpoint latest: no checkpoint in --output_dir; starting a new run.")
+        return 0, None
+    for path in candidates:
+        try:
+            _check_checkpoint(path, identity, accelerator.process_index)
+            return load_checkpoint(accelerator, path, per_process_state), path
+        except _UnreadableCheckpoint as err:
+            if not latest:
+                raise ConfigError(f"--resume_from_checkpoint: {err}.") from err
+            logger.warning(f"--resume_from_checkpoint latest: skipping {path}: {err}.")
+    raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(candidates)} checkpoints in "
+                      f"{args.output_dir} can be loaded (see the warnings above); delete them or start a new "
+                      "--output_dir.")
 
 
 def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int,
-                    per_process_state: dict[str, Any], keep: str | None = None) -> str:
+                    per_process_state: dict[str, Any], keep: str | None = None, identity: dict | None = None) -> str:
     """Save a resumable checkpoint atomically at ``output_dir/checkpoint-<global_step>``.
 
     Old checkpoints are pruned first to respect ``--checkpoints_total_limit``, never ``keep``
     (the one this run resumed from). Everything is written to ``checkpoint-N.tmp`` and renamed
     once complete, so a crash mid-save leaves the previous checkpoints intact. Each process adds
     its own ``process_<rank>.pt`` with the objects in ``per_process_state`` (step generator,
-    replay stream) because accelerate saves custom objects from the main process only.
+    replay stream) because accelerate saves custom objects from the main process only; ``identity``
+    (:func:`checkpoint_identity`) goes into ``checkpoint_info.json`` so a resume with another set-up is refused.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     tmp = f"{final}.tmp"
@@ -700,9 +858,13 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_s
                 shutil.rmtree(path)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    state = {name: obj.state_dict() for name, obj in per_process_state.items()}
-    torch.save({"global_step": global_step, **state}, os.path.join(tmp, f"process_{accelerator.process_index}.pt"))
+    with disk_space_guard(args.output_dir, f"checkpoint-{global_step}", tmp):
+        accelerator.save_state(tmp)
+        state = {name: obj.state_dict() for name, obj in per_process_state.items()}
+        torch.save({"global_step": global_step, **state},
+                   os.path.join(tmp, f"process_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process and identity is not None:
+            atomic_write_json(os.path.join(tmp, CHECKPOINT_INFO), identity)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -713,16 +875,18 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_s
 
 
 def load_checkpoint(accelerator: Accelerator, path: str, per_process_state: dict[str, Any]) -> int:
-    """Restore everything :func:`save_checkpoint` wrote; returns the global step."""
+    """Restore everything :func:`save_checkpoint` wrote; returns the global step. A piece that fails to
+    load is an :class:`_UnreadableCheckpoint` naming the checkpoint."""
     own = os.path.join(path, f"process_{accelerator.process_index}.pt")
-    if not os.path.exists(own):
-        raise ConfigError(f"--resume_from_checkpoint {path} has no state for process {accelerator.process_index} "
-                         "(was it saved with another number of processes, or by another script?).")
     accelerator.print(f"Resuming from checkpoint {path}")
-    accelerator.load_state(path)
-    state = torch.load(own, weights_only=False)
-    for name, obj in per_process_state.items():
-        obj.load_state_dict(state[name])
+    try:
+        accelerator.load_state(path)
+        state = torch.load(own, weights_only=False)
+        for name, obj in per_process_state.items():
+            obj.load_state_dict(state[name])
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and pickle each raise their own kind
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise _UnreadableCheckpoint(f"{path} cannot be loaded ({type(err).__name__}: {reason})") from err
     return int(state["global_step"])
 
 
@@ -869,7 +1033,13 @@ def hub_repo_id(args: argparse.Namespace) -> str | None:
     if not args.push_to_hub:
         return None
     name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    try:
+        return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as err:  # offline mode, no network, no or a bad token: all before any training
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--push_to_hub: the Hub repository {name!r} could not be created ({type(err).__name__}: "
+                          f"{reason}); check the network, HF_HUB_OFFLINE and the token (--hub_token or `hf auth "
+                          "login`), or leave --push_to_hub out and upload later.") from err
 
 
 def display_path(value: Any) -> Any:

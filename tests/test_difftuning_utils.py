@@ -437,7 +437,7 @@ def test_bank_interrupted_build_resumes(tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         du.build_knowledge_bank(str(bank_dir), failing, CLASSES, 3, 7, SETTINGS)
     files = sorted(os.listdir(bank_dir))
-    assert files == [du.MANIFEST_NAME, "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert files == [".lock", du.MANIFEST_NAME, "shard-00000.safetensors", "shard-00001.safetensors"]
     assert not any(".tmp" in name for name in files)
     with open(bank_dir / du.MANIFEST_NAME) as f:
         assert json.load(f)["complete"] is False
@@ -704,3 +704,26 @@ def test_save_bank_preview(tmp_path, n, rows, size):
         assert img.convert("RGB").getpixel((0, 0)) == (0, 100, 200)  # first image, top-left cell
         if rows * math.ceil(n / rows) > n:  # padding cells are black
             assert img.convert("RGB").getpixel((size[0] - 1, size[1] - 1)) == (0, 0, 0)
+
+
+def test_second_builder_waits_for_the_first(tmp_path, caplog):
+    """Two runs given one new bank folder: the second waits on the first's lock, then finds the bank complete
+    instead of racing it shard by shard."""
+    import fcntl
+    import threading
+
+    bank_dir = tmp_path / "bank"
+    bank_dir.mkdir()
+    holder = open(bank_dir / ".lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # "another run" is building
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(manifest=du.build_knowledge_bank(
+        str(bank_dir), class_sample_fn, CLASSES, 3, 7, SETTINGS)))
+    with caplog.at_level("WARNING"):
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not (bank_dir / du.MANIFEST_NAME).exists()  # waiting, nothing written
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+        thread.join(timeout=60)
+    assert result["manifest"]["complete"] and "Another run is building the knowledge bank" in caplog.text

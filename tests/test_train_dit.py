@@ -279,7 +279,7 @@ def test_unreadable_image(tiny_dit, tmp_path):
     with open(os.path.join(data, "circle", "broken.png"), "wb") as f:
         f.write(b"not a png at all")
     message = main_error(base_args(tiny_dit, data, str(tmp_path / "o")))
-    assert "broken.png" in message and "cannot be read" in message
+    assert "broken.png" in message and "cannot be decoded" in message
 
 
 def test_too_many_classes(tmp_path):
