@@ -718,14 +718,18 @@ def add_difftuning_args(parser: argparse.ArgumentParser, class_prior: bool = Fal
                            help="Folder of the knowledge bank; built there on first use if missing or incomplete. "
                                 "Default: <output_dir>/knowledge_bank.")
         group.add_argument("--knowledge_bank_size", type=int, default=1000,
-                           help="Number of samples the pre-trained model generates for the bank (ours: the "
-                                "authors' size is not published).")
+                           help="Number of samples the pre-trained model generates for the bank (the authors did not "
+                                "publish theirs).")
     group.add_argument("--knowledge_bank_num_inference_steps", type=int, default=None,
                        help="Sampling steps for the bank. Default: the script's sampler default "
                             "(DiT: 250 DDPM steps as in DiT's sample.py; Stable Diffusion: 50).")
     group.add_argument("--knowledge_bank_guidance_scale", type=float, default=None,
                        help="Classifier-free guidance for the bank. Default: DiT 1.5 (DiT's FID setting); "
                             "Stable Diffusion 7.5.")
+    group.add_argument("--knowledge_bank_seed", type=int, default=None,
+                       help="Seed of the bank's samples (and of which classes or captions they show), part of its "
+                            "identity. Default: --seed. Give one fixed value to let runs with different --seed "
+                            "share one bank instead of each building its own.")
     if not class_prior:
         group.add_argument("--knowledge_bank_batch_size", type=int, default=16,
                            help="Samples generated per sampler call (and per bank shard).")
@@ -734,7 +738,7 @@ def add_difftuning_args(parser: argparse.ArgumentParser, class_prior: bool = Fal
                             "re-encoded with a fresh VAE posterior sample each step (and a random flip with "
                             "--random_flip); the re-encoding is done once, when the bank is built, so a step has no "
                             "extra VAE pass. 'latents': the sampler's raw output latents, which the model never saw "
-                            "in pre-training (our first design; also reads banks written before re-encoding).")
+                            "in pre-training (also reads banks written before re-encoding).")
     return group
 
 
@@ -746,6 +750,8 @@ def validate_difftuning_args(args: argparse.Namespace, bank_num_inference_steps:
         args.retention_tau = args.difftuning_tau
     if args.knowledge_bank_dir is None and getattr(args, "output_dir", None):
         args.knowledge_bank_dir = os.path.join(args.output_dir, "knowledge_bank")
+    if args.knowledge_bank_seed is None:
+        args.knowledge_bank_seed = args.seed if getattr(args, "seed", None) is not None else 0
     if args.knowledge_bank_num_inference_steps is None:
         args.knowledge_bank_num_inference_steps = bank_num_inference_steps
     if args.knowledge_bank_guidance_scale is None:

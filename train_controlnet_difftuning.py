@@ -419,7 +419,7 @@ def main(args: argparse.Namespace) -> None:
     num_target, num_retention = dt.split_batch_size(args.train_batch_size, ratio)
     distill = bool(num_retention) and args.retention == "distill"
     if num_retention and args.retention == "replay":
-        prompt_gen = torch.Generator().manual_seed(dt.derive_seed(args.seed or 0, "bank-prompts"))
+        prompt_gen = torch.Generator().manual_seed(dt.derive_seed(args.knowledge_bank_seed, "bank-prompts"))
         picks = torch.randint(0, len(captions), (args.knowledge_bank_size,), generator=prompt_gen).tolist()
         prompts = [c if isinstance(c, str) else c[0] for c in (captions[i] for i in picks)]
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
@@ -433,7 +433,8 @@ def main(args: argparse.Namespace) -> None:
             guidance_scale=args.knowledge_bank_guidance_scale).images
         with accelerator.autocast():
             dt.build_knowledge_bank(args.knowledge_bank_dir, sample_fn, prompts, args.knowledge_bank_batch_size,
-                                    args.seed or 0, settings, reencode_fn=lambda z: tp.reencode_latents(vae, z))
+                                    args.knowledge_bank_seed, settings,
+                                    reencode_fn=lambda z: tp.reencode_latents(vae, z))
         latent_size = args.resolution // vae_scale
         bank = dt.load_knowledge_bank(args.knowledge_bank_dir, base_fingerprint,
                                       [unet.config.in_channels, latent_size, latent_size])
@@ -557,7 +558,7 @@ def main(args: argparse.Namespace) -> None:
         images, labels = generate_images(args, accelerator, pipeline,
                                          sampling_controlnet(final, False, pipeline.unet.dtype), pairs)
         tp.log_images(accelerator, images, labels, global_step, tag="final")
-        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, pairs),
+        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, pairs, repo_id),
                            ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers",
                             "controlnet", "diffusers-training", "diff-tuning"], images)
         logger.info(f"Saved the ControlNet to {args.output_dir} (load it with "
@@ -644,7 +645,7 @@ def save_lora_adapter(controlnet: ControlNetModel, args: argparse.Namespace) -> 
     controlnet.save_config(folder)
 
 
-def model_description(args: argparse.Namespace, pairs: list) -> str:
+def model_description(args: argparse.Namespace, pairs: list, repo_id: str | None) -> str:
     data = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
     retention = {"replay": f"knowledge-bank replay ({args.knowledge_bank_size} samples, null control)",
                  "distill": "distillation toward the frozen UNet without control",
@@ -657,15 +658,15 @@ def model_description(args: argparse.Namespace, pairs: list) -> str:
         method = (f"Diff-Tuning (psi tau {args.difftuning_tau}, xi tau {args.retention_tau}, {args.timestep_sampling} "
                   f"sampling, {retention}, retention ratio {args.retention_ratio}, weight {args.retention_weight})")
     return (f"# ControlNet trained with {method}\n\n"
-            f"Base model: `{args.pretrained_model_name_or_path}`. Dataset: `{data}`. "
+            f"Base model: `{tp.display_path(args.pretrained_model_name_or_path)}`. Dataset: `{data}`. "
             f"{'LoRA rank ' + str(args.rank) + ', ' if args.controlnet_lora else ''}{args.max_train_steps or '?'} "
             f"steps, batch {args.train_batch_size}, lr {args.learning_rate}, resolution {args.resolution}.\n\n"
             "Samples: each conditioning image, then the images generated from it.\n\n"
             "```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
             "from diffusers.utils import load_image\n\n"
-            f"controlnet = ControlNetModel.from_pretrained(\"{args.hub_model_id or args.output_dir}\")\n"
+            f"controlnet = ControlNetModel.from_pretrained(\"{tp.usage_reference(args, repo_id)}\")\n"
             "pipe = StableDiffusionControlNetPipeline.from_pretrained(\n"
-            f"    \"{args.pretrained_model_name_or_path}\", controlnet=controlnet)\n"
+            f"    \"{tp.display_path(args.pretrained_model_name_or_path)}\", controlnet=controlnet)\n"
             "control_image = load_image(\"condition.png\")  # a conditioning image like the training ones\n"
             f"image = pipe(\"{pairs[0][0]}\", control_image).images[0]\n```")
 

@@ -372,7 +372,7 @@ def main(args: argparse.Namespace) -> None:
             "learned_range" if learned_sigma else noise_scheduler.config.variance_type))
         # The classes the pre-trained model knows (its id2label, e.g. 10 for our miniature), else every row.
         source_classes = sorted(set(pipeline.labels.values())) or list(range(null_class))
-        label_gen = torch.Generator().manual_seed(dt.derive_seed(args.seed or 0, "bank-labels"))
+        label_gen = torch.Generator().manual_seed(dt.derive_seed(args.knowledge_bank_seed, "bank-labels"))
         picks = torch.randint(0, len(source_classes), (args.knowledge_bank_size,), generator=label_gen)
         settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
                     "fingerprint": base_fingerprint, "vae_fingerprint": vae_fingerprint,
@@ -384,7 +384,7 @@ def main(args: argparse.Namespace) -> None:
             args.knowledge_bank_num_inference_steps, gen, null_class)
         with accelerator.autocast():
             dt.build_knowledge_bank(args.knowledge_bank_dir, sample_fn, [source_classes[i] for i in picks.tolist()],
-                                    args.knowledge_bank_batch_size, args.seed or 0, settings,
+                                    args.knowledge_bank_batch_size, args.knowledge_bank_seed, settings,
                                     reencode_fn=lambda z: tp.reencode_latents(vae, z))
         bank = dt.load_knowledge_bank(args.knowledge_bank_dir, base_fingerprint,
                                       [transformer.config.in_channels] + [transformer.config.sample_size] * 2)
@@ -505,7 +505,7 @@ def main(args: argparse.Namespace) -> None:
         shown = args.validation_class_labels or class_names[: min(len(class_names), 4)]
         images = generate_images(args, out.to(accelerator.device), shown, class_names, accelerator.device)
         tp.log_images(accelerator, images, shown, global_step, tag="final")
-        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, class_names),
+        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, class_names, repo_id),
                            ["dit", "diff-tuning", "class-conditional", "diffusers",
                             "diffusers-training", args.finetune], images)
         logger.info(f"Saved the fine-tuned DiTPipeline to {args.output_dir} (load it with "
@@ -576,18 +576,19 @@ def save_lora_adapter(transformer: torch.nn.Module, args: argparse.Namespace) ->
     tp.lora_config(args).save_pretrained(folder)
 
 
-def model_description(args: argparse.Namespace, class_names: list[str]) -> str:
+def model_description(args: argparse.Namespace, class_names: list[str], repo_id: str | None) -> str:
     data = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir))
     method = (f"Diff-Tuning (psi tau {args.difftuning_tau}, xi tau {args.retention_tau}, "
               f"{args.timestep_sampling} sampling, retention ratio {args.retention_ratio}, "
               f"retention weight {args.retention_weight}, knowledge bank of {args.knowledge_bank_size} samples)"
               if args.difftuning else "standard fine-tuning")
     return (f"# DiT fine-tuned with {method}\n\n"
-            f"Base model: `{args.pretrained_model_name_or_path}`. Dataset: `{data}` ({len(class_names)} classes). "
+            f"Base model: `{tp.display_path(args.pretrained_model_name_or_path)}`. Dataset: `{data}` "
+            f"({len(class_names)} classes). "
             f"Fine-tuning: `{args.finetune}`, {args.max_train_steps or '?'} steps, batch {args.train_batch_size}, "
             f"lr {args.learning_rate}.\n\n"
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f"pipe = DiffusionPipeline.from_pretrained(\"{args.hub_model_id or args.output_dir}\")\n"
+            f"pipe = DiffusionPipeline.from_pretrained(\"{tp.usage_reference(args, repo_id)}\")\n"
             f"image = pipe(class_labels=pipe.get_label_ids([\"{class_names[0]}\"]), guidance_scale=4.0).images[0]\n```")
 
 

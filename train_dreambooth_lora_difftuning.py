@@ -420,7 +420,7 @@ def main(args: argparse.Namespace) -> None:
             batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
             num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images
         dt.build_knowledge_bank(bank_dir, sample_fn, [args.class_prompt] * args.num_class_images,
-                                args.sample_batch_size, args.seed or 0, settings,
+                                args.sample_batch_size, args.knowledge_bank_seed, settings,
                                 reencode_fn=lambda z: tp.reencode_latents(vae, z))
         for module in (unet, *text_encoders):
             tp.cast(module, accelerator.device, weight_dtype)
@@ -552,7 +552,7 @@ def main(args: argparse.Namespace) -> None:
         prompt = args.validation_prompt or args.instance_prompt
         images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device)
         tp.log_images(accelerator, images, [prompt] * len(images), global_step, tag="final")
-        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt),
+        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt, repo_id),
                            ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "diff-tuning",
                             "stable-diffusion-xl" if family.uses_time_ids else "stable-diffusion"], images)
         logger.info(f"Saved the LoRA weights to {args.output_dir} (load them with "
@@ -593,7 +593,8 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, gl
     pipeline.unet.train()
 
 
-def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str) -> str:
+def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str,
+                      repo_id: str | None) -> str:
     if args.with_prior_preservation:
         prior = (f"prior preservation on {args.num_class_images} base-model samples of "
                  f"'{args.class_prompt}' (weight {args.prior_loss_weight})")
@@ -602,7 +603,6 @@ def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily
     method = (f"Diff-Tuning (subject at psi timesteps, tau {args.difftuning_tau}; class samples at xi timesteps, "
               f"tau {args.retention_tau}; {args.timestep_sampling} sampling)" if args.difftuning
               else "uniform timesteps (standard DreamBooth)")
-    where = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     return (f"# DreamBooth LoRA for {family.name}: {args.instance_prompt}\n\n"
             f"LoRA rank {args.rank}{' with text-encoder LoRA' if args.train_text_encoder else ''}, "
             f"{method}, {prior}; {args.max_train_steps or '?'} steps, batch {args.train_batch_size}, "
@@ -610,7 +610,7 @@ def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily
             f"Trigger prompt: `{args.instance_prompt}`.\n\n"
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained(\"{tp.display_path(args.pretrained_model_name_or_path)}\")\n"
-            f"pipe.load_lora_weights(\"{where}\")\n"
+            f"pipe.load_lora_weights(\"{tp.usage_reference(args, repo_id)}\")\n"
             f"image = pipe(\"{prompt}\").images[0]\n```")
 
 

@@ -1049,6 +1049,12 @@ def display_path(value: Any) -> Any:
     return value
 
 
+def usage_reference(args: argparse.Namespace, repo_id: str | None) -> str:
+    """What a model card's usage snippet loads: the Hub repository when pushed, else the output folder's name
+    (never an absolute local path)."""
+    return repo_id or os.path.basename(os.path.normpath(args.output_dir))
+
+
 def save_model_card(args: argparse.Namespace, base_model: str, description: str,
                     tags: list[str], images: Sequence[Image.Image] = ()) -> str:
     """Write README.md (the model card: metadata, ``description`` with its usage snippet, a sample grid

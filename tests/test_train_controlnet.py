@@ -84,6 +84,7 @@ def test_replay_trains_builds_bank_and_generates(replay_run, tiny_sd, circles):
     assert not os.path.exists(os.path.join(out, "checkpoint-3", "model.safetensors"))  # weights not stored twice
     card = open(os.path.join(out, "README.md")).read()
     assert "knowledge-bank replay" in card and os.path.exists(os.path.join(out, "samples.png"))
+    assert os.path.dirname(out) not in card and os.path.dirname(tiny_sd) not in card  # no local path reaches the Hub
 
 
 def test_resume_equals_straight_run(replay_run, tmp_path):

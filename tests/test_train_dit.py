@@ -58,6 +58,8 @@ def test_train_save_reload_generate(tiny_dit, image_folder, tmp_path, extra):
     assert os.path.exists(os.path.join(out, "README.md")) and os.path.exists(os.path.join(out, "samples.png"))
     card = open(os.path.join(out, "README.md")).read()
     assert ("Diff-Tuning (psi tau" in card) == ("--difftuning" in extra)
+    assert str(tmp_path) not in card and os.path.dirname(tiny_dit) not in card  # no local path reaches the Hub
+    assert f'from_pretrained("{os.path.basename(out)}")' in card
     base = load_file(os.path.join(tiny_dit, "transformer", "diffusion_pytorch_model.safetensors"))
     tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
     assert base.keys() == tuned.keys()  # plain DiT keys: LoRA merged, DiffFit gammas folded in
@@ -241,6 +243,7 @@ def test_push_to_hub_uploads_without_checkpoints(tiny_dit, image_folder, tmp_pat
     assert any(p.startswith("transformer/") for p in sent)
     assert not any(p.startswith(("checkpoint-", "knowledge_bank")) for p in sent)
     assert any(p.startswith("checkpoint-1") for p in os.listdir(out))
+    assert 'from_pretrained("me/dit-shapes")' in open(os.path.join(out, "README.md")).read()
 
 
 # ---- Bad input: one sentence, exit code 2, nothing written ----------------------------------
@@ -316,6 +319,24 @@ def test_bank_from_another_model_refused(tiny_dit, image_folder, tmp_path):
                          + ["--difftuning", "--knowledge_bank_dir", bank])
     assert "fingerprint" in message and "--knowledge_bank_dir" in message
     assert json.load(open(os.path.join(bank, "manifest.json")))["complete"]  # the bank is left intact
+
+
+def test_bank_shared_across_training_seeds(tiny_dit, image_folder, tmp_path):
+    """--knowledge_bank_seed makes a bank independent of --seed: another training seed reuses it; without the
+    flag the bank's seed is --seed, and the refusal names it."""
+    bank = str(tmp_path / "bank")
+
+    def args(out: str, seed: str) -> list[str]:
+        flags = base_args(tiny_dit, image_folder, str(tmp_path / out), steps=1)
+        flags[flags.index("--seed") + 1] = seed
+        return flags + ["--difftuning", "--knowledge_bank_dir", bank]
+
+    run(args("a", "1") + ["--knowledge_bank_seed", "5"])
+    before = {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)}
+    result = run(args("b", "2") + ["--knowledge_bank_seed", "5"])
+    assert "Reusing the knowledge bank" in result.stderr + result.stdout
+    assert {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)} == before
+    assert "seed: 5 there, 2 now" in main_error(args("c", "2"))
 
 
 def test_bank_uses_the_classes_the_base_model_knows(image_folder, tmp_path):
