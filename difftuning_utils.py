@@ -110,6 +110,102 @@ class TimestepSampler:
 
 
 # ----------------------------------------------------------------------------------------------
+# Flow matching (SD3, Flux): the same split over the scheduler's sigma table
+# diffusers' flow-matching scripts draw u from a density (--weighting_scheme), take the entry
+# floor(u * N) of the scheduler's N timesteps (sigma from 1 down to ~0, shift applied by the scheduler)
+# and train at that sigma. Diff-Tuning reweights that base density toward large sigma (adaptation) or
+# small sigma (retention).
+# ----------------------------------------------------------------------------------------------
+
+FLOW_WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+
+
+def flow_base_probs(num_entries: int, weighting_scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                    mode_scale: float = 1.29, points_per_entry: int = 1024) -> torch.Tensor:
+    """Probability of each entry of an N-entry timestep table under diffusers'
+    ``compute_density_for_timestep_sampling``: u = Q(q) for uniform q, entry floor(u * N).
+
+    Q is the scheme's quantile function: logit-normal, sigmoid(m + s * Phi^-1(q)); "mode", SD3's
+    1 - q - scale * (cos^2(pi q / 2) - 1 + q); every other scheme draws u uniformly (it weights the
+    loss instead, see :func:`flow_loss_weights`). Evaluated on N * ``points_per_entry`` evenly spaced
+    quantiles (uniform schemes: exact).
+    Returns a float64 tensor [N] that sums to 1.
+    """
+    if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+        raise ConfigError(f"--weighting_scheme must be one of {', '.join(FLOW_WEIGHTING_SCHEMES)}, "
+                          f"got {weighting_scheme!r}.")
+    grid = num_entries * points_per_entry
+    q = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    if weighting_scheme == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * math.sqrt(2) * torch.erfinv(2 * q - 1))
+    elif weighting_scheme == "mode":
+        u = 1 - q - mode_scale * (torch.cos(math.pi * q / 2) ** 2 - 1 + q)
+    else:
+        u = q
+    entries = (u * num_entries).long().clamp(0, num_entries - 1)
+    return torch.bincount(entries, minlength=num_entries).double() / grid
+
+
+def flow_chain_of_forgetting_probs(sigmas: torch.Tensor, base: torch.Tensor, tau: float,
+                                   kind: ScheduleKind) -> torch.Tensor:
+    """Probability of each table entry under psi (adaptation) or xi (retention) over sigma:
+
+        psi(i) ∝ base(i) * sigma_i^tau,    xi(i) ∝ base(i) * (1 - sigma_i + 1/N)^tau.
+
+    ``sigmas`` [N] is the scheduler's table (``scheduler.sigmas[:N]``, shift included), ``base`` its
+    density (:func:`flow_base_probs`). tau = 0 gives the base density (upstream's training). On a linear
+    table sigma_i = (N - i) / N with a uniform base these are the DDPM schedules of
+    :func:`chain_of_forgetting_probs` exactly (timestep k = N - 1 - i). Float64 [N], sums to 1.
+    """
+    if tau < 0:
+        raise ConfigError(f"The schedule power tau must be >= 0, got {tau}.")
+    sigmas = sigmas.double()
+    if kind == "adaptation":
+        weights = sigmas.clamp(min=0) ** tau
+    elif kind == "retention":
+        weights = (1 - sigmas + 1 / len(sigmas)).clamp(min=0) ** tau
+    else:
+        raise ConfigError(f"Unknown schedule kind {kind!r}; expected 'adaptation' or 'retention'.")
+    probs = base.double() * weights
+    if not probs.sum() > 0:
+        raise ConfigError("The timestep density is zero everywhere: check --weighting_scheme and its parameters.")
+    return probs / probs.sum()
+
+
+class FlowTimestepSampler:
+    """Draws table entries for one objective of a flow-matching model, like :class:`TimestepSampler`:
+    ``importance`` draws from psi/xi (weight 1); ``weighting`` draws from the base density and weights
+    each sample by p(i) / base(i), the same expectation. ``tau`` = 0 is upstream's draw."""
+
+    def __init__(self, sigmas: torch.Tensor, base: torch.Tensor, tau: float, kind: ScheduleKind,
+                 mode: SamplingMode = "importance") -> None:
+        if mode not in ("importance", "weighting"):
+            raise ConfigError(f"Unknown timestep sampling mode {mode!r}; expected 'importance' or 'weighting'.")
+        self.mode = mode
+        self.base = base.float()
+        self.probs = flow_chain_of_forgetting_probs(sigmas, base, tau, kind).float()
+        self.ratio = torch.where(self.base > 0, self.probs / self.base.clamp(min=1e-30), torch.zeros(()))
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(entries [B] int64, weights [B] float32)`` on ``device``; drawn on the CPU from ``generator``."""
+        probs = self.probs if self.mode == "importance" else self.base
+        entries = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        weights = torch.ones(batch_size) if self.mode == "importance" else self.ratio[entries]
+        return entries.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+
+
+def flow_loss_weights(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``compute_loss_weighting_for_sd3``: sigma^-2 (sigma_sqrt), 2 / (pi (1 - 2 sigma + 2 sigma^2))
+    (cosmap), else 1."""
+    if weighting_scheme == "sigma_sqrt":
+        return (sigmas ** -2.0).float()
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+    return torch.ones_like(sigmas)
+
+
+# ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
 

@@ -727,3 +727,71 @@ def test_second_builder_waits_for_the_first(tmp_path, caplog):
         holder.close()
         thread.join(timeout=60)
     assert result["manifest"]["complete"] and "Another run is building the knowledge bank" in caplog.text
+
+
+# ---- flow matching: psi and xi over the scheduler's sigma table -----------------------------------------
+
+
+def sd3_sigmas(shift: float = 3.0) -> torch.Tensor:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift).sigmas
+
+
+@pytest.mark.parametrize("scheme, kwargs", [("logit_normal", {"logit_mean": 0.0, "logit_std": 1.0}),
+                                            ("logit_normal", {"logit_mean": 0.5, "logit_std": 1.5}),
+                                            ("mode", {"mode_scale": 1.29}), ("none", {}), ("cosmap", {})])
+def test_flow_base_density_is_diffusers_draw(scheme, kwargs):
+    """The base density is the distribution of the entry upstream's scripts train at."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    n = 1000
+    u = compute_density_for_timestep_sampling(scheme, 400_000, generator=torch.Generator().manual_seed(0),
+                                              **{"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, **kwargs})
+    empirical = torch.bincount((u * n).long().clamp(0, n - 1), minlength=n).double() / len(u)
+    probs = du.flow_base_probs(n, scheme, **kwargs)
+    assert abs(probs.sum().item() - 1) < 1e-12
+    assert 0.5 * (probs - empirical).abs().sum() < 0.03  # total variation: sampling noise only
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 3.0])
+def test_flow_schedules_reduce_to_ddpm_on_a_linear_table(tau):
+    """sigma_i = (N - i) / N, uniform base: psi and xi are the DDPM schedules (timestep k = N - 1 - i)."""
+    n = 1000
+    sigmas = (n - torch.arange(n, dtype=torch.float64)) / n
+    base = du.flow_base_probs(n, "none")
+    for kind in ("adaptation", "retention"):
+        flow = du.flow_chain_of_forgetting_probs(sigmas, base, tau, kind)
+        ddpm = du.chain_of_forgetting_probs(n, tau, kind)
+        assert torch.allclose(flow, ddpm.flip(0), atol=1e-9)
+
+
+def test_flow_schedules_moments_support_and_shift():
+    sigmas = sd3_sigmas()
+    base = du.flow_base_probs(len(sigmas), "logit_normal")
+    mean = {}
+    for kind in ("adaptation", "retention"):
+        probs = du.flow_chain_of_forgetting_probs(sigmas, base, 1.0, kind)
+        assert abs(probs.sum().item() - 1) < 1e-9 and (probs[base == 0] == 0).all()
+        mean[kind] = (probs * sigmas.double()).sum().item()
+    base_mean = (base * sigmas.double()).sum().item()
+    assert mean["retention"] < base_mean - 0.02 and mean["adaptation"] > base_mean + 0.02
+    assert torch.allclose(du.flow_chain_of_forgetting_probs(sigmas, base, 0.0, "adaptation"), base)
+    # The model's shift moves every density toward sigma = 1: psi's mean sigma is higher with shift 3 than 1.
+    unshifted = sd3_sigmas(1.0)
+    psi_mean = lambda s: (du.flow_chain_of_forgetting_probs(s, base, 1.0, "adaptation") * s.double()).sum()  # noqa: E731
+    assert psi_mean(sigmas) > psi_mean(unshifted) + 0.1
+    with pytest.raises(du.ConfigError, match="--weighting_scheme must be one of"):
+        du.flow_base_probs(10, "uniform")
+
+
+def test_flow_sampler_modes_agree_in_expectation():
+    sigmas = sd3_sigmas()
+    base = du.flow_base_probs(len(sigmas), "logit_normal")
+    exact = (du.flow_chain_of_forgetting_probs(sigmas, base, 1.0, "retention") * sigmas.double()).sum().item()
+    for mode in ("importance", "weighting"):
+        sampler = du.FlowTimestepSampler(sigmas, base, 1.0, "retention", mode)
+        entries, weights = sampler.sample(200_000, torch.Generator().manual_seed(1))
+        estimate = (weights.double() * sigmas[entries].double()).mean().item()
+        assert abs(estimate - exact) < 0.01, (mode, estimate, exact)
+        assert entries.dtype == torch.int64 and (weights == 1).all() == (mode == "importance")
