@@ -36,14 +36,28 @@ class StableDiffusionFamily:
     """SD 1.x and 2.x: one CLIP text encoder, its last hidden state as the condition."""
 
     name = "Stable Diffusion"
+    hub_tag = "stable-diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
     component_names = ("text_encoder",)
     uses_time_ids = False
+    flow_matching = False  # DDPM noise and timesteps; True: flow matching over the scheduler's sigmas
+    denoiser_name = "unet"
+    lora_target_modules = "to_k,to_q,to_v,to_out.0"  # upstream's default (--lora_target_modules)
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self.tokenizers = [pipeline.tokenizer]
         self.text_encoders = [pipeline.text_encoder]
+
+    @property
+    def lora_text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders that get LoRA adapters with --train_text_encoder (upstream's choice)."""
+        return self.text_encoders
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's output for a batch."""
+        return denoiser(noisy.to(dtype), timesteps, **self.unet_kwargs(prompts, time_ids, dtype)).sample
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids [P, max_length] per tokenizer, padded as the model was trained."""
@@ -67,6 +81,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     projection) and the size-and-crop micro-conditioning ids (original size, crop top-left, target size)."""
 
     name = "Stable Diffusion XL"
+    hub_tag = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     component_names = ("text_encoder", "text_encoder_2")
     uses_time_ids = True
@@ -95,12 +110,75 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                                               safe_serialization=True)
 
 
+class StableDiffusion3Family(StableDiffusionFamily):
+    """SD3 / SD3.5 (flow matching, an MMDiT transformer): two CLIP encoders (penultimate hidden states
+    concatenated, zero-padded to T5's width) followed by T5's tokens along the sequence, or zeros when the
+    pipeline has no T5; the two CLIP pooled projections concatenated. LoRA on the transformer's attention
+    (both streams) and, with --train_text_encoder, on the CLIP encoders, as upstream."""
+
+    name = "Stable Diffusion 3"
+    hub_tag = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    flow_matching = True
+    denoiser_name = "transformer"
+    lora_target_modules = ("attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,"
+                           "attn.to_q,attn.to_v")
+
+    def __init__(self, pipeline: Any, max_sequence_length: int = 77) -> None:
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+        self.has_t5 = pipeline.text_encoder_3 is not None
+        self.tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2] + ([pipeline.tokenizer_3] if self.has_t5 else [])
+        self.text_encoders = [pipeline.text_encoder, pipeline.text_encoder_2] + (
+            [pipeline.text_encoder_3] if self.has_t5 else [])
+        self.component_names = ("text_encoder", "text_encoder_2", "text_encoder_3")[:len(self.text_encoders)]
+
+    @property
+    def lora_text_encoders(self) -> list[torch.nn.Module]:
+        return self.text_encoders[:2]
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        ids = [tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+               for tok in self.tokenizers[:2]]
+        if self.has_t5:
+            ids.append(self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length,
+                                          truncation=True, add_special_tokens=True, return_tensors="pt").input_ids)
+        return ids
+
+    def encode(self, token_ids: list[torch.Tensor]) -> PromptEmbeddings:
+        hidden, pooled = [], []
+        for encoder, ids in zip(self.text_encoders[:2], token_ids[:2], strict=True):
+            out = encoder(ids.to(_device(encoder)), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        clip = torch.cat(hidden, dim=-1)
+        if self.has_t5:
+            t5 = self.text_encoders[2](token_ids[2].to(_device(self.text_encoders[2])))[0]
+        else:
+            width = self.pipeline.transformer.config.joint_attention_dim
+            t5 = torch.zeros(clip.shape[0], self.max_sequence_length, width, device=clip.device, dtype=clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return PromptEmbeddings(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        return denoiser(hidden_states=noisy.to(dtype), timestep=timesteps,
+                        encoder_hidden_states=prompts.hidden.to(dtype), pooled_projections=prompts.pooled.to(dtype),
+                        return_dict=False)[0]
+
+    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None]) -> None:
+        layers = list(text_encoder_layers) + [None, None]
+        type(self.pipeline).save_lora_weights(folder, transformer_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=layers[0], text_encoder_2_lora_layers=layers[1],
+                                              safe_serialization=True)
+
+
 def _device(module: torch.nn.Module) -> torch.device:
     """A module's device, also through a DistributedDataParallel wrapper (which has no ``.device``)."""
     return next(module.parameters()).device
 
 
-FAMILIES = (StableDiffusionFamily, StableDiffusionXLFamily)
+FAMILIES = (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family)
 
 
 def family_class(pipeline_class_name: str) -> type[StableDiffusionFamily]:

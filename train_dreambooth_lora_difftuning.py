@@ -56,23 +56,27 @@ def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf
                                            cache_dir=args.cache_dir)
     if "safety_checker" in config:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    for name, value in config.items():  # parts saved as absent (SD3 without T5) must be passed as None to load
+        if isinstance(value, list) and value == [None, None] and name not in ("feature_extractor", "image_encoder"):
+            kwargs.setdefault(name, None)
     pipeline_class = getattr(diffusers, family.pipeline_class_name)
     pipeline = tp.load_pretrained(pipeline_class.from_pretrained, "--pretrained_model_name_or_path",
                                   args.pretrained_model_name_or_path, f"a {family.pipeline_class_name}",
                                   revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline, family(pipeline)
+    return pipeline, family(pipeline, args.max_sequence_length) if family.flow_matching else family(pipeline)
 
 
-def add_lora_adapters(unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
+def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module],
                       args: argparse.Namespace) -> list[torch.nn.Parameter]:
-    """peft LoRA on the UNet's attention projections (and the text encoders' with --train_text_encoder),
-    as diffusers' DreamBooth scripts add them; returns the trainable parameters, kept in float32."""
+    """peft LoRA on the denoiser's attention projections (UNet or transformer; and the text encoders' given
+    with --train_text_encoder), as diffusers' DreamBooth scripts add them; returns the trainable parameters,
+    kept in float32."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, inject_adapter_in_model
 
-    unet.add_adapter(tp.lora_config(args))
-    models = [unet]
+    denoiser.add_adapter(tp.lora_config(args))
+    models = [denoiser]
     if args.train_text_encoder:
         config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
                             target_modules=mf.TEXT_ENCODER_LORA_MODULES)
@@ -83,15 +87,17 @@ def add_lora_adapters(unet: torch.nn.Module, text_encoders: list[torch.nn.Module
     return [p for m in models for p in m.parameters() if p.requires_grad]
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A model's LoRA weights in diffusers' key format (what save_lora_weights writes)."""
+def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily) -> dict[str, torch.Tensor]:
+    """A model's LoRA weights as upstream saves them for the family: diffusers' key format for SD and SDXL,
+    peft's for SD3 (what each pipeline's ``load_lora_weights`` reads back)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    state = get_peft_model_state_dict(model)
+    return state if family.flow_matching else convert_state_dict_to_diffusers(state)
 
 
-def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily, unet: torch.nn.Module,
+def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
                               text_encoders: list[torch.nn.Module]) -> None:
     """Checkpoints hold only the LoRA weights, in diffusers' format (``checkpoint-N`` loads with
     ``load_lora_weights``, as upstream's do), not a full copy of the frozen model."""
@@ -99,32 +105,34 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    def role(model: torch.nn.Module) -> int:  # 0: UNet, 1..: text encoders
+    def role(model: torch.nn.Module) -> int:  # 0: the denoiser, 1..: text encoders
         plain = tp.unwrap(accelerator, model)
-        return next(i for i, m in enumerate([unet, *text_encoders]) if m is plain)
+        return next(i for i, m in enumerate([denoiser, *text_encoders]) if m is plain)
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
             layers: list[dict | None] = [None] * (1 + len(text_encoders))
             for model in models:
-                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model))
+                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model), family)
             family.save_lora_weights(output_dir, layers[0], layers[1:])
         while weights:
             weights.pop()
 
     def load_hook(models: list, input_dir: str) -> None:
-        state, _ = type(family.pipeline).lora_state_dict(input_dir)
+        state = type(family.pipeline).lora_state_dict(input_dir)
+        state = state[0] if isinstance(state, tuple) else state  # SD/SDXL also return the network alphas
         trained = []
         while models:
             model = models.pop()
             index = role(model)
             plain = tp.unwrap(accelerator, model)
             if index == 0:
-                unet_state = convert_unet_state_dict_to_peft(
-                    {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
-                result = set_peft_model_state_dict(plain, unet_state, adapter_name="default")
+                prefix = f"{family.denoiser_name}."
+                denoiser_state = convert_unet_state_dict_to_peft(
+                    {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+                result = set_peft_model_state_dict(plain, denoiser_state, adapter_name="default")
                 if getattr(result, "unexpected_keys", None):
-                    raise dt.ConfigError(f"--resume_from_checkpoint {input_dir} holds LoRA weights this UNet does not "
+                    raise dt.ConfigError(f"--resume_from_checkpoint {input_dir} holds LoRA weights this model does not "
                                          f"have ({result.unexpected_keys[0]}...): another model or --rank?")
             else:
                 prefix = family.component_names[index - 1]
@@ -199,11 +207,13 @@ class DreamBoothStep:
     and subject + prior_loss_weight * prior. The training loop calls it."""
 
     family: mf.StableDiffusionFamily
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module | None  # None when batches carry cached latents
     noise_scheduler: Any
-    psi: dt.TimestepSampler
-    xi: dt.TimestepSampler
+    psi: dt.TimestepSampler | dt.FlowTimestepSampler  # flow matching: entries of the scheduler's sigma table
+    xi: dt.TimestepSampler | dt.FlowTimestepSampler
+    weighting_scheme: str | None  # flow matching only (its loss weighting)
+    precondition_outputs: bool  # flow matching only
     prompt_ids: list[torch.Tensor]  # token ids [P, L] per tokenizer, on the device
     prompt_table: mf.PromptEmbeddings | None  # encoded once when the text encoders are frozen
     prior_loss_weight: float
@@ -229,23 +239,36 @@ class DreamBoothStep:
             snr_w = dt.min_snr_weights(self.noise_scheduler, timesteps[:num_instance], self.snr_gamma)
             weights = torch.cat([weights[:num_instance] * snr_w, weights[num_instance:]])
         noise = step_rng.randn(latents.shape, device)
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prompt_table is not None:
             prompts = self.prompt_table.take(rows)
         else:  # --train_text_encoder: the encoders' LoRA is in the graph
             prompts = self.family.encode([ids[rows] for ids in self.prompt_ids])
-        model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps,
-                               **self.family.unet_kwargs(prompts, time_ids, self.weight_dtype)).sample
-        per_sample = dt.per_sample_denoising_loss(model_pred, latents, noise, noisy_latents, timesteps,
-                                                  self.noise_scheduler)
+        if self.family.flow_matching:  # timesteps are entries of the sigma table (upstream's SD3 loss)
+            sigmas = self.noise_scheduler.sigmas.to(device)[timesteps].view(-1, *[1] * (latents.ndim - 1))
+            noisy_latents = (1 - sigmas) * latents + sigmas * noise
+            model_pred = self.family.predict(self.denoiser, noisy_latents, self.noise_scheduler.timesteps.to(device)[
+                timesteps], prompts, time_ids, self.weight_dtype).float()
+            if self.precondition_outputs:
+                model_pred, target = model_pred * -sigmas + noisy_latents, latents
+            else:
+                target = noise - latents
+            per_sample = ((model_pred - target) ** 2).mean(dim=list(range(1, latents.ndim)))
+            weights = weights * dt.flow_loss_weights(self.weighting_scheme, sigmas.flatten())
+        else:
+            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            model_pred = self.family.predict(self.denoiser, noisy_latents, timesteps, prompts, time_ids,
+                                             self.weight_dtype)
+            per_sample = dt.per_sample_denoising_loss(model_pred, latents, noise, noisy_latents, timesteps,
+                                                      self.noise_scheduler)
         return dt.difftuning_loss(per_sample, num_instance, self.prior_loss_weight, weights)
 
 
-def denoiser_flops_per_image(family: mf.StableDiffusionFamily, unet: torch.nn.Module, prompt_ids: list[torch.Tensor],
+def denoiser_flops_per_image(family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
+                             prompt_ids: list[torch.Tensor],
                              prompt_table: mf.PromptEmbeddings | None, latent_shape: list[int], resolution: int,
                              weight_dtype: torch.dtype) -> int:
-    """The forward + backward FLOPs of one training image: the UNet, and the text encoders when they train."""
-    device = next(unet.parameters()).device
+    """The forward + backward FLOPs of one training image: the denoiser, and the text encoders when they train."""
+    device = next(denoiser.parameters()).device
     x = torch.zeros(2, *latent_shape, device=device, dtype=weight_dtype)
     t = torch.tensor([10, 900], device=device)
     rows = torch.zeros(2, dtype=torch.long, device=device)
@@ -253,10 +276,10 @@ def denoiser_flops_per_image(family: mf.StableDiffusionFamily, unet: torch.nn.Mo
 
     def fwd_bwd() -> None:
         prompts = prompt_table.take(rows) if prompt_table is not None else family.encode([i[rows] for i in prompt_ids])
-        unet(x, t, **family.unet_kwargs(prompts, ids, weight_dtype)).sample.float().square().mean().backward()
+        family.predict(denoiser, x, t, prompts, ids, weight_dtype).float().square().mean().backward()
 
     flops = tp.count_flops(fwd_bwd)
-    for model in (unet, *family.text_encoders):
+    for model in (denoiser, *family.text_encoders):
         model.zero_grad(set_to_none=True)
     return flops // 2
 
@@ -268,10 +291,11 @@ def denoiser_flops_per_image(family: mf.StableDiffusionFamily, unet: torch.nn.Mo
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped as ``--help`` shows them (docs/scripts/flag_tables.py writes the docs' tables from it)."""
-    parser = argparse.ArgumentParser(description="DreamBooth LoRA for Stable Diffusion and SDXL, with Diff-Tuning.",
+    parser = argparse.ArgumentParser(description="DreamBooth LoRA for Stable Diffusion, SDXL and SD3, with "
+                                                 "Diff-Tuning.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                        help="A Stable Diffusion (1.x/2.x) or SDXL pipeline on the Hub or in a local folder.")
+                        help="A Stable Diffusion (1.x/2.x), SDXL or SD3 pipeline on the Hub or in a local folder.")
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                         help="A VAE instead of the pipeline's (SDXL in fp16: e.g. madebyollin/sdxl-vae-fp16-fix).")
     tp.add_common_args(parser, "--instance_data_dir",
@@ -314,8 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Validate every N epochs (upstream's flag); overrides --validation_steps.")
     val.add_argument("--validation_num_inference_steps", type=int, default=25,
                      help="DPM-Solver++ steps of validation and final samples (upstream: 25).")
+    flow = parser.add_argument_group("Flow matching (SD3)")
+    flow.add_argument("--weighting_scheme", type=str, default=None, choices=dt.FLOW_WEIGHTING_SCHEMES,
+                      help="Density of the training sigma (logit_normal, mode) or loss weighting (sigma_sqrt, "
+                           "cosmap); none: uniform. Default: logit_normal (upstream's SD3). With --difftuning it is "
+                           "the base density that psi and xi reweight.")
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal density.")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' density.")
+    flow.add_argument("--precondition_outputs", type=int, default=1, choices=[0, 1],
+                      help="1: compare the denoised estimate x0 = x_sigma - sigma * v with the latents (upstream's "
+                           "SD3 default); 0: compare v with noise - latents.")
+    flow.add_argument("--max_sequence_length", type=int, default=77, help="T5 tokens of each prompt.")
     dt.add_difftuning_args(parser, class_prior=True)
-    parser.set_defaults(output_dir="lora-dreambooth-model", learning_rate=5e-4)
+    parser.set_defaults(output_dir="lora-dreambooth-model", learning_rate=5e-4, lora_target_modules=None)
     return parser
 
 
@@ -355,37 +391,59 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_family_flags(args: argparse.Namespace, family: mf.StableDiffusionFamily) -> None:
+    """Flags that only one kind of model has, checked once the base model's family is known; fills the
+    family's defaults (its LoRA targets, SD3's logit-normal density)."""
+    if family.flow_matching:
+        if args.snr_gamma is not None:
+            raise dt.ConfigError("--snr_gamma (Min-SNR) is for DDPM models; flow-matching models (SD3) weight "
+                                 "the loss with --weighting_scheme.")
+        args.weighting_scheme = args.weighting_scheme or "logit_normal"
+        if args.max_sequence_length < 1 or args.logit_std <= 0:
+            raise dt.ConfigError("--max_sequence_length must be >= 1 and --logit_std > 0.")
+    else:
+        given = [f"--{name}" for name, default in (("weighting_scheme", None), ("logit_mean", 0.0), ("logit_std", 1.0),
+                                                   ("mode_scale", 1.29), ("precondition_outputs", 1),
+                                                   ("max_sequence_length", 77)) if getattr(args, name) != default]
+        if given:
+            raise dt.ConfigError(f"{', '.join(given)}: flow-matching flags, and {args.pretrained_model_name_or_path} "
+                                 f"is a {family.name} model (DDPM).")
+    args.lora_target_modules = args.lora_target_modules or family.lora_target_modules
+
+
 def main(args: argparse.Namespace) -> None:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     accelerator, weight_dtype = tp.setup_accelerator(args)
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- Models -------------------------------------------------------------------------------
     pipeline, family = load_base_pipeline(args)
-    unet, vae, text_encoders = pipeline.unet, pipeline.vae, family.text_encoders
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
+    check_family_flags(args, family)
+    scheduler_class = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
+    noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    args.resolution = args.resolution or unet.config.sample_size * vae_scale
+    args.resolution = args.resolution or denoiser.config.sample_size * vae_scale
     if args.resolution % vae_scale:
         raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
     # The bank's identity: the weights as loaded (before any cast, so every precision shares one bank).
-    fingerprint = dt.model_fingerprint(unet) if args.with_prior_preservation else None
+    fingerprint = dt.model_fingerprint(denoiser) if args.with_prior_preservation else None
     vae_fingerprint = dt.model_fingerprint(vae) if args.with_prior_preservation else None
-    for frozen in (unet, vae, *text_encoders):
+    for frozen in (denoiser, vae, *text_encoders):
         frozen.requires_grad_(False)
     # Frozen parts in the mixed-precision dtype (upstream); first in --prior_generation_precision's, if given,
     # while the class samples are generated.
     generation_dtype = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                         "bf16": torch.bfloat16}.get(args.prior_generation_precision, weight_dtype)
-    for module in (unet, *text_encoders):
+    for module in (denoiser, *text_encoders):
         tp.cast(module, accelerator.device, generation_dtype if args.with_prior_preservation else weight_dtype)
     # The fp16 VAE overflows (SDXL's especially): keep it in fp32 unless another VAE was given, as upstream.
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path or weight_dtype == torch.bfloat16 else (
         torch.float32)
     tp.cast(vae, accelerator.device, vae_dtype)
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
 
     # --- The subject's data (checked before the expensive class-sample generation) --------------------
     columns = {"--image_column": args.image_column, **({"--caption_column": args.caption_column}
@@ -402,7 +460,7 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Class samples: the knowledge bank (the frozen base model's own samples of --class_prompt) ------
     bank, bank_dir = None, args.knowledge_bank_dir
-    latent_shape = [unet.config.in_channels] + [args.resolution // vae_scale] * 2
+    latent_shape = [denoiser.config.in_channels] + [args.resolution // vae_scale] * 2
     if args.with_prior_preservation:
         if os.path.isdir(bank_dir) and not os.path.exists(os.path.join(bank_dir, dt.MANIFEST_NAME)) and any(
                 f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) for f in os.listdir(bank_dir)):
@@ -422,7 +480,7 @@ def main(args: argparse.Namespace) -> None:
         dt.build_knowledge_bank(bank_dir, sample_fn, [args.class_prompt] * args.num_class_images,
                                 args.sample_batch_size, args.knowledge_bank_seed, settings,
                                 reencode_fn=lambda z: tp.reencode_latents(vae, z))
-        for module in (unet, *text_encoders):
+        for module in (denoiser, *text_encoders):
             tp.cast(module, accelerator.device, weight_dtype)
         bank = dt.load_knowledge_bank(bank_dir, fingerprint, latent_shape)
         preview = os.path.join(bank_dir, "preview.png")
@@ -432,8 +490,8 @@ def main(args: argparse.Namespace) -> None:
                              args.seed or 0, accelerator.process_index, accelerator.device, bank_dir)
 
     # --- What to train --------------------------------------------------------------------------
-    params = add_lora_adapters(unet, text_encoders, args)
-    register_checkpoint_hooks(accelerator, family, unet, text_encoders)
+    params = add_lora_adapters(denoiser, family.lora_text_encoders, args)
+    register_checkpoint_hooks(accelerator, family, denoiser, family.lora_text_encoders)
     prompt_ids = [ids.to(accelerator.device) for ids in family.tokenize(prompts)]
     prompt_table = None
     if not args.train_text_encoder:  # fixed prompts, frozen encoders: encode them once
@@ -441,11 +499,11 @@ def main(args: argparse.Namespace) -> None:
             prompt_table = family.encode(prompt_ids)
     # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
     # would upset its gradient hooks.
-    flops_per_image = denoiser_flops_per_image(family, unet, prompt_ids, prompt_table, latent_shape, args.resolution,
-                                               weight_dtype)
+    flops_per_image = denoiser_flops_per_image(family, denoiser, prompt_ids, prompt_table, latent_shape,
+                                               args.resolution, weight_dtype)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for encoder in text_encoders if args.train_text_encoder else ():
+        denoiser.enable_gradient_checkpointing()
+        for encoder in family.lora_text_encoders if args.train_text_encoder else ():
             encoder.gradient_checkpointing_enable()
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -464,11 +522,11 @@ def main(args: argparse.Namespace) -> None:
     sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
     train_dataloader = tp.make_dataloader(InstanceImages(dataset, args, prompt_rows, latent_cache),
                                           args.train_batch_size, sampler, args.dataloader_num_workers)
-    trained_encoders = text_encoders if args.train_text_encoder else []
-    unet, optimizer, train_dataloader, *prepared_encoders = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                               *trained_encoders)
+    trained_encoders = family.lora_text_encoders if args.train_text_encoder else []
+    denoiser, optimizer, train_dataloader, *prepared_encoders = accelerator.prepare(
+        denoiser, optimizer, train_dataloader, *trained_encoders)
     if prepared_encoders:
-        family.text_encoders = prepared_encoders
+        family.text_encoders[:len(prepared_encoders)] = prepared_encoders
     max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
     lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
                                                               max_train_steps))
@@ -485,13 +543,19 @@ def main(args: argparse.Namespace) -> None:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or "dreambooth-lora-difftuning", config=tracked)
 
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    psi_tau, xi_tau = (args.difftuning_tau, args.retention_tau) if args.difftuning else (0.0, 0.0)
+    if family.flow_matching:  # psi and xi reweight upstream's density over the scheduler's sigma table
+        base = dt.flow_base_probs(len(noise_scheduler.sigmas), args.weighting_scheme, args.logit_mean,
+                                  args.logit_std, args.mode_scale)
+        psi = dt.FlowTimestepSampler(noise_scheduler.sigmas, base, psi_tau, "adaptation", args.timestep_sampling)
+        xi = dt.FlowTimestepSampler(noise_scheduler.sigmas, base, xi_tau, "retention", args.timestep_sampling)
+    else:
+        num_timesteps = noise_scheduler.config.num_train_timesteps
+        psi = dt.TimestepSampler(num_timesteps, psi_tau, "adaptation", args.timestep_sampling)
+        xi = dt.TimestepSampler(num_timesteps, xi_tau, "retention", args.timestep_sampling)
     step = DreamBoothStep(
-        family=family, unet=unet, vae=None if args.cache_latents else vae, noise_scheduler=noise_scheduler,
-        psi=dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
-                               args.timestep_sampling),
-        xi=dt.TimestepSampler(num_timesteps, args.retention_tau if args.difftuning else 0.0, "retention",
-                              args.timestep_sampling),
+        family=family, denoiser=denoiser, vae=None if args.cache_latents else vae, noise_scheduler=noise_scheduler,
+        psi=psi, xi=xi, weighting_scheme=args.weighting_scheme, precondition_outputs=bool(args.precondition_outputs),
         prompt_ids=prompt_ids, prompt_table=prompt_table, prior_loss_weight=args.prior_loss_weight,
         snr_gamma=args.snr_gamma, weight_dtype=weight_dtype, bank=bank, bank_prompt_row=len(prompts) - 1,
         bank_time_ids=mf.time_ids((args.resolution,) * 2, (0, 0), args.resolution).to(accelerator.device))
@@ -507,10 +571,10 @@ def main(args: argparse.Namespace) -> None:
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     for epoch in range(global_step // updates_per_epoch, num_epochs):
-        unet.train()
+        denoiser.train()
         for batch in tp.epoch_loader(accelerator, train_dataloader, sampler, epoch, global_step, updates_per_epoch,
                                      args.gradient_accumulation_steps):
-            with accelerator.accumulate(unet, *prepared_encoders):
+            with accelerator.accumulate(denoiser, *prepared_encoders):
                 loss, logs = step.loss(batch, step_rng)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -541,9 +605,9 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
         with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
-            family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, unet)),
-                                     [lora_layers(e) if e is not None else None for e in encoders])
-        del pipeline, unet, text_encoders, step
+            family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, denoiser), family),
+                                     [lora_layers(e, family) if e is not None else None for e in encoders])
+        del pipeline, denoiser, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.
         final_dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32
@@ -554,7 +618,7 @@ def main(args: argparse.Namespace) -> None:
         tp.log_images(accelerator, images, [prompt] * len(images), global_step, tag="final")
         tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt, repo_id),
                            ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "diff-tuning",
-                            "stable-diffusion-xl" if family.uses_time_ids else "stable-diffusion"], images)
+                            family.hub_tag], images)
         logger.info(f"Saved the LoRA weights to {args.output_dir} (load them with "
                     f"pipe.load_lora_weights({args.output_dir!r}))")
         if args.push_to_hub:
@@ -572,7 +636,8 @@ def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device
     from diffusers import DPMSolverMultistepScheduler
 
     training_scheduler = pipeline.scheduler
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(training_scheduler.config)
+    if not hasattr(pipeline, "transformer"):  # DDPM models: upstream samples with DPM-Solver++
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(training_scheduler.config)
     generator = torch.Generator(device=device).manual_seed(args.seed or 0)
     with torch.no_grad():
         images = [pipeline(prompt, num_inference_steps=args.validation_num_inference_steps, generator=generator,
@@ -586,11 +651,12 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, gl
     """Sample --validation_prompt with the current LoRA (the pipeline holds the trained modules) and log it."""
     if not accelerator.is_main_process:
         return
-    pipeline.unet.eval()
+    denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+    denoiser.eval()
     with accelerator.autocast():
         images = generate_images(args, pipeline, args.validation_prompt, accelerator.device)
     tp.log_images(accelerator, images, [args.validation_prompt] * len(images), global_step)
-    pipeline.unet.train()
+    denoiser.train()
 
 
 def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str,

@@ -591,12 +591,17 @@ def epoch_loader(accelerator: Accelerator, train_dataloader: Any, sampler: Epoch
     return accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
 
 
+def latent_shift(vae: torch.nn.Module) -> float:
+    """The VAE's latent shift (SD3 and Flux: model latents = (z - shift_factor) * scaling_factor; 0 for SD/DiT)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 def encode_latents(vae: torch.nn.Module, pixel_values: torch.Tensor, step_rng: StepGenerator) -> torch.Tensor:
     """VAE posterior sample x scaling factor, float32; the sample's noise comes from ``step_rng``
     (not the global RNG) so resumed runs are exact."""
     posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
     noise = step_rng.randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
-    return (posterior.mean + posterior.std * noise).float() * vae.config.scaling_factor
+    return ((posterior.mean + posterior.std * noise).float() - latent_shift(vae)) * vae.config.scaling_factor
 
 
 def batch_latents(vae: torch.nn.Module | None, batch: dict, step_rng: StepGenerator) -> torch.Tensor:
@@ -621,7 +626,8 @@ def cache_posteriors(vae: torch.nn.Module, images: torch.utils.data.Dataset, fli
         views = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1) if flips else pixels
         posterior = vae.encode(views).latent_dist
         num_views = 2 if flips else 1
-        means.append((posterior.mean.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu())
+        means.append(((posterior.mean.float() - latent_shift(vae)) * vae.config.scaling_factor).unflatten(
+            0, (-1, num_views)).cpu())
         stds.append((posterior.std.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu())
     return torch.cat(means), torch.cat(stds)
 
@@ -638,12 +644,13 @@ def reencode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> tuple[torch
     to 8 bits (what saving a PNG does), and return the scaled VAE posterior (mean, std) of each image
     unflipped and flipped, each [B, 2, C, H, W] float32: what encoding the saved image (or its
     mirror) gives at every later step, computed once."""
-    scale = vae.config.scaling_factor
-    images = vae.decode((latents / scale).to(vae.device, vae.dtype)).sample.float()
+    scale, shift = vae.config.scaling_factor, latent_shift(vae)
+    images = vae.decode((latents / scale + shift).to(vae.device, vae.dtype)).sample.float()
     images = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     views = torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1)
     posterior = vae.encode(views.to(vae.dtype)).latent_dist
-    mean, std = (x.float().unflatten(0, (latents.shape[0], 2)) * scale for x in (posterior.mean, posterior.std))
+    mean = (posterior.mean.float().unflatten(0, (latents.shape[0], 2)) - shift) * scale
+    std = posterior.std.float().unflatten(0, (latents.shape[0], 2)) * scale
     return mean, std
 
 
@@ -1010,7 +1017,8 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> list[Image.Im
     from diffusers.image_processor import VaeImageProcessor
 
     with torch.no_grad():
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
+        images = vae.decode((latents / vae.config.scaling_factor + latent_shift(vae)).to(vae.device, vae.dtype)
+                            ).sample
     images = (images.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
     return VaeImageProcessor.numpy_to_pil(images)
 

@@ -203,6 +203,42 @@ def make_tiny_sdxl_pipeline(path: str, seed: int = 0) -> str:
     return path
 
 
+def make_tiny_sd3_pipeline(path: str, seed: int = 0) -> str:
+    """A StableDiffusion3Pipeline folder shaped like diffusers' own SD3 tests: a 1-layer MMDiT (patch 1,
+    8x8 latents), two CLIP encoders with projections, no T5 (SD3 runs without it; its tokenizer needs the
+    Hub), a 4x VAE with SD3's latent shift and scale, and the flow-matching scheduler with shift 3."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp), model_max_length=77)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=8, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035)
+    text_config = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler,
+                                    text_encoder=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
+                                    text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def make_subject_folder(path: str, n: int = 4, size: int = 40, seed: int = 0) -> str:
     """DreamBooth's instance folder: ``n`` images of one subject (a red square with a blue dot, jittered)."""
     from PIL import ImageDraw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from conftest import ROOT, error_line, files_uploaded, run_script
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import make_subject_folder, make_tiny_sdxl_pipeline
+from tiny_models import make_subject_folder, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline
 
 import difftuning_utils as dt
 import model_families as mf
@@ -23,6 +24,19 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
     return make_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+def load_pipeline(model: str):
+    """A tiny pipeline as a user loads it (SD3 saved without T5 needs the absent parts named)."""
+    from diffusers import DiffusionPipeline
+
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if "sd3" in os.path.basename(model) else {}
+    return DiffusionPipeline.from_pretrained(model, **absent)
 
 
 @pytest.fixture(scope="session")
@@ -39,22 +53,21 @@ def base_args(model: str, data: str, out: str, steps: int = 4) -> list[str]:
 
 
 def load_with_lora(model: str, out: str):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe = load_pipeline(model)
     base = unet_output(pipe)
     pipe.load_lora_weights(out)
     return pipe, base
 
 
 def unet_output(pipe) -> torch.Tensor:
-    """The UNet's prediction on a fixed input, with the family's conditioning."""
+    """The denoiser's prediction on a fixed input, with the family's conditioning."""
     family = mf.family_class(type(pipe).__name__)(pipe)
     with torch.no_grad():
         prompts = family.encode(family.tokenize(["a red square"]))
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         ids = mf.time_ids((32, 32), (0, 0), 32)[None]
-        return pipe.unet(x, torch.tensor([500]), **family.unet_kwargs(prompts, ids, torch.float32)).sample
+        return family.predict(getattr(pipe, family.denoiser_name), x, torch.tensor([500]), prompts, ids,
+                              torch.float32)
 
 
 @pytest.mark.parametrize("model, extra", [
@@ -65,24 +78,30 @@ def unet_output(pipe) -> torch.Tensor:
     pytest.param("sdxl", ["--difftuning", "--with_prior_preservation", "--class_prompt", "", "--snr_gamma", "5",
                           "--cache_latents", "--center_crop", "--random_flip", "--train_text_encoder"],
                  id="sdxl-difftuning-empty-prompt-bank"),
+    pytest.param("sd3", ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle",
+                         "--train_text_encoder", "--validation_prompt", "a red square", "--validation_steps", "2"],
+                 id="sd3-difftuning-text-encoder"),
 ])
-def test_train_save_load_lora(tiny_sd, tiny_sdxl, subject, tmp_path, model, extra):
+def test_train_save_load_lora(tiny_sd, tiny_sdxl, tiny_sd3, subject, tmp_path, model, extra):
     """The saved LoRA is diffusers' format: load_lora_weights puts every tensor of it into the pipeline (UNet and,
     when trained, the text encoders) and changes what the UNet predicts; the card names no local path."""
     from peft.utils import get_peft_model_state_dict
 
-    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl}[model]
+    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[model]
     out = str(tmp_path / "out")
     run_script(SCRIPT, base_args(base_model, subject, out) + extra)
     saved = load_file(os.path.join(out, LORA_FILE))
     assert load_file(os.path.join(out, "checkpoint-4", LORA_FILE)).keys() == saved.keys()
     pipe, base = load_with_lora(base_model, out)
-    unet_keys = [k for k in saved if k.startswith("unet.")]
+    denoiser = "transformer" if model == "sd3" else "unet"
+    denoiser_keys = [k for k in saved if k.startswith(f"{denoiser}.")]
     def loaded(model) -> int:  # LoRA tensors load_lora_weights put into the model (adapter "default_0")
         return len(get_peft_model_state_dict(model, adapter_name=next(iter(model.peft_config))))
 
-    assert unet_keys and loaded(pipe.unet) == len(unet_keys)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if model == "sdxl" else [])
+    assert denoiser_keys and loaded(getattr(pipe, denoiser)) == len(denoiser_keys)
+    if model == "sd3":  # upstream's targets: both attention streams
+        assert any(".attn.add_q_proj." in k for k in denoiser_keys) and any(".attn.to_q." in k for k in denoiser_keys)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if model in ("sdxl", "sd3") else [])
     if "--train_text_encoder" in extra:
         for encoder, name in zip(encoders, ("text_encoder.", "text_encoder_2."), strict=False):
             assert loaded(encoder) == len([k for k in saved if k.startswith(name)]) > 0
@@ -107,8 +126,10 @@ def test_half_precision_base_model(tiny_sdxl, subject, tmp_path):
     assert os.path.exists(os.path.join(out, LORA_FILE)) and os.path.exists(os.path.join(out, "README.md"))
 
 
-def test_resume_equals_straight_run(tiny_sd, subject, tmp_path):
+@pytest.mark.parametrize("model", ["sd", "sd3"])
+def test_resume_equals_straight_run(tiny_sd, tiny_sd3, subject, tmp_path, model):
     """Stopped at step 2 and resumed gives bit-identical LoRA weights (bank replay, text-encoder LoRA)."""
+    tiny_sd = {"sd": tiny_sd, "sd3": tiny_sd3}[model]
     args = ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle", "--train_text_encoder",
             "--class_data_dir", str(tmp_path / "bank")]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -155,9 +176,10 @@ def step_for(model: str, prediction_type: str = "epsilon", difftuning: bool = Fa
     with torch.no_grad():
         table = family.encode(prompt_ids)
     tau = 1.0 if difftuning else 0.0
-    return DreamBoothStep(family=family, unet=pipe.unet, vae=pipe.vae, noise_scheduler=scheduler,
+    return DreamBoothStep(family=family, denoiser=pipe.unet, vae=pipe.vae, noise_scheduler=scheduler,
                           psi=dt.TimestepSampler(1000, tau, "adaptation"),
-                          xi=dt.TimestepSampler(1000, tau, "retention"),
+                          xi=dt.TimestepSampler(1000, tau, "retention"), weighting_scheme=None,
+                          precondition_outputs=False,
                           prompt_ids=prompt_ids, prompt_table=table, prior_loss_weight=prior_loss_weight,
                           snr_gamma=snr_gamma, weight_dtype=torch.float32,
                           bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
@@ -174,7 +196,7 @@ def captured_loss(step, monkeypatch) -> tuple[torch.Tensor, dict]:
         return add_noise(latents, noise, timesteps)
 
     monkeypatch.setattr(step.noise_scheduler, "add_noise", spy_add_noise)
-    handle = step.unet.register_forward_hook(lambda _m, _i, out: seen.update(pred=out.sample))
+    handle = step.denoiser.register_forward_hook(lambda _m, _i, out: seen.update(pred=out.sample))
     batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1,
              "prompt_rows": torch.tensor([0, 0]), "time_ids": mf.time_ids((40, 40), (4, 4), 32).expand(2, -1)}
     with torch.no_grad():
@@ -317,3 +339,64 @@ def test_non_finite_numbers_refused(subject, tmp_path, flag, value):
 
     with pytest.raises(dt.ConfigError, match=f"{flag} must be a finite number, got {value}"):
         parse_args(base_args("unused-model", subject, str(tmp_path / "out")) + [flag, value])
+
+
+@pytest.mark.parametrize("weighting_scheme, precondition", [("logit_normal", True), ("cosmap", False)])
+def test_sd3_prior_preservation_loss_matches_diffusers(tiny_sd3, weighting_scheme, precondition):
+    """SD3 without --difftuning is diffusers' train_dreambooth_lora_sd3.py loss on the same batch: sigma from the
+    scheduler's table, x_sigma = (1 - sigma) x + sigma noise, the preconditioned x0 estimate (or the velocity)
+    against its target, --weighting_scheme's loss weights, instance + prior_loss_weight * prior."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    from train_dreambooth_lora_difftuning import DreamBoothStep
+
+    pipe = load_pipeline(tiny_sd3)
+    family = mf.family_class(type(pipe).__name__)(pipe)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    instance = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    class_latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    bank = dt.KnowledgeBank(class_latents, ["a circle"] * 2, {}, torch.stack([class_latents, class_latents], 1),
+                            torch.zeros(2, 2, 4, 8, 8))
+    prompt_ids = family.tokenize(["a red square", "a circle"])
+    with torch.no_grad():
+        table = family.encode(prompt_ids)
+    base = dt.flow_base_probs(len(scheduler.sigmas), weighting_scheme)
+    step = DreamBoothStep(family=family, denoiser=pipe.transformer, vae=None, noise_scheduler=scheduler,
+                          psi=dt.FlowTimestepSampler(scheduler.sigmas, base, 0.0, "adaptation"),
+                          xi=dt.FlowTimestepSampler(scheduler.sigmas, base, 0.0, "retention"),
+                          weighting_scheme=weighting_scheme, precondition_outputs=precondition, prompt_ids=prompt_ids,
+                          prompt_table=table, prior_loss_weight=0.7, snr_gamma=None, weight_dtype=torch.float32,
+                          bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
+                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+    seen: dict = {}
+    handle = pipe.transformer.register_forward_hook(
+        lambda _m, _a, kw, out: seen.update(noisy=kw["hidden_states"], t=kw["timestep"], pred=out[0]), with_kwargs=True)
+    batch = {"latent_mean": instance, "latent_std": torch.zeros_like(instance), "prompt_rows": torch.tensor([0, 0]),
+             "time_ids": mf.time_ids((32, 32), (0, 0), 32).expand(2, -1)}
+    with torch.no_grad():
+        loss, logs = step.loss(batch, tp.StepGenerator(3, 0))
+    handle.remove()
+    # upstream's formula from what the transformer saw
+    x = torch.cat([instance, class_latents])
+    sigmas = (seen["t"] / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+    entries = (scheduler.timesteps[:, None] == seen["t"]).int().argmax(0)  # the timesteps are table entries
+    assert torch.allclose(sigmas.flatten(), scheduler.sigmas[entries])
+    noise = (seen["noisy"] - (1 - sigmas) * x) / sigmas
+    model_pred = seen["pred"] * -sigmas + seen["noisy"] if precondition else seen["pred"]
+    target = x if precondition else noise - x
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+    per_row = (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(4, -1).mean(1)
+    assert torch.allclose(loss, per_row[:2].mean() + 0.7 * per_row[2:].mean(), rtol=1e-4)
+
+
+def test_family_flags_refused_on_the_other_family(tiny_sd, tiny_sd3, subject, tmp_path):
+    """Flow-matching flags on a DDPM model, and Min-SNR on a flow-matching one: one sentence, nothing written."""
+    import train_dreambooth_lora_difftuning as script
+
+    for model, flags, words in ((tiny_sd, ["--weighting_scheme", "mode"], "--weighting_scheme: flow-matching flags"),
+                                (tiny_sd3, ["--snr_gamma", "5"], "--snr_gamma (Min-SNR) is for DDPM models")):
+        out = str(tmp_path / "out")
+        with pytest.raises(dt.ConfigError, match=re.escape(words)):
+            script.main(script.parse_args(base_args(model, subject, out) + flags))
+        assert not os.path.exists(out)
