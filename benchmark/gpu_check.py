@@ -61,15 +61,21 @@ RUNS = {
     "dreambooth-sdxl-prior-bf16": ("dreambooth-sdxl", "bf16", True, ["--with_prior_preservation"]),
     "dreambooth-sdxl-difftuning-bf16": ("dreambooth-sdxl", "bf16", True, ["--with_prior_preservation",
                                                                           "--difftuning"]),
+    # SD3-medium-shaped transformer (no T5: random T5-XXL weights would be 19 GB and measure nothing of ours)
+    "dreambooth-sd3-prior-bf16": ("dreambooth-sd3", "bf16", True, ["--with_prior_preservation"]),
+    "dreambooth-sd3-difftuning-bf16": ("dreambooth-sd3", "bf16", True, ["--with_prior_preservation",
+                                                                        "--difftuning"]),
 }
 SIZES = {  # dataset size, image resolution, global batch (DreamBooth: subject images; as many class samples join)
     "real": {"dit": (2048, 256, 32), "controlnet": (1024, 512, 8), "dreambooth-sd": (8, 512, 4),
-             "dreambooth-sdxl": (8, 1024, 2)},
-    "tiny": {"dit": (48, 32, 8), "controlnet": (24, 32, 4), "dreambooth-sd": (8, 32, 2), "dreambooth-sdxl": (8, 32, 2)},
+             "dreambooth-sdxl": (8, 1024, 2), "dreambooth-sd3": (8, 1024, 2)},
+    "tiny": {"dit": (48, 32, 8), "controlnet": (24, 32, 4), "dreambooth-sd": (8, 32, 2), "dreambooth-sdxl": (8, 32, 2),
+             "dreambooth-sd3": (8, 32, 2)},
 }
 DREAMBOOTH_SCRIPT = "train_dreambooth_lora_difftuning.py"
 SCRIPTS = {"dit": "train_dit_difftuning.py", "controlnet": "train_controlnet_difftuning.py",
-           "dreambooth-sd": DREAMBOOTH_SCRIPT, "dreambooth-sdxl": DREAMBOOTH_SCRIPT}
+           "dreambooth-sd": DREAMBOOTH_SCRIPT, "dreambooth-sdxl": DREAMBOOTH_SCRIPT,
+           "dreambooth-sd3": DREAMBOOTH_SCRIPT}
 
 
 def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[str, str]:
@@ -77,13 +83,19 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
     import torch
 
     paths = {"dit": os.path.join(folder, "dit-pipeline"), "controlnet": os.path.join(folder, "sd-pipeline"),
-             "dreambooth-sdxl": os.path.join(folder, "sdxl-pipeline")}
+             "dreambooth-sdxl": os.path.join(folder, "sdxl-pipeline"),
+             "dreambooth-sd3": os.path.join(folder, "sd3-pipeline")}
     paths["dreambooth-sd"] = paths["controlnet"]
     if size == "tiny":
-        from tiny_models import make_tiny_dit_pipeline, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
+        from tiny_models import (
+            make_tiny_dit_pipeline,
+            make_tiny_sd3_pipeline,
+            make_tiny_sd_pipeline,
+            make_tiny_sdxl_pipeline,
+        )
 
         for kind, make in (("dit", make_tiny_dit_pipeline), ("controlnet", make_tiny_sd_pipeline),
-                           ("dreambooth-sdxl", make_tiny_sdxl_pipeline)):
+                           ("dreambooth-sdxl", make_tiny_sdxl_pipeline), ("dreambooth-sd3", make_tiny_sd3_pipeline)):
             if not os.path.exists(os.path.join(paths[kind], "model_index.json")):
                 make(paths[kind])
         return paths
@@ -129,7 +141,46 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
                                 requires_safety_checker=False).save_pretrained(paths["controlnet"])
     if "dreambooth-sdxl" in kinds and not os.path.exists(os.path.join(paths["dreambooth-sdxl"], "model_index.json")):
         build_sdxl(paths["dreambooth-sdxl"], tokenizer_dir, device)
+    if "dreambooth-sd3" in kinds and not os.path.exists(os.path.join(paths["dreambooth-sd3"], "model_index.json")):
+        build_sd3(paths["dreambooth-sd3"], tokenizer_dir, device)
     return paths
+
+
+def build_sd3(path: str, tokenizer_dir: str, device: str) -> None:
+    """An SD3-medium-shaped pipeline with random weights (the 2B MMDiT, a 16-channel VAE, CLIP-L and bigG-shaped
+    encoders with projections, no T5), saved in bf16."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                            caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                            pos_embed_max_size=192)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5305)
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                                  num_hidden_layers=12, num_attention_heads=12,
+                                                                  projection_dim=768, **ids))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            projection_dim=1280, hidden_act="gelu", **ids))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler,
+                                    text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.to(torch.bfloat16).save_pretrained(path)
 
 
 def build_sdxl(path: str, tokenizer_dir: str, device: str) -> None:
@@ -179,7 +230,8 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
     (n_dit, res_dit, _), (n_cn, res_cn, _) = SIZES[size]["dit"], SIZES[size]["controlnet"]
     paths = {"dit": os.path.join(folder, "dit-data"), "controlnet": os.path.join(folder, "controlnet-data"),
              "dreambooth-sd": os.path.join(folder, "subject-sd"),
-             "dreambooth-sdxl": os.path.join(folder, "subject-sdxl")}
+             "dreambooth-sdxl": os.path.join(folder, "subject-sdxl"),
+             "dreambooth-sd3": os.path.join(folder, "subject-sd3")}
     rng = np.random.default_rng(0)
     rgb = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
            "purple": (140, 50, 200), "orange": (240, 140, 30), "white": (250, 250, 250), "black": (10, 10, 10)}
@@ -214,7 +266,7 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
                 f.write(json.dumps({"file_name": f"images/{i:05d}.png", "text": caption(i),
                                     "conditioning_image_file_name": f"conditioning_images/{i:05d}.png"}) + "\n")
         os.replace(tmp, paths["controlnet"])
-    for kind in ("dreambooth-sd", "dreambooth-sdxl"):  # one subject: a red circle, in several places and sizes
+    for kind in ("dreambooth-sd", "dreambooth-sdxl", "dreambooth-sd3"):  # one subject: a red circle, in places
         if not os.path.isdir(paths[kind]):
             n, res, _ = SIZES[size][kind]
             os.makedirs(paths[kind] + ".tmp")
@@ -284,8 +336,9 @@ def load_and_sample(name: str, args: argparse.Namespace, models: dict, data: dic
         if kind.startswith("dreambooth"):
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(models[kind], torch_dtype=torch.bfloat16 if device == "cuda"
-                                                     else torch.float32).to(device)
+            absent = {"text_encoder_3": None, "tokenizer_3": None} if kind == "dreambooth-sd3" else {}
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            pipe = DiffusionPipeline.from_pretrained(models[kind], **absent, torch_dtype=dtype).to(device)
             pipe.load_lora_weights(out)
             resolution = SIZES[args.size][kind][1]
             pipe("a sks circle", num_inference_steps=4, height=resolution, width=resolution)
