@@ -48,6 +48,7 @@ def test_shipped_fashion_half_sources(half, names):
     assert (posterior.std * pipe.vae.config.scaling_factor).mean() < 0.1
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     out = str(tmp_path / "bench")
     cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--output_dir", out,
@@ -148,6 +149,7 @@ def test_shipped_emoji_models_load_and_know_their_classes():
 
 
 @needs_emoji_models
+@pytest.mark.slow
 def test_emoji_benchmark_smoke(tmp_path):
     """The second miniature end to end: OpenMoji from npm, the shipped emoji DiT, the authors' arm."""
     out = str(tmp_path / "bench")
@@ -168,6 +170,7 @@ def test_emoji_benchmark_smoke(tmp_path):
 
 
 @needs_emoji_models
+@pytest.mark.slow
 def test_controlnet_benchmark_smoke(tmp_path):
     """The ControlNet miniature end to end at a few steps: pairs, two arms through the real script,
     fidelity of every checkpoint, convergence against the stated threshold, the table and the plot."""
@@ -197,6 +200,7 @@ def test_controlnet_benchmark_smoke(tmp_path):
 
 
 @needs_emoji_models
+@pytest.mark.slow
 def test_dreambooth_benchmark_smoke(tmp_path):
     """The DreamBooth miniature end to end at a few steps: the subject folder, two arms through the real script
     (sharing one class bank), the metrics of every checkpoint in both feature spaces, the paired table."""
@@ -270,6 +274,7 @@ def test_heldout_emoji_splits_keep_each_emoji_whole_and_apart():
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
                     reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.slow
 def test_early_stopping_on_a_fashion_pair(tmp_path):
     """--eval_every keeps checkpoints, scores each on the validation split in both feature spaces and reports
     the run at the chosen one; a checkpoint's EMA weights are what the run saves when it stops there."""

@@ -262,6 +262,7 @@ def test_docs_flag_tables_match_the_parsers() -> None:
     assert "| `--cache_latents` | off |" in open(os.path.join(ROOT, "docs", "dit.md")).read()
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_mode(tmp_path) -> None:
     """The GPU check's CPU mode: real scripts at tiny size, outputs loaded and sampled, harness beside them."""
     from benchmark import gpu_check
