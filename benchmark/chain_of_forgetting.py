@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=1.5)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="Same noise at every threshold (paired comparison).")
-    parser.add_argument("--reference", choices=["mnist", "openmoji", "emoji_heldout"], default=None,
+    parser.add_argument("--reference", choices=["mnist", "openmoji", "emoji_heldout", "fashion_a", "fashion_b"],
+                        default=None,
                         help="Built-in reference of a CPU miniature (its held-out target images, classifier-feature "
                              "FID/KID).")
     parser.add_argument("--reference_dir", default=None, help="Folder of real target images (Inception FID).")
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     if (args.reference is None) == (args.reference_dir is None):
-        parser.error("give exactly one of --reference (mnist, openmoji, emoji_heldout) or --reference_dir.")
+        parser.error("give exactly one of --reference (a miniature's target) or --reference_dir.")
     if args.reference_dir is not None and not args.inception:
         parser.error("--reference_dir needs --inception (classifier features exist only for the miniatures).")
     if args.gate_threshold is not None and (args.reference is None or args.gate_threshold < 1):
