@@ -150,7 +150,7 @@ def test_ema_decay_schedules():
 def test_authors_recipe_sets_defaults_that_flags_override():
     import train_dit_difftuning as script
 
-    common = ["--train_data_dir", ROOT, "--output_dir", "x"]
+    common = ["--train_data_dir", os.path.join(ROOT, "docs"), "--output_dir", "x"]
     ours, theirs = script.parse_args(common), script.parse_args(common + ["--authors_recipe"])
     assert (ours.use_ema, ours.ema_warmup, ours.max_grad_norm, ours.random_flip) == (False, True, 1.0, False)
     assert (theirs.use_ema, theirs.ema_warmup, theirs.max_grad_norm, theirs.random_flip) == (True, False, 0.0, True)
@@ -374,7 +374,7 @@ def test_bad_flags_fail_fast():
     import train_dit_difftuning as script
     from difftuning_utils import ConfigError
 
-    common = ["--train_data_dir", ROOT, "--output_dir", "x"]
+    common = ["--train_data_dir", os.path.join(ROOT, "docs"), "--output_dir", "x"]
     cases = [(["--retention_ratio", "1.5"], "--retention_ratio"), (["--resolution", "30"], "--resolution"),
              (["--difftuning_tau", "-1"], "--difftuning_tau"), (["--rank", "0", "--finetune", "lora"], "--rank"),
              (["--max_grad_norm", "-1"], "--max_grad_norm"), (["--ema_decay", "1"], "--ema_decay"),
