@@ -13,6 +13,9 @@ from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 from tiny_models import make_image_folder, make_tiny_dit_pipeline
 
+import difftuning_utils as dt
+import training_plumbing as tp
+
 SCRIPT = os.path.join(ROOT, "train_dit_difftuning.py")
 
 
@@ -383,3 +386,32 @@ def test_bad_flags_fail_fast():
         with pytest.raises(ConfigError, match=flag):
             script.parse_args(common + bad)
     assert script.parse_args(common + ["--max_grad_norm", "0"]).max_grad_norm == 0  # 0 = no clipping
+
+
+def test_step_assembles_target_and_bank_rows(tiny_dit):
+    """DiTStep.loss: target rows keep their labels at psi timesteps, bank rows get the null label at xi
+    timesteps, one forward pass over both, and the loss is target + retention_weight * bank."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    from train_dit_difftuning import DiTStep
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_dit)
+    transformer, null = pipe.transformer, pipe.transformer.config.num_embeds_ada_norm
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    bank = dt.KnowledgeBank(latents, [0, 1, 2], {}, torch.stack([latents, latents], 1), torch.zeros(3, 2, 4, 8, 8))
+    step = DiTStep(transformer=transformer, vae=None, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+                   vb=None, psi=dt.TimestepSampler(1000, 50.0, "adaptation"),
+                   xi=dt.TimestepSampler(1000, 50.0, "retention"),
+                   null_class=null, label_dropout_prob=0.0, retention_weight=0.3, use_weights=False,
+                   bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"))
+    seen: dict = {}
+    handle = transformer.register_forward_hook(
+        lambda _m, _a, kw, out: seen.update(t=kw["timestep"], y=kw["class_labels"], pred=out.sample), with_kwargs=True)
+    batch = {"latent_mean": latents[:2], "latent_std": torch.zeros(2, 4, 8, 8), "class_labels": torch.tensor([1, 2])}
+    with torch.no_grad():
+        loss, logs = step.loss(batch, tp.StepGenerator(0, 0))
+    handle.remove()
+    assert seen["y"].tolist() == [1, 2, null, null]
+    assert (seen["t"][:2] > 900).all() and (seen["t"][2:] < 100).all()  # tau 50: psi at the noisy end, xi clean
+    assert torch.allclose(loss, logs["loss_adaptation"] + 0.3 * logs["loss_retention"])
+
