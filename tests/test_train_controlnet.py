@@ -187,7 +187,7 @@ def test_mismatched_image_and_condition_sizes(tiny_sd, tmp_path):
     data = make_circle_dataset(str(tmp_path / "data"), n=4)
     Image.open(os.path.join(data, "conditioning_images", "2.png")).resize((24, 24)).save(
         os.path.join(data, "conditioning_images", "2.png"))
-    with pytest.raises(ConfigError, match=r"Row 2 .*image is 40x40 but conditioning_image is 24x24"):
+    with pytest.raises(ConfigError, match=r"Row 2: image is 40x40 but conditioning_image is 24x24"):
         script.main(script.parse_args(base_args(tiny_sd, data, str(tmp_path / "o"))))
 
 
