@@ -223,6 +223,15 @@ class DreamBoothStep:
     bank_prompt_row: int = -1
     bank_time_ids: torch.Tensor | None = None  # [6]
 
+    def __post_init__(self) -> None:
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # flow matching: (sigmas, timesteps) on device
+
+    def flow_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scheduler's sigma and timestep tables on ``device``, copied there once, not every step."""
+        if self._tables is None or self._tables[0].device != device:
+            self._tables = (self.noise_scheduler.sigmas.to(device), self.noise_scheduler.timesteps.to(device))
+        return self._tables
+
     def loss(self, batch: dict, step_rng: tp.StepGenerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents = tp.batch_latents(self.vae, batch, step_rng)
         device, num_instance = latents.device, latents.shape[0]
@@ -244,10 +253,11 @@ class DreamBoothStep:
         else:  # --train_text_encoder: the encoders' LoRA is in the graph
             prompts = self.family.encode([ids[rows] for ids in self.prompt_ids])
         if self.family.flow_matching:  # timesteps are entries of the sigma table (upstream's SD3 loss)
-            sigmas = self.noise_scheduler.sigmas.to(device)[timesteps].view(-1, *[1] * (latents.ndim - 1))
+            sigma_table, time_table = self.flow_tables(device)
+            sigmas = sigma_table[timesteps].view(-1, *[1] * (latents.ndim - 1))
             noisy_latents = (1 - sigmas) * latents + sigmas * noise
-            model_pred = self.family.predict(self.denoiser, noisy_latents, self.noise_scheduler.timesteps.to(device)[
-                timesteps], prompts, time_ids, self.weight_dtype).float()
+            model_pred = self.family.predict(self.denoiser, noisy_latents, time_table[timesteps], prompts, time_ids,
+                                             self.weight_dtype).float()
             if self.precondition_outputs:
                 model_pred, target = model_pred * -sigmas + noisy_latents, latents
             else:
