@@ -455,19 +455,23 @@ def check_images(dataset: Any, columns: dict[str, str], skip_bad: bool) -> tuple
     raw = dataset.select_columns(names)
     for column in names:
         raw = raw.cast_column(column, ImageFeature(decode=False))
-    cells = [(row, column, item) for row, record in enumerate(raw) for column, item in record.items()]
-    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
-        decoded = list(tqdm(pool.map(lambda cell: _decode_fully(cell[2]), cells), total=len(cells),
-                            desc="Checking images", disable=len(cells) < 2000 or not is_main_process()))
     flag_of = {column: flag for flag, column in columns.items()}
     bad: dict[int, str] = {}
     sizes: dict[int, list] = {}
-    for (row, column, item), result in zip(cells, decoded, strict=True):
-        if isinstance(result, str):
-            bad.setdefault(row, f"{flag_of[column]} {item.get('path') or f'of row {row}'} cannot be decoded "
-                                f"({result})")
-        else:
-            sizes.setdefault(row, []).append(result)
+    chunk = 1000  # rows in memory at a time: the encoded bytes of a large dataset would not fit at once
+    progress = tqdm(total=len(raw), desc="Checking images", disable=len(raw) < 2000 or not is_main_process())
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+        for start, records in zip(range(0, len(raw), chunk), raw.iter(batch_size=chunk), strict=True):
+            cells = [(start + i, column, item) for column in names for i, item in enumerate(records[column])]
+            for (row, column, item), result in zip(cells, pool.map(lambda cell: _decode_fully(cell[2]), cells),
+                                                   strict=True):
+                if isinstance(result, str):
+                    bad.setdefault(row, f"{flag_of[column]} {item.get('path') or f'of row {row}'} cannot be "
+                                        f"decoded ({result})")
+                else:
+                    sizes.setdefault(row, []).append(result)
+            progress.update(len(records[names[0]]))
+    progress.close()
     if bad and not skip_bad:
         more = f" ({len(bad) - 1} more unreadable; --skip_bad_images leaves them out)" if len(bad) > 1 else (
             " (--skip_bad_images leaves such rows out)")
