@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,11 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+# Re-exported: the scripts reach every helper of the method through this module (dt.ConfigError, ...).
+from difftuning_common import ConfigError, atomic_write_json, derive_seed, disk_space_guard  # noqa: F401
+
 logger = get_logger(__name__)
-
-
-class ConfigError(ValueError):
-    """Bad input from the user (a flag, a file, a dataset): reported as one sentence, no traceback."""
 
 
 ScheduleKind = Literal["adaptation", "retention"]
@@ -400,41 +397,6 @@ OLD_BANK_HELP = ("it was written before bank samples were re-encoded (format 1: 
                  "only); delete it to rebuild it, or pass --knowledge_bank_replay latents to replay it as it is")
 
 
-def _is_disk_full(err: BaseException) -> bool:
-    text = str(err)
-    return (getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
-            or "file write failed" in text)
-
-
-@contextlib.contextmanager
-def disk_space_guard(folder: str, what: str, partial: str | None = None) -> Iterator[None]:
-    """Turn a full disk while writing ``what`` into ``folder`` into one sentence (the folder, the free bytes,
-    and the size of what was being written when known), after removing the ``partial`` file or folder."""
-    try:
-        yield
-    except (OSError, RuntimeError) as err:
-        if not _is_disk_full(err):
-            raise
-        written = 0
-        if partial and os.path.isdir(partial):
-            written = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(partial) for f in files)
-        if partial and os.path.isdir(partial):
-            shutil.rmtree(partial, ignore_errors=True)
-        elif partial and os.path.exists(partial):
-            os.remove(partial)
-        free = shutil.disk_usage(folder if os.path.exists(folder) else os.path.dirname(folder) or ".").free
-        raise ConfigError(f"The disk is full: writing {what} into {folder} failed with {free / 2**20:.0f} MiB free"
-                          f"{f' after {written / 2**20:.0f} MiB were written' if written else ''}; free space "
-                          "there (earlier checkpoints are intact) and resume with --resume_from_checkpoint "
-                          "latest.") from err
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed that depends on every part (e.g. base seed, rank, epoch) and nothing else."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap, stable identity of a model's weights: sha256 over names, shapes and a strided
     subsample of every tensor. Different checkpoints of the same architecture differ in it, so
@@ -455,14 +417,6 @@ def _sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_json(path: str, data: dict) -> None:
-    """Write then rename: an interrupted run never leaves a half-written file that looks finished."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _shard_name(index: int) -> str:
@@ -847,7 +801,7 @@ def validate_difftuning_args(args: argparse.Namespace, bank_num_inference_steps:
     if args.knowledge_bank_dir is None and getattr(args, "output_dir", None):
         args.knowledge_bank_dir = os.path.join(args.output_dir, "knowledge_bank")
     if args.knowledge_bank_seed is None:
-        args.knowledge_bank_seed = args.seed if getattr(args, "seed", None) is not None else 0
+        args.knowledge_bank_seed = getattr(args, "seed", 0)  # a parser without --seed (tests, tools)
     if args.knowledge_bank_num_inference_steps is None:
         args.knowledge_bank_num_inference_steps = bank_num_inference_steps
     if args.knowledge_bank_guidance_scale is None:

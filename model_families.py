@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from difftuning_utils import ConfigError
+from difftuning_common import ConfigError
 
 # LoRA targets of diffusers' DreamBooth scripts: the UNet's attention projections, and the CLIP text
 # encoders' attention projections with --train_text_encoder.

@@ -268,7 +268,7 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ControlNetStep:
     """One training step's loss, given a batch: target pairs with psi timesteps and, for retention,
     ``num_retention`` rows with xi timesteps: knowledge-bank latents with their prompts and a null
@@ -422,32 +422,23 @@ def main(args: argparse.Namespace) -> None:
         prompt_gen = torch.Generator().manual_seed(dt.derive_seed(args.knowledge_bank_seed, "bank-prompts"))
         picks = torch.randint(0, len(captions), (args.knowledge_bank_size,), generator=prompt_gen).tolist()
         prompts = [c if isinstance(c, str) else c[0] for c in (captions[i] for i in picks)]
-        settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": base_fingerprint, "vae_fingerprint": vae_fingerprint,
-                    "scheduler": type(pipeline.scheduler).__name__,
-                    "num_inference_steps": args.knowledge_bank_num_inference_steps,
-                    "guidance_scale": args.knowledge_bank_guidance_scale, "resolution": args.resolution}
         sample_fn = lambda batch, gen: pipeline(  # noqa: E731
             batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
             num_inference_steps=args.knowledge_bank_num_inference_steps,
             guidance_scale=args.knowledge_bank_guidance_scale).images
-        with accelerator.autocast():
-            dt.build_knowledge_bank(args.knowledge_bank_dir, sample_fn, prompts, args.knowledge_bank_batch_size,
-                                    args.knowledge_bank_seed, settings,
-                                    reencode_fn=lambda z: tp.reencode_latents(vae, z))
         latent_size = args.resolution // vae_scale
-        bank = dt.load_knowledge_bank(args.knowledge_bank_dir, base_fingerprint,
-                                      [unet.config.in_channels, latent_size, latent_size])
-        preview = os.path.join(args.knowledge_bank_dir, "preview.png")
-        if accelerator.is_main_process and not os.path.exists(preview):
-            dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
+        # No flips: upstream's ControlNet data pipeline has none, so the bank's images are not flipped either.
+        bank_contents, bank = tp.set_up_knowledge_bank(
+            args, accelerator, bank_dir=args.knowledge_bank_dir, sample_fn=sample_fn, conditions=prompts,
+            build_batch_size=args.knowledge_bank_batch_size, vae=vae, fingerprint=base_fingerprint,
+            vae_fingerprint=vae_fingerprint, scheduler_name=type(pipeline.scheduler).__name__,
+            guidance_scale=args.knowledge_bank_guidance_scale,
+            latent_shape=[unet.config.in_channels, latent_size, latent_size], rows_per_step=num_retention,
+            random_flip=False, extra_identity={"resolution": args.resolution})
         # Token ids, not embeddings: the bank's prompts ride in the target batch's one text-encoder
         # call (about 1% of a step), so memory does not grow with the bank.
-        bank_input_ids = tokenize(tokenizer, [""] * len(bank) if args.retention_empty_prompt else bank.conditions)
-        bank_input_ids = bank_input_ids.to(accelerator.device)
-        # No flips: upstream's ControlNet data pipeline has none, so the bank's images are not flipped either.
-        bank = dt.BankReplay(bank, args.knowledge_bank_replay, False, num_retention, args.seed or 0,
-                             accelerator.process_index, accelerator.device, args.knowledge_bank_dir)
+        bank_input_ids = tokenize(tokenizer, [""] * len(bank_contents) if args.retention_empty_prompt
+                                  else bank_contents.conditions).to(accelerator.device)
 
     # --- What to train --------------------------------------------------------------------------
     register_checkpoint_hooks(accelerator, args.controlnet_lora)
@@ -496,13 +487,15 @@ def main(args: argparse.Namespace) -> None:
     num_timesteps = noise_scheduler.config.num_train_timesteps
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
     step = ControlNetStep(
-        controlnet, unet, text_encoder, None if args.cache_latents else vae, noise_scheduler,
-        dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
-                           args.timestep_sampling),
-        dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling),
-        empty_ids, args.proportion_empty_prompts, args.retention_weight,
-        args.difftuning and args.timestep_sampling == "weighting", weight_dtype, num_retention, distill, bank,
-        bank_input_ids)
+        controlnet=controlnet, unet=unet, text_encoder=text_encoder, vae=None if args.cache_latents else vae,
+        noise_scheduler=noise_scheduler,
+        psi=dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
+                               args.timestep_sampling),
+        xi=dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling),
+        empty_ids=empty_ids, proportion_empty_prompts=args.proportion_empty_prompts,
+        retention_weight=args.retention_weight, use_weights=args.difftuning and args.timestep_sampling == "weighting",
+        weight_dtype=weight_dtype, num_retention=num_retention, distill=distill, bank=bank,
+        bank_input_ids=bank_input_ids)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
@@ -595,7 +588,7 @@ def generate_images(args: argparse.Namespace, accelerator: Any, pipeline: Stable
         controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(pipeline.scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     images, labels = [], []
     for prompt, condition in pairs:
         samples = []

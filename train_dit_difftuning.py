@@ -202,7 +202,7 @@ class CenteredImages(torch.utils.data.Dataset):
                                    None, channels=self.channels)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiTStep:
     """One training step's loss, given a batch: target latents with psi timesteps and (with a bank)
     replayed bank latents with xi timesteps and the null label, one forward pass, MSE (+ VB for learned
@@ -365,6 +365,7 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Knowledge bank (built with the frozen pre-trained model, before any weight changes) ---
     bank = None
+    latent_shape = [transformer.config.in_channels] + [transformer.config.sample_size] * 2
     num_target, num_bank = dt.split_batch_size(args.train_batch_size, args.retention_ratio if args.difftuning else 0)
     if num_bank:
         transformer.to(accelerator.device)
@@ -374,29 +375,18 @@ def main(args: argparse.Namespace) -> None:
         source_classes = sorted(set(pipeline.labels.values())) or list(range(null_class))
         label_gen = torch.Generator().manual_seed(dt.derive_seed(args.knowledge_bank_seed, "bank-labels"))
         picks = torch.randint(0, len(source_classes), (args.knowledge_bank_size,), generator=label_gen)
-        settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": base_fingerprint, "vae_fingerprint": vae_fingerprint,
-                    "scheduler": type(bank_scheduler).__name__,
-                    "num_inference_steps": args.knowledge_bank_num_inference_steps,
-                    "guidance_scale": args.knowledge_bank_guidance_scale}
         sample_fn = lambda labels, gen: tp.sample_dit_latents(  # noqa: E731
             transformer, bank_scheduler, labels, args.knowledge_bank_guidance_scale,
             args.knowledge_bank_num_inference_steps, gen, null_class)
-        with accelerator.autocast():
-            dt.build_knowledge_bank(args.knowledge_bank_dir, sample_fn, [source_classes[i] for i in picks.tolist()],
-                                    args.knowledge_bank_batch_size, args.knowledge_bank_seed, settings,
-                                    reencode_fn=lambda z: tp.reencode_latents(vae, z))
-        bank = dt.load_knowledge_bank(args.knowledge_bank_dir, base_fingerprint,
-                                      [transformer.config.in_channels] + [transformer.config.sample_size] * 2)
-        preview = os.path.join(args.knowledge_bank_dir, "preview.png")
-        if accelerator.is_main_process and not os.path.exists(preview):
-            dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
-        bank = dt.BankReplay(bank, args.knowledge_bank_replay, args.random_flip, num_bank, args.seed or 0,
-                             accelerator.process_index, accelerator.device, args.knowledge_bank_dir)
+        _, bank = tp.set_up_knowledge_bank(
+            args, accelerator, bank_dir=args.knowledge_bank_dir, sample_fn=sample_fn,
+            conditions=[source_classes[i] for i in picks.tolist()], build_batch_size=args.knowledge_bank_batch_size,
+            vae=vae, fingerprint=base_fingerprint, vae_fingerprint=vae_fingerprint,
+            scheduler_name=type(bank_scheduler).__name__, guidance_scale=args.knowledge_bank_guidance_scale,
+            latent_shape=latent_shape, rows_per_step=num_bank, random_flip=args.random_flip)
 
     # --- What to train --------------------------------------------------------------------------
     params = configure_finetuning(transformer, args)
-    latent_shape = [transformer.config.in_channels] + [transformer.config.sample_size] * 2
     # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
     # would upset its gradient hooks.
     flops_per_image = denoiser_flops_per_image(transformer.to(accelerator.device), latent_shape, null_class)
@@ -437,13 +427,13 @@ def main(args: argparse.Namespace) -> None:
 
     num_timesteps = noise_scheduler.config.num_train_timesteps
     step = DiTStep(
-        transformer, None if args.cache_latents else vae, noise_scheduler,
-        dt.LearnedSigmaVB(noise_scheduler) if learned_sigma else None,
-        dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
-                           args.timestep_sampling),
-        dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling),
-        null_class, args.label_dropout_prob, args.retention_weight,
-        args.difftuning and args.timestep_sampling == "weighting", bank)
+        transformer=transformer, vae=None if args.cache_latents else vae, noise_scheduler=noise_scheduler,
+        vb=dt.LearnedSigmaVB(noise_scheduler) if learned_sigma else None,
+        psi=dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
+                               args.timestep_sampling),
+        xi=dt.TimestepSampler(num_timesteps, args.retention_tau, "retention", args.timestep_sampling),
+        null_class=null_class, label_dropout_prob=args.label_dropout_prob, retention_weight=args.retention_weight,
+        use_weights=args.difftuning and args.timestep_sampling == "weighting", bank=bank)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
@@ -537,7 +527,7 @@ def label_ids(labels: list[str], class_names: list[str]) -> list[int]:
 def generate_images(args: argparse.Namespace, pipe: DiTPipeline, labels: list[str], class_names: list[str],
                     device: torch.device) -> list:
     ids = [i for i in label_ids(labels, class_names) for _ in range(args.num_validation_images)]
-    generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe(class_labels=ids, guidance_scale=args.validation_guidance_scale, generator=generator,
                 num_inference_steps=args.validation_num_inference_steps).images

@@ -199,7 +199,7 @@ def centre_crop_time_ids(dataset: Any, column: str, resolution: int) -> torch.Te
     return torch.stack(ids)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DreamBoothStep:
     """One training step's loss, given a batch: the subject's latents at psi timesteps (uniform without
     --difftuning) and, with prior preservation, as many class samples from the bank at xi timesteps
@@ -479,25 +479,17 @@ def main(args: argparse.Namespace) -> None:
                                  "a new folder.")
         call_defaults = inspect.signature(type(pipeline).__call__).parameters
         guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
-        settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-                    "fingerprint": fingerprint, "vae_fingerprint": vae_fingerprint,
-                    "scheduler": type(pipeline.scheduler).__name__,
-                    "num_inference_steps": args.knowledge_bank_num_inference_steps, "guidance_scale": guidance,
-                    "resolution": args.resolution, "prompt": args.class_prompt}
         sample_fn = lambda batch, gen: pipeline(  # noqa: E731
             batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
             num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images
-        dt.build_knowledge_bank(bank_dir, sample_fn, [args.class_prompt] * args.num_class_images,
-                                args.sample_batch_size, args.knowledge_bank_seed, settings,
-                                reencode_fn=lambda z: tp.reencode_latents(vae, z))
+        _, bank = tp.set_up_knowledge_bank(
+            args, accelerator, bank_dir=bank_dir, sample_fn=sample_fn, conditions=[args.class_prompt] *
+            args.num_class_images, build_batch_size=args.sample_batch_size, vae=vae, fingerprint=fingerprint,
+            vae_fingerprint=vae_fingerprint, scheduler_name=type(pipeline.scheduler).__name__, guidance_scale=guidance,
+            latent_shape=latent_shape, rows_per_step=args.train_batch_size, random_flip=args.random_flip,
+            extra_identity={"resolution": args.resolution, "prompt": args.class_prompt}, autocast=False)
         for module in (denoiser, *text_encoders):
             tp.cast(module, accelerator.device, weight_dtype)
-        bank = dt.load_knowledge_bank(bank_dir, fingerprint, latent_shape)
-        preview = os.path.join(bank_dir, "preview.png")
-        if accelerator.is_main_process and not os.path.exists(preview):
-            dt.save_bank_preview(bank.latents[:16], lambda z: tp.decode_latents(vae, z), preview)
-        bank = dt.BankReplay(bank, args.knowledge_bank_replay, args.random_flip, args.train_batch_size,
-                             args.seed or 0, accelerator.process_index, accelerator.device, bank_dir)
 
     # --- What to train --------------------------------------------------------------------------
     params = add_lora_adapters(denoiser, family.lora_text_encoders, args)
@@ -648,7 +640,7 @@ def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device
     training_scheduler = pipeline.scheduler
     if not hasattr(pipeline, "transformer"):  # DDPM models: upstream samples with DPM-Solver++
         pipeline.scheduler = DPMSolverMultistepScheduler.from_config(training_scheduler.config)
-    generator = torch.Generator(device=device).manual_seed(args.seed or 0)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         images = [pipeline(prompt, num_inference_steps=args.validation_num_inference_steps, generator=generator,
                            height=args.resolution, width=args.resolution).images[0]

@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,7 +29,7 @@ from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftuning_utils import ConfigError, atomic_write_json, derive_seed, disk_space_guard
+from difftuning_common import ConfigError, atomic_write_json, derive_seed, disk_space_guard
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -73,8 +73,10 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
 
     train = parser.add_argument_group("Training")
     train.add_argument("--output_dir", type=str, required=False, help="Where the model and checkpoints are written.")
-    train.add_argument("--seed", type=int, default=None,
-                       help="A seed for reproducible training (data order, augmentation, noise, bank).")
+    train.add_argument("--seed", type=int, default=0,
+                       help="The seed of everything random in the run (data order, augmentation, noise, adapter "
+                            "initialisation, bank), so the same command trains the same model (DiT's train.py "
+                            "defaults its seed to 0 too).")
     train.add_argument("--train_batch_size", type=int, default=4,
                        help="Batch size per device; with --difftuning it includes the knowledge-bank samples "
                             "(--retention_ratio of it).")
@@ -303,8 +305,7 @@ def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtyp
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
-    if args.seed is not None:
-        set_seed(args.seed)
+    set_seed(args.seed)
     quiet_known_warnings()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
@@ -358,8 +359,8 @@ class StepGenerator:
     draws exactly what a straight run would.
     """
 
-    def __init__(self, seed: int | None, rank: int, device: torch.device | str = "cpu") -> None:
-        seed = derive_seed(seed if seed is not None else 0, "step", rank)
+    def __init__(self, seed: int, rank: int, device: torch.device | str = "cpu") -> None:
+        seed = derive_seed(seed, "step", rank)
         self.generator = torch.Generator().manual_seed(seed)
         device = torch.device(device)
         self.device_generator = (torch.Generator(device).manual_seed(seed + 1) if device.type != "cpu"
@@ -559,8 +560,8 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     across processes and ``skip_first_batches`` resumes mid-epoch exactly.
     """
 
-    def __init__(self, num_items: int, seed: int | None) -> None:
-        self.num_items, self.seed, self.epoch = num_items, seed if seed is not None else 0, 0
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -658,6 +659,33 @@ def reencode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> tuple[torch
     return mean, std
 
 
+def set_up_knowledge_bank(args: argparse.Namespace, accelerator: Accelerator, *, bank_dir: str,
+                          sample_fn: Callable, conditions: Sequence[int] | Sequence[str], build_batch_size: int,
+                          vae: torch.nn.Module, fingerprint: str, vae_fingerprint: str, scheduler_name: str,
+                          guidance_scale: float | None, latent_shape: list[int], rows_per_step: int,
+                          random_flip: bool, extra_identity: dict | None = None, autocast: bool = True
+                          ) -> tuple[Any, Any]:
+    """The knowledge bank of every script: build it once with the frozen base model (``sample_fn`` draws
+    latents for a batch of ``conditions``), load and check it, write its preview, and return the bank and
+    its replay stream (``rows_per_step`` rows a step). Its identity (what a later run must match to reuse
+    it) is the base model, the sampler settings, ``extra_identity`` and --knowledge_bank_seed."""
+    import difftuning_utils as dt
+
+    settings = {"base_model": args.pretrained_model_name_or_path, "revision": args.revision,
+                "fingerprint": fingerprint, "vae_fingerprint": vae_fingerprint, "scheduler": scheduler_name,
+                "num_inference_steps": args.knowledge_bank_num_inference_steps, "guidance_scale": guidance_scale,
+                **(extra_identity or {})}
+    with accelerator.autocast() if autocast else contextlib.nullcontext():
+        dt.build_knowledge_bank(bank_dir, sample_fn, conditions, build_batch_size, args.knowledge_bank_seed,
+                                settings, reencode_fn=lambda z: reencode_latents(vae, z))
+    bank = dt.load_knowledge_bank(bank_dir, fingerprint, latent_shape)
+    preview = os.path.join(bank_dir, "preview.png")
+    if accelerator.is_main_process and not os.path.exists(preview):
+        dt.save_bank_preview(bank.latents[:16], lambda z: decode_latents(vae, z), preview)
+    return bank, dt.BankReplay(bank, args.knowledge_bank_replay, random_flip, rows_per_step, args.seed,
+                               accelerator.process_index, accelerator.device, bank_dir)
+
+
 def resize_crop_flip(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                      rng: np.random.Generator | None, resample: Image.Resampling = Image.BICUBIC
                      ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
@@ -698,9 +726,9 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
     return to_model_tensor(resize_crop_flip(image, resolution, center_crop, random_flip, rng, resample)[0], channels)
 
 
-def sample_rng(seed: int | None, key: SampleKey) -> np.random.Generator:
+def sample_rng(seed: int, key: SampleKey) -> np.random.Generator:
     """The augmentation RNG of one sample in one epoch: the same in every process, worker and resume."""
-    return np.random.default_rng(derive_seed(seed if seed is not None else 0, "augment", key.epoch, key.index))
+    return np.random.default_rng(derive_seed(seed, "augment", key.epoch, key.index))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -711,15 +739,12 @@ def sample_rng(seed: int | None, key: SampleKey) -> np.random.Generator:
 @torch.no_grad()
 def sample_dit_latents(transformer: torch.nn.Module, scheduler: Any, class_labels: list[int],
                        guidance_scale: float, num_inference_steps: int, generator: torch.Generator,
-                       null_class: int, base_transformer: torch.nn.Module | None = None,
-                       switch_timestep: int = -1) -> torch.Tensor:
+                       null_class: int) -> torch.Tensor:
     """Final latents [B, C, H, W] of DiT's ancestral sampler with classifier-free guidance.
 
     DiTPipeline always decodes with the VAE and drops the learned variance; the knowledge bank
     wants latents, and DiT's own sampler uses the learned variance, so this is the short loop
-    both need. Guidance is applied to the noise half, as DiTPipeline does. With
-    ``base_transformer``, it denoises steps with t < ``switch_timestep`` with that model instead
-    (the chain-of-forgetting analysis).
+    both need. Guidance is applied to the noise half, as DiTPipeline does.
     """
     config = transformer.config
     device, dtype = transformer.device, transformer.dtype
@@ -732,9 +757,9 @@ def sample_dit_latents(transformer: torch.nn.Module, scheduler: Any, class_label
     learned_sigma = config.out_channels == 2 * channels
     scheduler.set_timesteps(num_inference_steps)
     for t in scheduler.timesteps:
-        model = base_transformer if base_transformer is not None and t < switch_timestep else transformer
         model_input = torch.cat([latents, latents]) if guidance_scale > 1 else latents
-        output = model(model_input, timestep=t.expand(model_input.shape[0]).to(device), class_labels=labels).sample
+        timesteps = t.expand(model_input.shape[0]).to(device)
+        output = transformer(model_input, timestep=timesteps, class_labels=labels).sample
         eps, rest = output[:, :channels], output[:, channels:]
         if guidance_scale > 1:
             cond_eps, uncond_eps = eps.chunk(2)

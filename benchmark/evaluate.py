@@ -671,6 +671,20 @@ def inception_fid(generated: torch.Tensor, reference: torch.Tensor, device: str 
 # ----------------------------------------------------------------------------------------------
 
 
+class SwitchAtTimestep(nn.Module):
+    """A DiT that denoises the steps with t >= ``switch_timestep`` with ``late`` and the rest with ``early``:
+    the fine-tuned model hands the clean end over to the pre-trained one (the chain-of-forgetting analysis)."""
+
+    def __init__(self, late: nn.Module, early: nn.Module, switch_timestep: int) -> None:
+        super().__init__()
+        self.late, self.early, self.switch_timestep = late, early, switch_timestep
+        self.config, self.device, self.dtype = late.config, late.device, late.dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor):
+        model = self.early if int(timestep[0]) < self.switch_timestep else self.late
+        return model(sample, timestep=timestep, class_labels=class_labels)
+
+
 @torch.no_grad()
 def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, guidance: float = 1.5,
                     batch_size: int = 100, base_transformer: nn.Module | None = None,
@@ -680,8 +694,8 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
     Uses ``training_plumbing.sample_dit_latents`` (ancestral DDPM with the model's learned
     variance, as DiT samples; DiTPipeline.__call__ would drop it) and decodes with the VAE. Batch
     i draws all its noise from a generator seeded with (seed, i): the same seed, labels and batch
-    size give every pipeline the same noise (a paired comparison). ``base_transformer`` and
-    ``switch_timestep`` pass through for the chain-of-forgetting analysis.
+    size give every pipeline the same noise (a paired comparison). With ``base_transformer``, the
+    steps with t < ``switch_timestep`` are denoised by that model (the chain-of-forgetting analysis).
     """
     from diffusers import DDPMScheduler
 
@@ -695,8 +709,9 @@ def sample_pipeline(pipe, labels: list[int], seed: int = 0, steps: int = 250, gu
     images = []
     for b, start in enumerate(range(0, len(labels), batch_size)):
         generator = torch.Generator().manual_seed(dt.derive_seed(seed, "evaluate", b))
-        latents = sample_dit_latents(transformer, scheduler, list(labels[start:start + batch_size]), guidance, steps,
-                                     generator, null_class, base_transformer, switch_timestep)
+        latents = sample_dit_latents(SwitchAtTimestep(transformer, base_transformer, switch_timestep)
+                                     if base_transformer is not None else transformer, scheduler,
+                                     list(labels[start:start + batch_size]), guidance, steps, generator, null_class)
         decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample
         images.append(decoded.float().clamp(-1, 1).cpu())
     return torch.cat(images)

@@ -173,8 +173,9 @@ def make_arm(setup: Setup, batch_size: int, difftuning: bool, retention_ratio: f
         from train_dit_difftuning import DiTStep
 
         batch["class_labels"] = torch.randint(0, 10, (num_target,), device=device)
-        step = DiTStep(setup.model, vae, setup.scheduler, setup.vb, psi, xi, setup.model.config.num_embeds_ada_norm,
-                       0.1, 0.1, False, bank)
+        step = DiTStep(transformer=setup.model, vae=vae, noise_scheduler=setup.scheduler, vb=setup.vb, psi=psi, xi=xi,
+                       null_class=setup.model.config.num_embeds_ada_norm, label_dropout_prob=0.1,
+                       retention_weight=0.1, use_weights=False, bank=bank)
     else:
         from train_controlnet_difftuning import ControlNetStep
 
@@ -182,9 +183,12 @@ def make_arm(setup: Setup, batch_size: int, difftuning: bool, retention_ratio: f
         batch["input_ids"] = torch.randint(0, vocab, (num_data, length), device=device)
         batch["conditioning_pixel_values"] = torch.rand(num_data, 3, setup.resolution, setup.resolution, device=device)
         bank_ids = torch.randint(0, vocab, (bank_size, length), device=device) if bank is not None else None
-        step = ControlNetStep(setup.model, setup.unet, setup.text_encoder, vae, setup.scheduler, psi, xi,
-                              torch.zeros(1, length, dtype=torch.long, device=device), 0.0, 0.1, False,
-                              setup.weight_dtype, num_bank, distill, bank, bank_ids)
+        step = ControlNetStep(controlnet=setup.model, unet=setup.unet, text_encoder=setup.text_encoder, vae=vae,
+                              noise_scheduler=setup.scheduler, psi=psi, xi=xi,
+                              empty_ids=torch.zeros(1, length, dtype=torch.long, device=device),
+                              proportion_empty_prompts=0.0, retention_weight=0.1, use_weights=False,
+                              weight_dtype=setup.weight_dtype, num_retention=num_bank, distill=distill, bank=bank,
+                              bank_input_ids=bank_ids)
     step_rng = tp.StepGenerator(0, 0, device)
     autocast = torch.autocast(device.type, dtype=setup.weight_dtype, enabled=setup.weight_dtype != torch.float32)
 

@@ -38,7 +38,7 @@ import argparse, sys, time
 sys.path.insert(0, {root!r})
 import training_plumbing as tp
 args = argparse.Namespace(gradient_accumulation_steps=1, mixed_precision="no", report_to="none", output_dir={out!r},
-                          logging_dir="logs", seed=None, allow_tf32=True, ddp_timeout=5)
+                          logging_dir="logs", seed=0, allow_tf32=True, ddp_timeout=5)
 accelerator, _ = tp.setup_accelerator(args)
 if accelerator.process_index == 1:
     time.sleep(60)  # never reaches the barrier in time

@@ -14,6 +14,7 @@ from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 from tiny_models import make_circle_dataset, make_tiny_sd_pipeline
 
+import training_plumbing as tp
 from difftuning_utils import ConfigError
 
 SCRIPT = os.path.join(ROOT, "train_controlnet_difftuning.py")
@@ -253,3 +254,79 @@ def test_upstream_flags_and_defaults(circles):
     assert args["allow_tf32"] is True
     assert not vars(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", circles,
                                        "--no-allow_tf32"]))["allow_tf32"]
+
+
+def _controlnet_step(tiny_sd: str, **overrides):
+    """A ControlNetStep over the tiny SD pipeline and a fresh ControlNet; tau 50 puts psi at the noisy end and
+    xi at the clean end, so which rows got which schedule is visible in their timesteps."""
+    from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
+
+    import difftuning_utils as dt
+    from train_controlnet_difftuning import ControlNetStep, tokenize
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 64))
+    settings = dict(controlnet=controlnet, unet=pipe.unet, text_encoder=pipe.text_encoder, vae=None,
+                    noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+                    psi=dt.TimestepSampler(1000, 50.0, "adaptation"), xi=dt.TimestepSampler(1000, 50.0, "retention"),
+                    empty_ids=tokenize(pipe.tokenizer, [""]), proportion_empty_prompts=0.0, retention_weight=0.3,
+                    use_weights=False, weight_dtype=torch.float32)
+    return ControlNetStep(**{**settings, **overrides}), pipe, controlnet
+
+
+def _pair_batch(pipe, rows: int) -> dict:
+    from train_controlnet_difftuning import tokenize
+
+    gen = torch.Generator().manual_seed(1)
+    return {"latent_mean": torch.randn(rows, 4, 8, 8, generator=gen), "latent_std": torch.zeros(rows, 4, 8, 8),
+            "input_ids": tokenize(pipe.tokenizer, [f"circle {i}" for i in range(rows)]),
+            "conditioning_pixel_values": torch.rand(rows, 3, 32, 32, generator=gen)}
+
+
+def test_step_replays_bank_rows_with_their_prompts_and_a_null_control(tiny_sd):
+    """ControlNetStep.loss with replay: target pairs at psi timesteps with their control, bank latents at xi
+    timesteps with their own prompts and an all-zero control, one pass; loss = target + weight * bank."""
+    import difftuning_utils as dt
+    from train_controlnet_difftuning import tokenize
+
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["bank a", "bank b", "bank c"]
+    contents = dt.KnowledgeBank(latents, prompts, {}, torch.stack([latents, latents], 1), torch.zeros(3, 2, 4, 8, 8))
+    _, pipe, _ = _controlnet_step(tiny_sd)
+    bank_ids = tokenize(pipe.tokenizer, prompts)
+    step, pipe, controlnet = _controlnet_step(tiny_sd, num_retention=2, bank_input_ids=bank_ids,
+                                              bank=dt.BankReplay(contents, "images", False, 2, 0, 0, "cpu"))
+    seen: dict = {}
+    handle = controlnet.register_forward_hook(lambda _m, args, kw, _out: seen.update(
+        t=args[1], cond=kw["controlnet_cond"], context=kw["encoder_hidden_states"]), with_kwargs=True)
+    batch = _pair_batch(pipe, 2)
+    with torch.no_grad():
+        loss, logs = step.loss(batch, tp.StepGenerator(0, 0))
+        expected_context = pipe.text_encoder(torch.cat([batch["input_ids"], bank_ids]), return_dict=False)[0]
+    assert not any(torch.allclose(expected_context[0], expected_context[2 + i]) for i in range(3))
+    handle.remove()
+    assert seen["cond"].shape[0] == 4
+    assert torch.equal(seen["cond"][:2], batch["conditioning_pixel_values"]) and not seen["cond"][2:].any()
+    assert (seen["t"][:2] > 900).all() and (seen["t"][2:] < 100).all()
+    for row in (2, 3):  # each bank row carries one of the bank's own prompts
+        assert any(torch.allclose(seen["context"][row], expected_context[2 + i]) for i in range(3))
+    assert torch.allclose(seen["context"][:2], expected_context[:2])
+    assert torch.allclose(loss, logs["loss_adaptation"] + 0.3 * logs["loss_retention"])
+
+
+def test_step_distills_the_frozen_unet_without_control(tiny_sd):
+    """ControlNetStep.loss with distill: the batch's last rows are retention rows at xi timesteps whose target is
+    the frozen UNet's own prediction without the ControlNet's residuals (not the noise)."""
+    step, pipe, _ = _controlnet_step(tiny_sd, num_retention=1, distill=True)
+    calls: list = []
+    handle = pipe.unet.register_forward_hook(lambda _m, args, kw, out: calls.append(
+        (args[1], "down_block_additional_residuals" in kw, out.sample)), with_kwargs=True)
+    with torch.no_grad():
+        loss, logs = step.loss(_pair_batch(pipe, 3), tp.StepGenerator(0, 0))
+    handle.remove()
+    (t_student, controlled, student), (t_teacher, teacher_controlled, teacher) = calls
+    assert controlled and not teacher_controlled and teacher.shape[0] == 1
+    assert (t_student[:2] > 900).all() and (t_student[2:] < 100).all() and torch.equal(t_teacher, t_student[2:])
+    assert torch.allclose(logs["loss_retention"], ((student[2:] - teacher) ** 2).mean(), rtol=1e-4)
+    assert torch.allclose(loss, logs["loss_adaptation"] + 0.3 * logs["loss_retention"])
