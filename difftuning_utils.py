@@ -388,13 +388,18 @@ def split_batch_size(train_batch_size: int, retention_ratio: float) -> tuple[int
 # ----------------------------------------------------------------------------------------------
 
 BANK_FORMAT_VERSION = 2  # 2: shards also hold the re-encoded posterior of each sample (both flips)
-READABLE_BANK_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SampleFn = Callable[[list, torch.Generator], torch.Tensor]
 ReencodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 REPLAY_MODES = ("images", "latents")
-OLD_BANK_HELP = ("it was written before bank samples were re-encoded (format 1: the sampler's raw latents "
-                 "only); delete it to rebuild it, or pass --knowledge_bank_replay latents to replay it as it is")
+
+
+def _check_format(bank_dir: str, manifest: dict) -> None:
+    """Refuse, leaving it as it is, a bank written by an earlier version of the scripts."""
+    if manifest.get("format_version") != BANK_FORMAT_VERSION:
+        raise ConfigError(f"Knowledge bank {bank_dir} was written by an earlier version of these scripts (format "
+                          f"{manifest.get('format_version')}, before bank samples were re-encoded); delete the "
+                          "folder to rebuild it, or pass another --knowledge_bank_dir.")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -460,11 +465,8 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
     num_shards = math.ceil(len(conditions) / batch_size)
     build_settings = {**settings, "seed": seed, "size": len(conditions), "batch_size": batch_size}
     existing = _read_manifest(bank_dir)
-    if existing is not None and existing.get("format_version") == 1:  # no VAE settings then
-        build_settings = {k: v for k, v in build_settings.items() if not k.startswith("vae_")}
-        if not existing.get("complete"):
-            raise ConfigError(f"Knowledge bank {bank_dir} is incomplete and {OLD_BANK_HELP.split(';')[0]}; "
-                              "delete it to rebuild it.")
+    if existing is not None:
+        _check_format(bank_dir, existing)
     if existing is not None and existing.get("settings") != json.loads(json.dumps(build_settings)):
         raise ConfigError(f"Knowledge bank {bank_dir} was built with other settings "
                          f"({_describe_mismatch(existing.get('settings', {}), build_settings)}); "
@@ -582,9 +584,7 @@ def load_knowledge_bank(bank_dir: str, fingerprint: str | None = None,
     manifest = _read_manifest(bank_dir)
     if manifest is None:
         raise ConfigError(f"No knowledge bank in {bank_dir}: {MANIFEST_NAME} is missing.")
-    if manifest.get("format_version") not in READABLE_BANK_VERSIONS:
-        raise ConfigError(f"Knowledge bank {bank_dir} has format version {manifest.get('format_version')}; "
-                         f"this code reads versions {READABLE_BANK_VERSIONS}.")
+    _check_format(bank_dir, manifest)
     if not manifest.get("complete"):
         raise ConfigError(f"Knowledge bank {bank_dir} is incomplete; run the training script again to finish it.")
     built_for = manifest["settings"].get("fingerprint")
@@ -627,8 +627,9 @@ def replay_tensors(bank: KnowledgeBank, mode: str, random_flip: bool,
         return bank.latents, None, 1
     if mode != "images":
         raise ConfigError(f"--knowledge_bank_replay must be one of {REPLAY_MODES}, got {mode!r}.")
-    if bank.posterior_mean is None:
-        raise ConfigError(f"Knowledge bank {bank_dir} cannot be replayed as images: {OLD_BANK_HELP}.")
+    if bank.posterior_mean is None:  # built through the API without a reencode_fn
+        raise ConfigError(f"Knowledge bank {bank_dir} holds no re-encoded samples, so it cannot be replayed as "
+                          "images: pass --knowledge_bank_replay latents, or rebuild it with a re-encoding function.")
     views = 2 if random_flip else 1
     return (bank.posterior_mean[:, :views].flatten(0, 1).contiguous(),
             bank.posterior_std[:, :views].flatten(0, 1).contiguous(), views)

@@ -7,14 +7,14 @@ model alone. The paper's observation (its Figure 1): quality stays close to the 
 while the pre-trained model handles the low-noise end, and degrades as it takes over noisier steps,
 i.e. low-t knowledge transfers and high-t knowledge does not.
 
-    python benchmark/chain_of_forgetting.py --base benchmark/source_model \\
+    python -m benchmark.chain_of_forgetting --base benchmark/source_model \\
         --finetuned outputs/benchmark/standard-seed0 --reference mnist --output_dir outputs/cof
     # the gate: does handing t < 100 to the pre-trained model cost more than 10% FID? (plain fine-tunes, 3 seeds)
-    python benchmark/chain_of_forgetting.py --base benchmark/source_model --reference mnist --output_dir outputs/gate \
+    python -m benchmark.chain_of_forgetting --base benchmark/source_model --reference mnist --output_dir outputs/gate \
         --finetuned outputs/benchmark/standard-seed0 outputs/benchmark/standard-seed1 outputs/benchmark/standard-seed2 \
         --thresholds 0 100 --gate_threshold 100
     # real models (GPU, online for Inception weights):
-    python benchmark/chain_of_forgetting.py --base facebook/DiT-XL-2-256 --finetuned dit-food101 \\
+    python -m benchmark.chain_of_forgetting --base facebook/DiT-XL-2-256 --finetuned dit-food101 \\
         --reference_dir ./food101/val --inception --device cuda --num_samples 5000
 """
 
@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+import difftuning_utils as dt
+from training_plumbing import run_cli
 
-import difftuning_utils as dt  # noqa: E402
-from training_plumbing import run_cli  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,8 +16,8 @@ the generated image and the condition's (1-pixel tolerance), averaged over the s
 (the "sudden convergence" of ControlNet training). The final checkpoint also gets an image-quality
 figure: FID in the OpenMoji feature space against the held-out images of the same conditions.
 
-    python benchmark/controlnet_benchmark.py --output_dir outputs/controlnet_benchmark      # full table
-    python benchmark/controlnet_benchmark.py --arms none replay --seeds 0 --max_train_steps 200 ...
+    python -m benchmark.controlnet_benchmark --output_dir outputs/controlnet_benchmark      # full table
+    python -m benchmark.controlnet_benchmark --arms none replay --seeds 0 --max_train_steps 200 ...
 
 Finished runs are reused (their settings are checked), so an interrupted benchmark continues.
 """
@@ -29,22 +29,16 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+from benchmark import runner
+from benchmark.runner import ROOT
+from difftuning_common import ConfigError, atomic_write_json
+from training_plumbing import run_cli
 
-from run_benchmark import check_run_settings, run_step  # noqa: E402
-
-from difftuning_utils import ConfigError, atomic_write_json  # noqa: E402
-from training_plumbing import run_cli  # noqa: E402
-
-SCRIPT = os.path.join(ROOT, "train_controlnet_difftuning.py")
 ARMS: dict[str, list[str]] = {
     "none": [],  # upstream's ControlNet training: uniform timesteps, no retention
     "psi_only": ["--difftuning", "--retention", "none"],
@@ -246,39 +240,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if not args.summarize_only and not os.path.isfile(os.path.join(args.base_model, "model_index.json")):
         parser.error(f"--base_model {args.base_model} is not a pipeline folder (no model_index.json); make it with "
-                     "`python benchmark/pretrain_text2image.py`.")
+                     "`python -m benchmark.pretrain_text2image`.")
     return args
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    settings["base_model"] = os.path.abspath(settings["base_model"])
-    return settings
+    return runner.run_settings(args, RUN_SETTINGS, "base_model")
 
 
 def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str, pairs: list[dict]) -> dict:
     """One arm = one run of the real script, then every checkpoint's fidelity and the final quality."""
-    out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+    out = runner.start_run(args.output_dir, arm, seed, run_settings(args))
     result_path = os.path.join(out, "result.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
-    if not os.path.exists(os.path.join(out, "settings.json")):
-        os.makedirs(out, exist_ok=True)
-        atomic_write_json(os.path.join(out, "settings.json"), run_settings(args))
-    if not os.path.exists(os.path.join(out, "diffusion_pytorch_model.safetensors")):
-        cmd = [sys.executable, SCRIPT, "--pretrained_model_name_or_path", args.base_model, "--train_data_dir", data,
-               "--output_dir", out, "--resolution", "32", "--seed", str(seed),
-               "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
-               "--learning_rate", str(args.learning_rate), "--checkpointing_steps", str(args.eval_every),
-               "--report_to", "tensorboard", "--num_validation_images", "1",
-               "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
-               "--knowledge_bank_size", str(args.knowledge_bank_size),
-               "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
-               *ARMS[arm], *args.extra_flags]
-        start = time.time()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        run_step(cmd, env, out + ".log", f"train_controlnet_difftuning.py for {arm} seed {seed}")
-        atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
+    cmd = [*runner.script_command("train_controlnet_difftuning.py"), "--pretrained_model_name_or_path",
+           args.base_model, "--train_data_dir", data, "--output_dir", out, "--resolution", "32", "--seed", str(seed),
+           "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
+           "--learning_rate", str(args.learning_rate), "--checkpointing_steps", str(args.eval_every),
+           "--report_to", "tensorboard", "--num_validation_images", "1",
+           "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
+           "--knowledge_bank_size", str(args.knowledge_bank_size),
+           "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
+           *ARMS[arm], *args.extra_flags]
+    runner.train_once(cmd, out, "diffusion_pytorch_model.safetensors",
+                      f"train_controlnet_difftuning.py for {arm} seed {seed}")
     torch.set_num_threads(1)
     curve_path = os.path.join(out, "curve.json")
     curve = json.load(open(curve_path)) if os.path.exists(curve_path) else {}
@@ -294,7 +280,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str,
     result = {"arm": arm, "seed": seed, "curve": {int(k): v for k, v in sorted(curve.items(), key=lambda kv:
                                                                             int(kv[0]))},
               "final_f1": score(final, pairs), **quality(final, pairs),
-              "train_seconds": json.load(open(os.path.join(out, "train_time.json")))["seconds"]}
+              "train_seconds": runner.train_seconds(out)}
     np.savez_compressed(os.path.join(out, "final_samples.npz"), images=final)
     atomic_write_json(result_path, result)
     print(f"[controlnet benchmark] {arm} seed {seed}: final fidelity {result['final_f1']:.3f}, FID "
@@ -419,19 +405,13 @@ def plot_curves(results: dict[str, dict[int, dict]], threshold: float, path: str
     os.replace(f"{path}.tmp.png", path)
 
 
-def collect_results(output_dir: str) -> dict[str, dict[int, dict]]:
-    results: dict[str, dict[int, dict]] = {}
-    runs = os.path.join(output_dir, "runs")
-    for arm in ARMS:
-        for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-            path = os.path.join(runs, name, "result.json")
-            if name.startswith(f"{arm}-seed") and os.path.exists(path):
-                result = json.load(open(path))
-                result["curve"] = {int(k): v for k, v in result["curve"].items()}
-                results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = result
-    if not results:
-        raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
-    return results
+def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
+    """The finished runs (their fidelity curves keyed by step) and the settings they share."""
+    results, settings = runner.collect_results(output_dir, ARMS, "result.json")
+    for runs in results.values():
+        for result in runs.values():
+            result["curve"] = {int(k): v for k, v in result["curve"].items()}
+    return results, settings
 
 
 def main(args: argparse.Namespace) -> None:
@@ -443,25 +423,20 @@ def main(args: argparse.Namespace) -> None:
         settings = run_settings(args)
         for arm in args.arms:  # fail fast, before any work, on a finished run with other settings
             for seed in args.seeds:
-                check_run_settings(os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}"), settings)
+                runner.check_run_settings(os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}"), settings)
         print(f"[controlnet benchmark] {len(args.arms) * len(args.seeds)} runs of {args.max_train_steps} steps, "
               f"{args.jobs} at a time; fidelity every {args.eval_every} steps on {len(pairs)} held-out pairs",
               flush=True)
         # One bank-building run per seed first: the replay arms of a seed share its bank.
         first = [("replay", seed) for seed in args.seeds] if "replay" in args.arms else []
         jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda job: train_and_evaluate(args, *job, data, pairs), first))
-            list(pool.map(lambda job: train_and_evaluate(args, *job, data, pairs), jobs))
-    results = collect_results(args.output_dir)
+        runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, data, pairs), first, args.jobs)
+        runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, data, pairs), jobs, args.jobs)
+    results, stored_settings = collect_results(args.output_dir)
     untrained = untrained_fidelity(args, pairs)
     threshold = convergence_threshold(args, results, untrained)
     table = summarize(results, threshold, untrained, args.other_thresholds)
-    runs_dir = os.path.join(args.output_dir, "runs")
-    settings = json.load(open(next(  # any finished run's (they were checked to agree); logs sit beside them
-        os.path.join(runs_dir, name, "settings.json") for name in sorted(os.listdir(runs_dir))
-        if os.path.isfile(os.path.join(runs_dir, name, "settings.json"))))) if args.summarize_only \
-        else run_settings(args)
+    settings = stored_settings if args.summarize_only else run_settings(args)
     header = (f"Base {os.path.relpath(settings['base_model'], ROOT)}; ControlNet on OpenMoji edge maps, "
               f"{settings['max_train_steps']} steps, batch {settings['train_batch_size']}, lr "
               f"{settings['learning_rate']}, fidelity every {settings['eval_every']} steps on "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 FASHION_MNIST_DIR = Path(
     os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
@@ -147,3 +148,15 @@ def from_model_range(x: torch.Tensor) -> np.ndarray:
     """
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
     return x[:, 0].to(torch.uint8).cpu().numpy()
+
+
+def save_grid(rows: list[np.ndarray], path: Path | str) -> None:
+    """Save rows of uint8 images ([n,H,W] grey or [n,H,W,3] colour) as one PNG with 2 px gaps."""
+    n_cols = max(len(r) for r in rows)
+    h, w = rows[0].shape[1:3]
+    colour = rows[0].ndim == 4
+    grid = np.full((len(rows) * (h + 2) + 2, n_cols * (w + 2) + 2) + ((3,) if colour else ()), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = im
+    Image.fromarray(grid, mode="RGB" if colour else "L").save(path)

@@ -7,7 +7,7 @@ batch and seed. Then it samples both with the same noise, prints FID/KID/accurac
 feature space of the shipped MNIST classifier, writes sample grids, and runs a short
 chain-of-forgetting sweep (plot). The full benchmark is `benchmark/run_benchmark.py`.
 
-    python benchmark/demo.py                 # writes outputs/demo/
+    python -m benchmark.demo                 # writes outputs/demo/
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,14 +29,14 @@ def parse_args() -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from difftuning_utils import ConfigError
+    from difftuning_common import ConfigError
 
     source = os.path.join(ROOT, "benchmark", "source_model")
     if not os.path.exists(os.path.join(source, "model_index.json")):
         raise ConfigError(f"the source model {source} is missing; make it with "
-                                "`python benchmark/pretrain_source.py`.")
+                          "`python -m benchmark.pretrain_source`.")
 
-    import run_benchmark
+    from benchmark import run_benchmark, runner
 
     print(f"[demo] Fine-tuning the shipped Fashion-MNIST DiT on 10-shot MNIST twice ({args.max_train_steps} steps "
           "each, one CPU thread each, in parallel): plain fine-tuning, and Diff-Tuning, whose run first builds a "
@@ -54,11 +52,11 @@ def main(args: argparse.Namespace) -> None:
     runs, cof_dir = os.path.join(args.output_dir, "runs"), os.path.join(args.output_dir, "chain_of_forgetting")
     print("[demo] chain of forgetting: sampling the fine-tuned model with the source model below 5 thresholds...",
           flush=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", source,
+    subprocess.run([*runner.tool_command("chain_of_forgetting"), "--base", source,
                     "--finetuned", os.path.join(runs, "standard-seed0"), "--reference", "mnist",
                     "--thresholds", "0", "250", "500", "750", "1000", "--num_samples", "200",
                     "--num_inference_steps", "50", "--output_dir", cof_dir],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                   check=True, env={**runner.child_env(), "OMP_NUM_THREADS": "2"})
     print(f"\n[demo] done in {time.time() - start:.0f} s. Look at:\n"
           f"  {runs}/{{standard,difftuning}}-seed0/eval_grid.png (samples, a row per digit)\n"
           f"  {cof_dir}/chain_of_forgetting.png (quality vs the swap threshold)\n"

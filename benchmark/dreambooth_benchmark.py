@@ -22,7 +22,7 @@ penultimate layers of the OpenMoji CNN and of the held-out emoji CNN; cosine sim
 
 Arms are compared at their validation-chosen checkpoint, paired by seed (mean difference, paired t-test).
 
-    python benchmark/dreambooth_benchmark.py --output_dir outputs/dreambooth --seeds 0 1 2 3 4
+    python -m benchmark.dreambooth_benchmark --output_dir outputs/dreambooth --seeds 0 1 2 3 4
 
 Finished runs are reused (their settings are checked), so an interrupted benchmark continues.
 """
@@ -33,22 +33,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+from benchmark import runner
+from benchmark.runner import ROOT
+from difftuning_common import atomic_write_json
+from training_plumbing import run_cli
 
-from run_benchmark import check_run_settings, run_step  # noqa: E402
-
-from difftuning_utils import atomic_write_json  # noqa: E402
-from training_plumbing import run_cli  # noqa: E402
-
-SCRIPT = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
 INSTANCE_PROMPT, CLASS_PROMPT = "sks cat face", "cat face"
 UNRELATED_PROMPTS = ("grinning face", "red heart", "dog face", "pizza", "rocket", "sun")
 PRIOR = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT]
@@ -191,14 +184,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--samples_per_prompt must be >= 2 (diversity compares samples with each other).")
     if not args.summarize_only and not os.path.isfile(os.path.join(args.base_model, "model_index.json")):
         parser.error(f"--base_model {args.base_model} is not a pipeline folder (no model_index.json); make it with "
-                     "`python benchmark/pretrain_text2image.py`.")
+                     "`python -m benchmark.pretrain_text2image`.")
     return args
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    settings["base_model"] = os.path.abspath(settings["base_model"])
-    return settings
+    return runner.run_settings(args, RUN_SETTINGS, "base_model")
 
 
 def base_samples(args: argparse.Namespace, pipe) -> np.ndarray:
@@ -211,30 +202,22 @@ def base_samples(args: argparse.Namespace, pipe) -> np.ndarray:
 
 def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: str) -> dict:
     """One arm = one run of the real script, then the metrics of every checkpoint and the chosen one."""
-    out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+    out = runner.start_run(args.output_dir, arm, seed, run_settings(args))
     result_path = os.path.join(out, "result.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
-    check_run_settings(out, run_settings(args))
-    if not os.path.exists(os.path.join(out, "settings.json")):
-        os.makedirs(out, exist_ok=True)
-        atomic_write_json(os.path.join(out, "settings.json"), run_settings(args))
-    if not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors")):
-        bank = "class" if CLASS_PROMPT in ARMS[arm] else "empty"
-        cmd = [sys.executable, SCRIPT, "--pretrained_model_name_or_path", args.base_model,
-               "--instance_data_dir", subject, "--instance_prompt", INSTANCE_PROMPT, "--output_dir", out,
-               "--resolution", "32", "--random_flip", "--seed", str(seed), "--max_train_steps",
-               str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size), "--learning_rate",
-               str(args.learning_rate), "--lr_warmup_steps", "0", "--rank", str(args.rank), "--checkpointing_steps",
-               str(args.eval_every), "--num_class_images", str(args.num_class_images), "--report_to", "none",
-               "--num_validation_images", "2", "--class_data_dir",
-               os.path.join(args.output_dir, "banks", f"{bank}-seed{seed}"), *ARMS[arm], *args.extra_flags]
-        if "--with_prior_preservation" not in ARMS[arm]:
-            cmd = cmd[:cmd.index("--class_data_dir")] + cmd[cmd.index("--class_data_dir") + 2:]
-        start = time.time()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        run_step(cmd, env, out + ".log", f"train_dreambooth_lora_difftuning.py for {arm} seed {seed}")
-        atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
+    bank = "class" if CLASS_PROMPT in ARMS[arm] else "empty"
+    cmd = [*runner.script_command("train_dreambooth_lora_difftuning.py"), "--pretrained_model_name_or_path",
+           args.base_model, "--instance_data_dir", subject, "--instance_prompt", INSTANCE_PROMPT, "--output_dir", out,
+           "--resolution", "32", "--random_flip", "--seed", str(seed), "--max_train_steps",
+           str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size), "--learning_rate",
+           str(args.learning_rate), "--lr_warmup_steps", "0", "--rank", str(args.rank), "--checkpointing_steps",
+           str(args.eval_every), "--num_class_images", str(args.num_class_images), "--report_to", "none",
+           "--num_validation_images", "2", *ARMS[arm], *args.extra_flags]
+    if "--with_prior_preservation" in ARMS[arm]:
+        cmd += ["--class_data_dir", os.path.join(args.output_dir, "banks", f"{bank}-seed{seed}")]
+    runner.train_once(cmd, out, "pytorch_lora_weights.safetensors",
+                      f"train_dreambooth_lora_difftuning.py for {arm} seed {seed}")
     torch.set_num_threads(1)
     pipe = load_pipeline(args.base_model)
     base = base_samples(args, pipe)
@@ -252,7 +235,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: s
     chosen = max(curve, key=lambda s: (curve[s][FEATURE_SPACES[0]]["val_fidelity"], -int(s)))
     result = {"arm": arm, "seed": seed, "chosen_step": int(chosen), "chosen": curve[chosen],
               "final": curve[str(max(checkpoints))], "curve": curve,
-              "train_seconds": json.load(open(os.path.join(out, "train_time.json")))["seconds"]}
+              "train_seconds": runner.train_seconds(out)}
     atomic_write_json(result_path, result)
     chosen_metrics = result["chosen"][FEATURE_SPACES[0]]
     print(f"[dreambooth benchmark] {arm} seed {seed}: step {chosen} chosen, fidelity {chosen_metrics['fidelity']:.3f}, "
@@ -263,17 +246,6 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: s
 # ----------------------------------------------------------------------------------------------
 # Summary
 # ----------------------------------------------------------------------------------------------
-
-
-def collect_results(output_dir: str) -> dict[str, dict[int, dict]]:
-    results: dict[str, dict[int, dict]] = {}
-    runs = os.path.join(output_dir, "runs")
-    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        path = os.path.join(runs, name, "result.json")
-        if os.path.exists(path):
-            result = json.load(open(path))
-            results.setdefault(result["arm"], {})[result["seed"]] = result
-    return results
 
 
 def paired(results: dict[str, dict[int, dict]], arm: str, baseline: str, metric: str, space: str,
@@ -332,9 +304,8 @@ def main(args: argparse.Namespace) -> None:
         subject = write_instance_folder(args.output_dir)
         base_samples(args, load_pipeline(args.base_model))  # once, before the parallel runs
         jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: train_and_evaluate(args, job[0], job[1], subject), jobs))
-    results = collect_results(args.output_dir)
+        runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, subject), jobs, args.jobs)
+    results, _ = runner.collect_results(args.output_dir, ARMS, "result.json")
     table = summarize(results) + "\n" + summarize(results, at="final")
     print(table)
     with open(args.table or os.path.join(args.output_dir, "results.md"), "w") as f:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate class-conditional samples of a DiTPipeline on the target of a CPU miniature.
 
-    python benchmark/evaluate.py --pipeline out/difftuning --num_samples 1000 --reference mnist \\
+    python -m benchmark.evaluate --pipeline out/difftuning --num_samples 1000 --reference mnist \\
         --output_json out/difftuning/eval.json
 
 Three targets: ``mnist`` (the first miniature: 10 digits), ``openmoji`` (the second: OpenMoji's
@@ -33,12 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import difftuning_utils as dt
+from benchmark.data import MNIST_CLASSES, load_mnist, to_model_range
 
-import difftuning_utils as dt  # noqa: E402
-from benchmark.data import MNIST_CLASSES, load_mnist, to_model_range  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CLASSIFIER_PER_CLASS = 250  # images per class that train the feature CNN
 CLASSIFIER_VAL_PER_CLASS = 50  # images per class that check it
@@ -801,17 +799,12 @@ def class_rows(pipe, class_names: tuple[str, ...] = MNIST_CLASSES) -> list[int]:
 
 def save_grid(images: torch.Tensor, labels: list[int], path: str, per_class: int = 10) -> None:
     """One row per class, ``per_class`` samples each, as a PNG (grey or colour) for a human check."""
-    from PIL import Image
+    from benchmark.data import save_grid as save_rows
 
     u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    rows = []
-    for c in sorted(set(labels)):
-        idx = [i for i, lbl in enumerate(labels) if lbl == c][:per_class]
-        rows.append(np.concatenate([u8[i] for i in idx], axis=1))
-    width = max(r.shape[1] for r in rows)
-    grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid, mode="L" if grid.shape[-1] == 1 else "RGB").save(
-        path)
+    u8 = u8[..., 0] if u8.shape[-1] == 1 else u8
+    save_rows([u8[[i for i, label in enumerate(labels) if label == c][:per_class]] for c in sorted(set(labels))],
+              path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """One command that checks the training scripts at real size on one GPU, offline, and measures them.
 
-    python benchmark/gpu_check.py --output_dir outputs/gpu_check                 # one GPU, every run: ~25 minutes
-    python benchmark/gpu_check.py --steps 40 --deadline_s 380 --runs ...         # a short lease: what matters first
-    python benchmark/gpu_check.py --size tiny --output_dir /tmp/gpu_check        # CPU smoke (the tests run it)
+    python -m benchmark.gpu_check --output_dir outputs/gpu_check                 # one GPU, every run: ~25 minutes
+    python -m benchmark.gpu_check --steps 40 --deadline_s 380 --runs ...         # a short lease: what matters first
+    python -m benchmark.gpu_check --size tiny --output_dir /tmp/gpu_check        # CPU smoke (the tests run it)
 
 What it does, with no Hub access:
 
@@ -34,11 +34,10 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
+from difftuning_common import atomic_write_json
+from training_plumbing import run_cli
 
-from difftuning_utils import atomic_write_json  # noqa: E402
-from training_plumbing import run_cli  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (script, precision, cache latents, extra flags)
 RUNS = {
@@ -87,7 +86,7 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
              "dreambooth-sd3": os.path.join(folder, "sd3-pipeline")}
     paths["dreambooth-sd"] = paths["controlnet"]
     if size == "tiny":
-        from tiny_models import (
+        from benchmark.tiny_models import (
             make_tiny_dit_pipeline,
             make_tiny_sd3_pipeline,
             make_tiny_sd_pipeline,
@@ -108,9 +107,9 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from overhead import SD_VAE
-    from tiny_models import train_clip_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from benchmark.tiny_models import SD_VAE_CONFIG, train_clip_tokenizer
 
     torch.manual_seed(0)
     if "dit" in kinds and not os.path.exists(os.path.join(paths["dit"], "model_index.json")):
@@ -118,7 +117,7 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
             transformer = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72,
                                                 patch_size=2, sample_size=32, in_channels=4, out_channels=8,
                                                 num_embeds_ada_norm=1000)
-            vae = AutoencoderKL(**SD_VAE, sample_size=256)
+            vae = AutoencoderKL(**SD_VAE_CONFIG, sample_size=256)
         DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler(variance_type="learned_range")
                     ).save_pretrained(paths["dit"])
     tokenizer_dir = os.path.join(folder, "tokenizer")
@@ -129,7 +128,7 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         with torch.device(device):
             unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's shape (the defaults)
-            vae = AutoencoderKL(**SD_VAE, sample_size=512)
+            vae = AutoencoderKL(**SD_VAE_CONFIG, sample_size=512)
             text_encoder = CLIPTextModel(CLIPTextConfig(
                 vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                 num_attention_heads=12, projection_dim=768, bos_token_id=tokenizer.bos_token_id,
@@ -188,8 +187,9 @@ def build_sdxl(path: str, tokenizer_dir: str, device: str) -> None:
     encoders), saved in bf16 to keep the folder at ~7 GB."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from overhead import SD_VAE
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from benchmark.tiny_models import SD_VAE_CONFIG
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -201,7 +201,7 @@ def build_sdxl(path: str, tokenizer_dir: str, device: str) -> None:
             block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
             attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-        vae = AutoencoderKL(**SD_VAE, sample_size=1024)
+        vae = AutoencoderKL(**SD_VAE_CONFIG, sample_size=1024)
         text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                     num_attention_heads=12, projection_dim=768, **ids))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
@@ -398,7 +398,7 @@ def main(args: argparse.Namespace) -> dict:
         report["runs"][name] = result
         write_report()
     if args.overhead_repeats:
-        import overhead
+        from benchmark import overhead
 
         sizes = {"dit": "dit-xl", "controlnet": "sd15-controlnet"} if args.size == "real" else {
             "dit": "tiny", "controlnet": "tiny-controlnet"}

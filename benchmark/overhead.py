@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Overhead of Diff-Tuning vs standard fine-tuning: step time, throughput, peak memory and MFU.
 
-    python benchmark/overhead.py --size tiny                       # CPU, seconds (runs in the tests)
-    python benchmark/overhead.py --size dit-xl --device cuda --mixed_precision bf16
-    python benchmark/overhead.py --size sd15-controlnet --device cuda --mixed_precision bf16
+    python -m benchmark.overhead --size tiny                       # CPU, seconds (runs in the tests)
+    python -m benchmark.overhead --size dit-xl --device cuda --mixed_precision bf16
+    python -m benchmark.overhead --size sd15-controlnet --device cuda --mixed_precision bf16
 
 Both arms run the training scripts' own step (``DiTStep.loss`` of train_dit_difftuning.py,
 ``ControlNetStep.loss`` of train_controlnet_difftuning.py: VAE encode of the target images or a
@@ -32,18 +32,15 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # the training scripts, whose step this times
+import difftuning_utils as dt
+import training_plumbing as tp
+from benchmark.tiny_models import SD_VAE_CONFIG
 
-import difftuning_utils as dt  # noqa: E402
-import training_plumbing as tp  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 SIZES = ("tiny", "tiny-controlnet", "dit-xl", "sd15-controlnet")
 DEFAULT_BATCH = {"tiny": 8, "tiny-controlnet": 8, "dit-xl": 32, "sd15-controlnet": 4}
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, scaling_factor=0.18215)
 
 
 @dataclass
@@ -82,7 +79,7 @@ def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipe
         with torch.device(device):
             model = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2,
                                           sample_size=32, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
-            vae = AutoencoderKL(**SD_VAE, sample_size=256)
+            vae = AutoencoderKL(**SD_VAE_CONFIG, sample_size=256)
         scheduler = dit_scheduler
     else:
         from diffusers import UNet2DConditionModel
@@ -96,7 +93,7 @@ def build_setup(size: str, device: torch.device, weight_dtype: torch.dtype, pipe
                 down_block_types=("CrossAttnDownBlock2D",) * (len(blocks) - 1) + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(blocks) - 1),
                 cross_attention_dim=768 if sd else 32, attention_head_dim=8)
-            vae = AutoencoderKL(**SD_VAE, sample_size=512) if sd else AutoencoderKL(
+            vae = AutoencoderKL(**SD_VAE_CONFIG, sample_size=512) if sd else AutoencoderKL(
                 block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
                 up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8, sample_size=32)
             # The embedding of the condition image must downsample as much as the VAE (SD: 8x, tiny: 4x).

@@ -44,20 +44,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmark import emoji_data  # noqa: E402
-from benchmark.data import (  # noqa: E402
+from benchmark import emoji_data
+from benchmark.data import (
     FASHION_MNIST_CLASSES,
     fashion_half,
     load_fashion_mnist,
+    save_grid,
     to_model_range,
 )
-from training_plumbing import disable_per_block_label_dropout, sample_dit_latents  # noqa: E402
+from training_plumbing import disable_per_block_label_dropout, sample_dit_latents
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("pretrain_source")
 
@@ -239,18 +237,6 @@ def posterior_noise_report(means: torch.Tensor, stds: torch.Tensor) -> dict[str,
     return {"mean_spread": [round(v, 4) for v in spread.tolist()],
             "posterior_std": [round(v, 4) for v in noise.tolist()],
             "ratio": [round(v, 4) for v in (noise / spread).tolist()]}
-
-
-def save_grid(rows: list[np.ndarray], path: Path | str) -> None:
-    """Save rows of uint8 images ([n,H,W] grey or [n,H,W,3] colour) as one PNG with 2 px gaps."""
-    n_cols = max(len(r) for r in rows)
-    h, w = rows[0].shape[1:3]
-    colour = rows[0].ndim == 4
-    grid = np.full((len(rows) * (h + 2) + 2, n_cols * (w + 2) + 2) + ((3,) if colour else ()), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = im
-    Image.fromarray(grid, mode="RGB" if colour else "L").save(path)
 
 
 def reuse_vae(args: argparse.Namespace, work_dir: Path) -> None:

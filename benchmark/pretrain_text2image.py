@@ -10,7 +10,7 @@ near-deterministic VAE (``benchmark/pretrain_source.py --source emoji``), whose 
 pre-trained elsewhere, the text encoder is trained here together with the UNet. Saved as a
 ``StableDiffusionPipeline`` folder that ``train_controlnet_difftuning.py`` loads.
 
-    python benchmark/pretrain_text2image.py            # ~1.5 h on one CPU thread
+    python -m benchmark.pretrain_text2image            # ~1.5 h on one CPU thread
 
 Seeded and resumable (a checkpoint every ``--checkpointing_steps``), so the same command gives the
 same model on the same software stack.
@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmark")]
+from benchmark import emoji_data
+from benchmark.data import save_grid
+from benchmark.tiny_models import train_clip_tokenizer
 
-from benchmark import emoji_data  # noqa: E402
-from benchmark.pretrain_source import save_grid  # noqa: E402
-from benchmark.tiny_models import train_clip_tokenizer  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("pretrain_text2image")
 SAMPLE_PROMPTS = ("grinning face", "red heart", "dog face", "flag: Japan", "pizza", "rocket", "sun", "ghost",
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if not (Path(args.vae_work_dir) / "latents.pt").exists() and args.stage != "sample":
         p.error(f"--vae_work_dir {args.vae_work_dir} has no latents.pt: run "
-                "`python benchmark/pretrain_source.py --source emoji --stage vae` first.")
+                "`python -m benchmark.pretrain_source --source emoji --stage vae` first.")
     return args
 
 

@@ -15,8 +15,8 @@ Every arm is one `train_dit_difftuning.py` run with the same steps, batch and se
 on the same sampling noise (paired comparison) with FID/KID in the feature space of a small classifier
 trained on held-out target images, plus that classifier's accuracy on the samples.
 
-    python benchmark/run_benchmark.py --output_dir outputs/benchmark            # full table
-    python benchmark/run_benchmark.py --miniature emoji --arms standard difftuning --seeds 0 ...
+    python -m benchmark.run_benchmark --output_dir outputs/benchmark            # full table
+    python -m benchmark.run_benchmark --miniature emoji --arms standard difftuning --seeds 0 ...
 
 Finished runs are skipped, so an interrupted benchmark continues where it stopped.
 """
@@ -27,16 +27,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]
-
-from difftuning_utils import ConfigError, atomic_write_json  # noqa: E402
-from training_plumbing import run_cli  # noqa: E402
+from benchmark import runner
+from benchmark.runner import ROOT
+from difftuning_common import ConfigError, atomic_write_json
+from training_plumbing import run_cli
 
 # Arm name -> extra flags of train_dit_difftuning.py. PEFT arms use the higher lr PEFT needs (DiffFit: 1e-3).
 # The *_authors arms take the authors' EMA (a constant decay from the first step, from the pre-trained
@@ -159,21 +155,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_step(cmd: list[str], env: dict, log_path: str, what: str) -> None:
-    """Run one child script with its output in ``log_path``, saying when it starts and ends; a failure
-    is one sentence naming the log."""
-    start = time.time()
-    print(f"[benchmark] {what}: started (log: {os.path.relpath(log_path)})", flush=True)
-    with open(log_path, "w") as log:
-        returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f"[benchmark] {what}: {'done' if returncode == 0 else 'FAILED'} in {time.time() - start:.0f} s",
-          flush=True)
-    if returncode != 0:
-        errors = [line.strip() for line in open(log_path) if line.startswith("error: ") or "Error: " in line]
-        reason = errors[-1].rstrip(".") if errors else "no error line"
-        raise SystemExit(f"error: {what} exited with status {returncode} ({reason}); full log: {log_path}")
-
-
 def write_target_folder(args: argparse.Namespace) -> str:
     """The few-shot training set as an imagefolder of 32x32 PNGs (MNIST padded like the source data), one
     folder per class, named as the target's classes ("0".."9", or OpenMoji's groups)."""
@@ -208,75 +189,55 @@ def authors_ema(args: argparse.Namespace, arm: str) -> list[str]:
 
 def run_settings(args: argparse.Namespace) -> dict:
     """The values of RUN_SETTINGS, as stored in each run's settings.json."""
-    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    settings["source_model"] = os.path.abspath(settings["source_model"])
-    return settings
+    return runner.run_settings(args, RUN_SETTINGS, "source_model")
 
 
-def check_run_settings(out: str, settings: dict) -> None:
-    """Refuse to reuse (or continue) a run made with other settings; leaves the run untouched."""
-    path = os.path.join(out, "settings.json")
-    if not os.path.exists(out):
-        return
-    if not os.path.exists(path):
-        raise ConfigError(f"{out} has no settings.json, so it cannot be reused safely: delete it or use another "
-                          "--output_dir.")
-    stored = json.load(open(path))
-    for name, value in settings.items():
-        if stored.get(name, SETTING_DEFAULTS.get(name)) != value:
-            raise ConfigError(f"{out} was run with --{name} {stored.get(name)}, not {value}: use another "
-                              "--output_dir or the same settings.")
+def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
+    """Every finished run under ``output_dir/runs``, in ARMS order, and the settings they share."""
+    return runner.collect_results(output_dir, ARMS, "metrics.json", SETTING_DEFAULTS)
 
 
 def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str) -> dict:
     """One arm = one run of the real script, then its evaluation; both skipped when already done."""
-    out = os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}")
+    out = runner.start_run(args.output_dir, arm, seed, run_settings(args), SETTING_DEFAULTS)
     metrics_path = os.path.join(out, "metrics.json")
     if os.path.exists(metrics_path):
         return json.load(open(metrics_path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if not os.path.exists(os.path.join(out, "settings.json")):
-        os.makedirs(out, exist_ok=True)
-        atomic_write_json(os.path.join(out, "settings.json"), run_settings(args))
-    if not os.path.exists(os.path.join(out, "model_index.json")):
-        cmd = [sys.executable, os.path.join(ROOT, "train_dit_difftuning.py"),
-               "--pretrained_model_name_or_path", args.source_model, "--train_data_dir", data, "--output_dir", out,
-               "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
-               "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-               "--center_crop", "--use_ema", "--ema_decay", str(args.ema_decay),
-               "--checkpointing_steps", str(args.eval_every or 100000),
-               "--report_to", "tensorboard", "--num_validation_images", "2", "--validation_num_inference_steps", "50",
-               "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
-               "--knowledge_bank_size", str(args.knowledge_bank_size),
-               "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
-               *ARMS[arm], *MINIATURES[args.miniature]["flags"], *authors_ema(args, arm), *args.extra_flags]
-        start = time.time()
-        bank = " (builds the seed's knowledge bank first)" if "--difftuning" in ARMS[arm] and not os.path.exists(
-            os.path.join(args.output_dir, f"bank-seed{seed}", "manifest.json")) else ""
-        run_step(cmd, env, out + ".log", f"train_dit_difftuning.py for {arm} seed {seed}{bank}")
-        atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
+    cmd = [*runner.script_command("train_dit_difftuning.py"), "--pretrained_model_name_or_path", args.source_model,
+           "--train_data_dir", data, "--output_dir", out, "--seed", str(seed),
+           "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
+           "--learning_rate", str(args.learning_rate), "--center_crop", "--use_ema", "--ema_decay", str(args.ema_decay),
+           "--checkpointing_steps", str(args.eval_every or 100000),
+           "--report_to", "tensorboard", "--num_validation_images", "2", "--validation_num_inference_steps", "50",
+           "--knowledge_bank_dir", os.path.join(args.output_dir, f"bank-seed{seed}"),
+           "--knowledge_bank_size", str(args.knowledge_bank_size),
+           "--knowledge_bank_num_inference_steps", str(args.knowledge_bank_num_inference_steps),
+           *ARMS[arm], *MINIATURES[args.miniature]["flags"], *authors_ema(args, arm), *args.extra_flags]
+    bank = " (builds the seed's knowledge bank first)" if "--difftuning" in ARMS[arm] and not os.path.exists(
+        os.path.join(args.output_dir, f"bank-seed{seed}", "manifest.json")) else ""
+    runner.train_once(cmd, out, "model_index.json", f"train_dit_difftuning.py for {arm} seed {seed}{bank}")
     # Same --seed for every arm: the same sampling noise, a paired comparison.
-    evaluate_cmd = [sys.executable, os.path.join(ROOT, "benchmark", "evaluate.py"), "--pipeline", out,
+    evaluate_cmd = [*runner.tool_command("evaluate"), "--pipeline", out,
                     "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
                     "--shots_per_class", str(args.shots_per_class), "--reference", MINIATURES[args.miniature]["target"],
                     *(["--second_reference", MINIATURES[args.miniature]["second"]] if "second" in MINIATURES[
                         args.miniature] else [])]
     full = ["--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps)]
     if not os.path.exists(metrics_path + ".eval"):
-        run_step(evaluate_cmd + full + ["--output_json", metrics_path + ".eval", "--save_grid",
-                                        os.path.join(out, "eval_grid.png")], env, out + ".eval.log",
-                 f"evaluate.py for {arm} seed {seed}")
+        runner.run_step(evaluate_cmd + full + ["--output_json", metrics_path + ".eval", "--save_grid",
+                                               os.path.join(out, "eval_grid.png")], out + ".eval.log",
+                        f"evaluate.py for {arm} seed {seed}")
     metrics = json.load(open(metrics_path + ".eval"))
-    metrics["train_seconds"] = json.load(open(os.path.join(out, "train_time.json")))["seconds"]
+    metrics["train_seconds"] = runner.train_seconds(out)
     if args.eval_every:
         metrics["early_stopped"], metrics["val_curve"] = early_stopped(args, arm, seed, out, evaluate_cmd + full,
-                                                                       metrics, env)
+                                                                       metrics)
     atomic_write_json(metrics_path, metrics)
     return metrics
 
 
 def early_stopped(args: argparse.Namespace, arm: str, seed: int, out: str, evaluate_cmd: list[str],
-                  final: dict, env: dict) -> tuple[dict, list[dict]]:
+                  final: dict) -> tuple[dict, list[dict]]:
     """The run at its validation-chosen checkpoint: every kept checkpoint scored on the validation split (the
     first feature space chooses), then the chosen one scored like the final model. Returns its metrics (with
     ``step``) and the validation curve."""
@@ -284,19 +245,19 @@ def early_stopped(args: argparse.Namespace, arm: str, seed: int, out: str, evalu
                           and not name.endswith(".tmp")), key=lambda p: int(p.rsplit("-", 1)[1]))
     curve_path = os.path.join(out, "curve_val.json")
     if not os.path.exists(curve_path):
-        run_step(evaluate_cmd[:evaluate_cmd.index("--num_samples")] + [
+        runner.run_step(evaluate_cmd[:evaluate_cmd.index("--num_samples")] + [
             "--num_samples", str(args.val_samples), "--num_inference_steps", str(args.val_inference_steps),
             "--reference_split", "val", "--checkpoints", *checkpoints, "--output_json", curve_path],
-            env, out + ".curve.log", f"validation curve for {arm} seed {seed}")
+            out + ".curve.log", f"validation curve for {arm} seed {seed}")
     curve = json.load(open(curve_path))["curve"]
     best = min(curve, key=lambda point: point["fid"])["step"]
     if best == args.max_train_steps:  # the final model is the last checkpoint's EMA
         return {"step": best, **{k: v for k, v in final.items() if k not in ("early_stopped", "val_curve")}}, curve
     chosen_path = os.path.join(out, "metrics_early.json")
     if not os.path.exists(chosen_path):
-        run_step(evaluate_cmd + ["--load_checkpoint", os.path.join(out, f"checkpoint-{best}"), "--output_json",
-                                 chosen_path], env, out + ".early.log", f"evaluate.py for {arm} seed {seed} at "
-                                                                        f"step {best}")
+        runner.run_step(evaluate_cmd + ["--load_checkpoint", os.path.join(out, f"checkpoint-{best}"),
+                                        "--output_json", chosen_path], out + ".early.log",
+                        f"evaluate.py for {arm} seed {seed} at step {best}")
     return {"step": best, **json.load(open(chosen_path))}, curve
 
 
@@ -307,7 +268,8 @@ def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
     settings = run_settings(args)
     for arm in args.arms:  # fail fast, before any work, on a finished run with other settings
         for seed in args.seeds:
-            check_run_settings(os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}"), settings)
+            runner.check_run_settings(os.path.join(args.output_dir, "runs", f"{arm}-seed{seed}"), settings,
+                                      SETTING_DEFAULTS)
     # train/cache the feature classifier once, before the pool
     print(f"[benchmark] {len(args.arms) * len(args.seeds)} runs, {args.jobs} at a time; feature classifier of "
           f"{MINIATURES[args.miniature]['target']}: loading (training it takes a few minutes the first time)",
@@ -317,37 +279,14 @@ def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
     uses_bank = [a for a in args.arms if "--difftuning" in ARMS[a] and "--retention_ratio" not in ARMS[a]]
     first = [(uses_bank[0], seed) for seed in args.seeds] if uses_bank else []
     jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]  # arms in the order given
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda job: train_and_evaluate(args, *job, data), first))
-        metrics = list(pool.map(lambda job: train_and_evaluate(args, *job, data), jobs))
+    runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, data), first, args.jobs)
+    metrics = runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, data), jobs, args.jobs)
     results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
     for (arm, seed), result in zip(jobs, metrics, strict=True):
         results[arm][seed] = result
         print(f"[benchmark] {arm} seed {seed}: FID {result['fid']:.2f}, KID {result['kid_mean']:.1f}, "
               f"accuracy {result['accuracy']:.3f}", flush=True)
     return results
-
-
-def collect_results(output_dir: str) -> tuple[dict[str, dict[int, dict]], dict]:
-    """Every finished run under ``output_dir/runs``, in ARMS order, and the settings they share."""
-    results: dict[str, dict[int, dict]] = {}
-    settings: dict | None = None
-    runs = os.path.join(output_dir, "runs")
-    if not os.path.isdir(runs):
-        raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
-    for arm in ARMS:
-        for name in sorted(os.listdir(runs)):
-            path = os.path.join(runs, name, "metrics.json")
-            if not (name.startswith(f"{arm}-seed") and os.path.exists(path)):
-                continue
-            settings_path = os.path.join(runs, name, "settings.json")
-            if settings is None and os.path.exists(settings_path):
-                settings = json.load(open(settings_path))
-            check_run_settings(os.path.join(runs, name), settings or {})  # also refuses a run without settings
-            results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = json.load(open(path))
-    if settings is None:
-        raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
-    return results, settings
 
 
 def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,

@@ -8,6 +8,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Stable Diffusion 1.x/2.x's VAE architecture, for the real-size random-init models of the GPU check and
+# the overhead harness (their step times, not their images, matter).
+SD_VAE_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                     scaling_factor=0.18215)
+
 
 def make_tiny_dit_pipeline(path: str, seed: int = 0, id2label: dict | None = None) -> str:
     """A DiTPipeline folder: 2-layer DiT (1001-row label table, learned sigma) + 4x VAE, 32 px."""

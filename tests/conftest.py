@@ -11,10 +11,9 @@ import sys
 import pytest
 import torch
 
+from benchmark.tiny_models import make_image_folder, make_tiny_dit_pipeline, make_tiny_sd_pipeline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from tiny_models import make_image_folder, make_tiny_dit_pipeline, make_tiny_sd_pipeline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, error_line
 
 SOURCE = os.path.join(ROOT, "benchmark", "source_model")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
 def test_shipped_source_model_loads_and_knows_its_classes():
@@ -51,7 +51,7 @@ def test_shipped_fashion_half_sources(half, names):
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     out = str(tmp_path / "bench")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--output_dir", out,
+    cmd = [sys.executable, "-m", "benchmark.run_benchmark", "--output_dir", out,
            "--arms", "standard", "difftuning", "--seeds", "0", "--max_train_steps", "3", "--train_batch_size", "8",
            "--knowledge_bank_size", "8", "--knowledge_bank_num_inference_steps", "4", "--num_samples", "20",
            "--num_inference_steps", "4"]
@@ -98,7 +98,7 @@ def test_benchmark_smoke(tmp_path):
                    "with these."
 
     cof = str(tmp_path / "cof")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--base", SOURCE,
+    proc = subprocess.run([sys.executable, "-m", "benchmark.chain_of_forgetting", "--base", SOURCE,
                            "--finetuned", os.path.join(out, "runs", "standard-seed0"),
                            os.path.join(out, "runs", "difftuning-seed0"), "--reference", "mnist",
                            "--thresholds", "0", "1000", "--num_samples", "10", "--num_inference_steps", "3",
@@ -116,7 +116,7 @@ def test_benchmark_smoke(tmp_path):
 
 def test_chain_of_forgetting_bad_input_names_the_flag(tmp_path):
     cof = tmp_path / "cof"
-    base = [sys.executable, os.path.join(ROOT, "benchmark", "chain_of_forgetting.py"), "--reference", "mnist",
+    base = [sys.executable, "-m", "benchmark.chain_of_forgetting", "--reference", "mnist",
             "--output_dir", str(cof)]
     missing = str(tmp_path / "no_such_pipeline")
     line = error_line(subprocess.run(base + ["--base", missing, "--finetuned", SOURCE], env=ENV,
@@ -153,7 +153,7 @@ def test_shipped_emoji_models_load_and_know_their_classes():
 def test_emoji_benchmark_smoke(tmp_path):
     """The second miniature end to end: OpenMoji from npm, the shipped emoji DiT, the authors' arm."""
     out = str(tmp_path / "bench")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--miniature", "emoji",
+    cmd = [sys.executable, "-m", "benchmark.run_benchmark", "--miniature", "emoji",
            "--output_dir", out, "--arms", "standard", "difftuning_authors", "--seeds", "0", "--max_train_steps", "3",
            "--train_batch_size", "8", "--knowledge_bank_size", "8", "--knowledge_bank_num_inference_steps", "4",
            "--num_samples", "18", "--num_inference_steps", "4"]
@@ -175,7 +175,7 @@ def test_controlnet_benchmark_smoke(tmp_path):
     """The ControlNet miniature end to end at a few steps: pairs, two arms through the real script,
     fidelity of every checkpoint, convergence against the stated threshold, the table and the plot."""
     out = str(tmp_path / "cn")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "controlnet_benchmark.py"), "--output_dir", out,
+    cmd = [sys.executable, "-m", "benchmark.controlnet_benchmark", "--output_dir", out,
            "--arms", "none", "replay", "--seeds", "0", "--max_train_steps", "4", "--eval_every", "2",
            "--train_batch_size", "4", "--num_eval_pairs", "9", "--num_inference_steps", "2",
            "--knowledge_bank_size", "4", "--knowledge_bank_num_inference_steps", "2"]
@@ -207,7 +207,7 @@ def test_dreambooth_benchmark_smoke(tmp_path):
     from benchmark import dreambooth_benchmark as dbb
 
     out = str(tmp_path / "db")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "dreambooth_benchmark.py"), "--output_dir", out,
+    cmd = [sys.executable, "-m", "benchmark.dreambooth_benchmark", "--output_dir", out,
            "--arms", "prior", "difftuning_class", "--seeds", "0", "--max_train_steps", "4", "--eval_every", "2",
            "--samples_per_prompt", "2", "--num_class_images", "4", "--num_inference_steps", "2", "--jobs", "1",
            "--extra_flags", "--knowledge_bank_num_inference_steps", "2"]
@@ -283,7 +283,7 @@ def test_early_stopping_on_a_fashion_pair(tmp_path):
     from benchmark import evaluate
 
     out = str(tmp_path / "bench")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmark", "run_benchmark.py"), "--output_dir", out,
+    cmd = [sys.executable, "-m", "benchmark.run_benchmark", "--output_dir", out,
            "--miniature", "fashion_a_to_b", "--arms", "standard", "--seeds", "0", "--max_train_steps", "4",
            "--eval_every", "2", "--train_batch_size", "8", "--num_samples", "20", "--num_inference_steps", "3",
            "--val_samples", "10", "--val_inference_steps", "2", "--jobs", "1"]

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-import difftuning_utils as du  # importable from the repo root, which tests/conftest.py puts on sys.path
+import difftuning_utils as du
 
 # ----------------------------------------------------------------------------------------------
 # Schedules
@@ -536,20 +536,22 @@ def test_bank_replay_follows_the_posterior_of_a_random_view(tmp_path):
     assert torch.equal(after[0], again[0]) and torch.equal(after[1], again[1])
 
 
-def test_format_1_bank_replays_as_latents_and_is_refused_as_images(tmp_path):
-    """A bank written before re-encoding existed (format 1, no VAE settings) still loads as it is for
-    --knowledge_bank_replay latents, and is refused, naming the flag and the fix, for images."""
+def test_bank_of_an_earlier_format_refused_and_kept(tmp_path):
+    """A bank written before re-encoding existed (format 1) is refused by name, when reused and when loaded,
+    and left as it is; a bank without re-encoded samples replays as latents and is refused as images."""
     du.build_knowledge_bank(str(tmp_path), class_sample_fn, CLASSES, 3, 7, SETTINGS)
+    bank = du.load_knowledge_bank(str(tmp_path))
+    assert bank.posterior_mean is None and du.replay_tensors(bank, "latents", random_flip=True)[0] is bank.latents
+    with pytest.raises(du.ConfigError, match="no re-encoded samples.*--knowledge_bank_replay latents"):
+        du.replay_tensors(bank, "images", random_flip=True, bank_dir=str(tmp_path))
     manifest = json.loads((tmp_path / du.MANIFEST_NAME).read_text())
     (tmp_path / du.MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 1}))
-    # the same settings plus the VAE's fingerprint that format 2 records: accepted, nothing rebuilt
-    assert du.build_knowledge_bank(str(tmp_path), _raising_sample_fn, CLASSES, 3, 7,
-                                   {**SETTINGS, "vae_fingerprint": "v" * 64}, reencode_fn=_reencode)["complete"]
-    bank = du.load_knowledge_bank(str(tmp_path))
-    assert bank.posterior_mean is None
-    assert du.replay_tensors(bank, "latents", random_flip=True)[0] is bank.latents
-    with pytest.raises(du.ConfigError, match="format 1.*--knowledge_bank_replay latents"):
-        du.replay_tensors(bank, "images", random_flip=True, bank_dir=str(tmp_path))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(du.ConfigError, match="format 1.*delete the folder to rebuild it"):
+        du.build_knowledge_bank(str(tmp_path), _raising_sample_fn, CLASSES, 3, 7, SETTINGS)
+    with pytest.raises(du.ConfigError, match="format 1"):
+        du.load_knowledge_bank(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_bank_bad_batch_size(tmp_path):

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, error_line, run_script
 from PIL import Image
-from tiny_models import make_circle_dataset, make_image_folder
 
 import difftuning_utils as dt
 import training_plumbing as tp
+from benchmark.tiny_models import make_circle_dataset, make_image_folder
 
 DIT = os.path.join(ROOT, "train_dit_difftuning.py")
 CONTROLNET = os.path.join(ROOT, "train_controlnet_difftuning.py")
@@ -235,9 +235,9 @@ DREAMBOOTH_EARLY = [case for case in EARLY if case[0] not in ("unknown validatio
 @pytest.mark.parametrize("case, flags, words", DREAMBOOTH_EARLY, ids=[c[0] for c in DREAMBOOTH_EARLY])
 def test_dreambooth_passes_the_same_table(tiny_sd, tmp_path, monkeypatch, case, flags, words):
     import huggingface_hub.constants
-    from tiny_models import make_subject_folder
 
     import train_dreambooth_lora_difftuning as script
+    from benchmark.tiny_models import make_subject_folder
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     subject = make_subject_folder(str(tmp_path / "subject"))
@@ -253,9 +253,8 @@ def test_dreambooth_passes_the_same_table(tiny_sd, tmp_path, monkeypatch, case, 
 
 
 def test_dreambooth_truncated_subject_image(tiny_sd, tmp_path):
-    from tiny_models import make_subject_folder
-
     import train_dreambooth_lora_difftuning as script
+    from benchmark.tiny_models import make_subject_folder
 
     subject = make_subject_folder(str(tmp_path / "subject"))
     truncated_png(os.path.join(subject, "cut.png"))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
-from tiny_models import make_circle_dataset, make_tiny_sd_pipeline
 
 import training_plumbing as tp
+from benchmark.tiny_models import make_circle_dataset, make_tiny_sd_pipeline
 from difftuning_utils import ConfigError
 
 SCRIPT = os.path.join(ROOT, "train_controlnet_difftuning.py")

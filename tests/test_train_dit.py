@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
-from tiny_models import make_image_folder, make_tiny_dit_pipeline
 
 import difftuning_utils as dt
 import training_plumbing as tp
+from benchmark.tiny_models import make_image_folder, make_tiny_dit_pipeline
 
 SCRIPT = os.path.join(ROOT, "train_dit_difftuning.py")
 

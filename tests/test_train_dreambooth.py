@@ -11,11 +11,11 @@ import torch
 from conftest import ROOT, error_line, files_uploaded, run_script
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import make_subject_folder, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline
 
 import difftuning_utils as dt
 import model_families as mf
 import training_plumbing as tp
+from benchmark.tiny_models import make_subject_folder, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline
 
 SCRIPT = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -1,0 +1,132 @@
+"""What the three benchmarks (``run_benchmark``, ``controlnet_benchmark``, ``dreambooth_benchmark``)
+share: running the real training script and the evaluation tools as child processes, one folder per
+(arm, seed) that records the settings it was run with, and collecting the finished runs.
+
+A run folder ``<output_dir>/runs/<arm>-seed<N>`` is reused only with the settings it was made with, so
+an interrupted benchmark resumes where it stopped and a changed flag never mixes into old results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from difftuning_common import ConfigError, atomic_write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env() -> dict:
+    """The environment of every child: one CPU thread (the benchmarks run ``--jobs`` children side by side),
+    no Hub access, and the repository importable (``python -m benchmark.<tool>`` from any folder)."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONPATH": path}
+
+
+def script_command(script: str) -> list[str]:
+    """The command line of one of the repository's training scripts."""
+    return [sys.executable, os.path.join(ROOT, script)]
+
+
+def tool_command(tool: str) -> list[str]:
+    """The command line of a benchmark tool (``evaluate``, ``chain_of_forgetting``, ...)."""
+    return [sys.executable, "-m", f"benchmark.{tool}"]
+
+
+def run_step(cmd: list[str], log_path: str, what: str) -> None:
+    """Run one child with its output in ``log_path``, saying when it starts and ends; a failure is one
+    sentence naming the log."""
+    start = time.time()
+    print(f"[benchmark] {what}: started (log: {os.path.relpath(log_path)})", flush=True)
+    with open(log_path, "w") as log:
+        returncode = subprocess.run(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+    print(f"[benchmark] {what}: {'done' if returncode == 0 else 'FAILED'} in {time.time() - start:.0f} s",
+          flush=True)
+    if returncode != 0:
+        errors = [line.strip() for line in open(log_path) if line.startswith("error: ") or "Error: " in line]
+        reason = errors[-1].rstrip(".") if errors else "no error line"
+        raise SystemExit(f"error: {what} exited with status {returncode} ({reason}); full log: {log_path}")
+
+
+def run_settings(args: argparse.Namespace, names: Iterable[str], model_flag: str) -> dict:
+    """The settings a run folder records: ``names`` from ``args``, the model folder as an absolute path."""
+    settings = {name: getattr(args, name) for name in names}
+    settings[model_flag] = os.path.abspath(settings[model_flag])
+    return settings
+
+
+def check_run_settings(out: str, settings: dict, defaults: dict | None = None) -> None:
+    """Refuse to reuse (or continue) a run made with other settings; leaves the run untouched. ``defaults``:
+    the value of a setting added after older runs were made, which they ran with."""
+    path = os.path.join(out, "settings.json")
+    if not os.path.exists(out):
+        return
+    if not os.path.exists(path):
+        raise ConfigError(f"{out} has no settings.json, so it cannot be reused safely: delete it or use another "
+                          "--output_dir.")
+    stored = json.load(open(path))
+    for name, value in settings.items():
+        if stored.get(name, (defaults or {}).get(name)) != value:
+            raise ConfigError(f"{out} was run with --{name} {stored.get(name)}, not {value}: use another "
+                              "--output_dir or the same settings.")
+
+
+def start_run(output_dir: str, arm: str, seed: int, settings: dict, defaults: dict | None = None) -> str:
+    """The run folder of (arm, seed), checked against ``settings`` and recording them; returns its path."""
+    out = os.path.join(output_dir, "runs", f"{arm}-seed{seed}")
+    check_run_settings(out, settings, defaults)
+    if not os.path.exists(os.path.join(out, "settings.json")):
+        os.makedirs(out, exist_ok=True)
+        atomic_write_json(os.path.join(out, "settings.json"), settings)
+    return out
+
+
+def train_once(cmd: list[str], out: str, done_file: str, what: str) -> None:
+    """Run the training command unless ``out`` already holds ``done_file`` (the final weights); record the
+    wall time, which the tables report."""
+    if os.path.exists(os.path.join(out, done_file)):
+        return
+    start = time.time()
+    run_step(cmd, out + ".log", what)
+    atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
+
+
+def train_seconds(out: str) -> float:
+    return json.load(open(os.path.join(out, "train_time.json")))["seconds"]
+
+
+def run_all(job: Callable[..., dict], jobs: list[tuple], parallel: int) -> list[dict]:
+    """``job(*args)`` for every tuple in ``jobs``, ``parallel`` at a time (threads: each job waits on a child)."""
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(lambda args: job(*args), jobs))
+
+
+def collect_results(output_dir: str, arms: Iterable[str], result_file: str,
+                    defaults: dict | None = None) -> tuple[dict[str, dict[int, dict]], dict]:
+    """Every finished run under ``output_dir/runs`` (those holding ``result_file``) as {arm: {seed: result}}
+    in ``arms`` order, and the settings they share (a run made with other settings is refused)."""
+    results: dict[str, dict[int, dict]] = {}
+    settings: dict | None = None
+    runs = os.path.join(output_dir, "runs")
+    names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+    for arm in arms:
+        for name in names:
+            path = os.path.join(runs, name, result_file)
+            seed = name[len(arm) + len("-seed"):]
+            if not (name.startswith(f"{arm}-seed") and seed.isdigit() and os.path.exists(path)):
+                continue
+            settings_path = os.path.join(runs, name, "settings.json")
+            if settings is None and os.path.exists(settings_path):
+                settings = json.load(open(settings_path))
+            check_run_settings(os.path.join(runs, name), settings or {}, defaults)  # refuses one without settings
+            results.setdefault(arm, {})[int(seed)] = json.load(open(path))
+    if settings is None:
+        raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
+    return results, settings
