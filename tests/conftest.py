@@ -14,7 +14,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from tiny_models import make_image_folder, make_tiny_dit_pipeline, make_tiny_sd_pipeline  # noqa: E402
+from tiny_models import (  # noqa: E402
+    make_image_folder,
+    make_tiny_dit_pipeline,
+    make_tiny_flux_pipeline,
+    make_tiny_sd_pipeline,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,6 +35,12 @@ def tiny_dit(tmp_path_factory) -> str:
 def tiny_sd(tmp_path_factory) -> str:
     """A tiny StableDiffusionPipeline folder (ControlNet and DreamBooth tests)."""
     return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    """A tiny FluxPipeline folder with the guidance input, CLIP and T5 (DreamBooth tests)."""
+    return make_tiny_flux_pipeline(str(tmp_path_factory.mktemp("tiny-flux")))
 
 
 @pytest.fixture(scope="session")
