@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""DreamBooth LoRA for Stable Diffusion 1.x/2.x and SDXL, with or without Diff-Tuning; a drop-in for
-diffusers' examples/dreambooth/train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py.
+"""DreamBooth LoRA for Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1, with or without Diff-Tuning; a drop-in
+for diffusers' examples/dreambooth/train_dreambooth_lora.py, train_dreambooth_lora_sdxl.py,
+train_dreambooth_lora_sd3.py and train_dreambooth_lora_flux.py.
 
     accelerate launch train_dreambooth_lora_difftuning.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -11,8 +12,8 @@ diffusers' examples/dreambooth/train_dreambooth_lora.py and train_dreambooth_lor
 Prior preservation already replays the base model's own samples of a class prompt: a knowledge bank.
 ``--difftuning`` trains the subject at psi timesteps (toward large t) and the class samples at xi
 timesteps (toward small t), where upstream gives both halves the same uniform draw. The result is a
-diffusers-format LoRA: ``pipe.load_lora_weights(output_dir)``. The model family (SD or SDXL) is read
-from the base pipeline (model_families.py); the method lives in difftuning_utils.py and the shared
+diffusers-format LoRA: ``pipe.load_lora_weights(output_dir)``. The model family (SD, SDXL, SD3 or Flux) is
+read from the base pipeline (model_families.py); the method lives in difftuning_utils.py and the shared
 plumbing in training_plumbing.py.
 """
 
@@ -41,14 +42,22 @@ logger = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
-def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf.StableDiffusionFamily]:
-    """The base pipeline of the family named by its ``model_index.json``, and that family."""
+def base_family(args: argparse.Namespace) -> tuple[dict, type[mf.StableDiffusionFamily]]:
+    """The base pipeline's ``model_index.json`` and the family it names (read before any weights load)."""
     import diffusers
 
     config = tp.load_pretrained(diffusers.DiffusionPipeline.load_config, "--pretrained_model_name_or_path",
                                 args.pretrained_model_name_or_path, "a diffusers pipeline", revision=args.revision,
                                 cache_dir=args.cache_dir)
-    family = mf.family_class(config["_class_name"])
+    return config, mf.family_class(config["_class_name"])
+
+
+def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf.StableDiffusionFamily]:
+    """The base pipeline of the family named by its ``model_index.json``, and that family, built with the
+    family's flags (T5's --max_sequence_length, Flux's --guidance_scale)."""
+    import diffusers
+
+    config, family = base_family(args)
     if args.pretrained_vae_model_name_or_path:
         kwargs["vae"] = tp.load_pretrained(diffusers.AutoencoderKL.from_pretrained,
                                            "--pretrained_vae_model_name_or_path",
@@ -64,7 +73,9 @@ def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf
                                   args.pretrained_model_name_or_path, f"a {family.pipeline_class_name}",
                                   revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline, family(pipeline, args.max_sequence_length) if family.flow_matching else family(pipeline)
+    options = {name: getattr(args, name) for name in ("max_sequence_length", "guidance_scale")
+               if name in family.flag_defaults}
+    return pipeline, family(pipeline, **options)
 
 
 def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module],
@@ -89,7 +100,7 @@ def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Mo
 
 def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily) -> dict[str, torch.Tensor]:
     """A model's LoRA weights as upstream saves them for the family: diffusers' key format for SD and SDXL,
-    peft's for SD3 (what each pipeline's ``load_lora_weights`` reads back)."""
+    peft's for SD3 and Flux (what each pipeline's ``load_lora_weights`` reads back)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -252,7 +263,7 @@ class DreamBoothStep:
             prompts = self.prompt_table.take(rows)
         else:  # --train_text_encoder: the encoders' LoRA is in the graph
             prompts = self.family.encode([ids[rows] for ids in self.prompt_ids])
-        if self.family.flow_matching:  # timesteps are entries of the sigma table (upstream's SD3 loss)
+        if self.family.flow_matching:  # timesteps are entries of the sigma table (upstream's SD3 and Flux loss)
             sigma_table, time_table = self.flow_tables(device)
             sigmas = sigma_table[timesteps].view(-1, *[1] * (latents.ndim - 1))
             noisy_latents = (1 - sigmas) * latents + sigmas * noise
@@ -301,11 +312,12 @@ def denoiser_flops_per_image(family: mf.StableDiffusionFamily, denoiser: torch.n
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped as ``--help`` shows them (docs/scripts/flag_tables.py writes the docs' tables from it)."""
-    parser = argparse.ArgumentParser(description="DreamBooth LoRA for Stable Diffusion, SDXL and SD3, with "
-                                                 "Diff-Tuning.",
+    parser = argparse.ArgumentParser(description="DreamBooth LoRA for Stable Diffusion, SDXL, SD3 and Flux.1, "
+                                                 "with Diff-Tuning.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                        help="A Stable Diffusion (1.x/2.x), SDXL or SD3 pipeline on the Hub or in a local folder.")
+                        help="A Stable Diffusion (1.x/2.x), SDXL, SD3 or Flux.1 pipeline on the Hub or in a local "
+                             "folder.")
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                         help="A VAE instead of the pipeline's (SDXL in fp16: e.g. madebyollin/sdxl-vae-fp16-fix).")
     tp.add_common_args(parser, "--instance_data_dir",
@@ -333,12 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Precision of the frozen model while it generates the class samples; default: the "
                          "training's mixed precision.")
     db.add_argument("--resolution", type=int, default=None,
-                    help="Training resolution; default: the model's (SD 1.x 512, SD 2.x 768, SDXL 1024).")
+                    help="Training resolution; default: the model's (SD 1.x 512, SD 2.x 768, SDXL and SD3 1024), "
+                         "Flux 512 (upstream's).")
     db.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
     db.add_argument("--random_flip", action="store_true",
                     help="Random horizontal flips of the subject's images (and of the class samples).")
     db.add_argument("--train_text_encoder", action="store_true",
-                    help="Train LoRA adapters on the text encoder(s) too (q/k/v/out projections).")
+                    help="Train LoRA adapters on the CLIP text encoder(s) too (q/k/v/out projections; T5 stays "
+                         "frozen, as upstream).")
     db.add_argument("--snr_gamma", type=float, default=None,
                     help="Min-SNR weighting gamma (5.0 is recommended); weights the subject rows, as upstream.")
     tp.add_lora_args(db)
@@ -348,18 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Validate every N epochs (upstream's flag); overrides --validation_steps.")
     val.add_argument("--validation_num_inference_steps", type=int, default=25,
                      help="DPM-Solver++ steps of validation and final samples (upstream: 25).")
-    flow = parser.add_argument_group("Flow matching (SD3)")
+    flow = parser.add_argument_group("Flow matching (SD3, Flux)")
     flow.add_argument("--weighting_scheme", type=str, default=None, choices=dt.FLOW_WEIGHTING_SCHEMES,
                       help="Density of the training sigma (logit_normal, mode) or loss weighting (sigma_sqrt, "
-                           "cosmap); none: uniform. Default: logit_normal (upstream's SD3). With --difftuning it is "
-                           "the base density that psi and xi reweight.")
+                           "cosmap); none: uniform. Default: upstream's, logit_normal for SD3 and none for Flux. With "
+                           "--difftuning it is the base density that psi and xi reweight.")
     flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal density.")
     flow.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal density.")
     flow.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the 'mode' density.")
-    flow.add_argument("--precondition_outputs", type=int, default=1, choices=[0, 1],
-                      help="1: compare the denoised estimate x0 = x_sigma - sigma * v with the latents (upstream's "
-                           "SD3 default); 0: compare v with noise - latents.")
-    flow.add_argument("--max_sequence_length", type=int, default=77, help="T5 tokens of each prompt.")
+    flow.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1],
+                      help="SD3 only. 1: compare the denoised estimate x0 = x_sigma - sigma * v with the latents "
+                           "(upstream's SD3 default); 0: compare v with noise - latents (what Flux always does).")
+    flow.add_argument("--max_sequence_length", type=int, default=None,
+                      help="T5 tokens of each prompt; default: upstream's, 77 for SD3 and 512 for Flux.")
+    flow.add_argument("--guidance_scale", type=float, default=None,
+                      help="Flux only: the guidance scale a guidance-distilled transformer (FLUX.1-dev) is given "
+                           "while it trains; default 3.5 (upstream's). A transformer without a guidance input "
+                           "(FLUX.1-schnell) ignores it.")
     dt.add_difftuning_args(parser, class_prior=True)
     parser.set_defaults(output_dir="lora-dreambooth-model", learning_rate=5e-4, lora_target_modules=None)
     return parser
@@ -401,23 +420,43 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_family_flags(args: argparse.Namespace, family: mf.StableDiffusionFamily) -> None:
-    """Flags that only one kind of model has, checked once the base model's family is known; fills the
-    family's defaults (its LoRA targets, SD3's logit-normal density)."""
-    if family.flow_matching:
-        if args.snr_gamma is not None:
-            raise dt.ConfigError("--snr_gamma (Min-SNR) is for DDPM models; flow-matching models (SD3) weight "
-                                 "the loss with --weighting_scheme.")
-        args.weighting_scheme = args.weighting_scheme or "logit_normal"
-        if args.max_sequence_length < 1 or args.logit_std <= 0:
-            raise dt.ConfigError("--max_sequence_length must be >= 1 and --logit_std > 0.")
-    else:
-        given = [f"--{name}" for name, default in (("weighting_scheme", None), ("logit_mean", 0.0), ("logit_std", 1.0),
-                                                   ("mode_scale", 1.29), ("precondition_outputs", 1),
-                                                   ("max_sequence_length", 77)) if getattr(args, name) != default]
-        if given:
-            raise dt.ConfigError(f"{', '.join(given)}: flow-matching flags, and {args.pretrained_model_name_or_path} "
-                                 f"is a {family.name} model (DDPM).")
+# The family-dependent flags, what they belong to (the refusal names it), and their parser defaults; each family
+# takes the ones in its ``flag_defaults`` (flow-matching families also take the density's parameters).
+FAMILY_FLAGS = {"weighting_scheme": ("flow-matching flags (SD3, Flux)", None),
+                "logit_mean": ("flow-matching flags (SD3, Flux)", 0.0),
+                "logit_std": ("flow-matching flags (SD3, Flux)", 1.0),
+                "mode_scale": ("flow-matching flags (SD3, Flux)", 1.29),
+                "max_sequence_length": ("flow-matching flags (SD3, Flux)", None),
+                "precondition_outputs": ("SD3's flag (upstream's Flux script trains the velocity against noise - "
+                                         "latents, unpreconditioned)", None),
+                "guidance_scale": ("Flux's flag (the guidance input of a guidance-distilled transformer)", None)}
+DENSITY_FLAGS = ("logit_mean", "logit_std", "mode_scale")
+
+
+def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusionFamily]) -> None:
+    """Flags that only some kinds of model have, checked once the base model's family is known (before its
+    weights load): another family's flag given is refused in one sentence; the family's own are filled with its
+    defaults (its LoRA targets, SD3's logit-normal density, Flux's uniform one and guidance 3.5, T5's length)."""
+    if family.flow_matching and args.snr_gamma is not None:
+        raise dt.ConfigError("--snr_gamma (Min-SNR) is for DDPM models; flow-matching models (SD3, Flux) weight "
+                             "the loss with --weighting_scheme.")
+    accepted = set(family.flag_defaults) | (set(DENSITY_FLAGS) if family.flow_matching else set())
+    foreign: dict[str, list[str]] = {}
+    for name, (owner, default) in FAMILY_FLAGS.items():
+        if name not in accepted and getattr(args, name) != default:
+            foreign.setdefault(owner, []).append(f"--{name}")
+    if foreign:
+        named = "; ".join(", ".join(flags) + f": {owner}" for owner, flags in foreign.items())
+        kind = "" if family.flow_matching else " (DDPM)"
+        raise dt.ConfigError(f"{named}, and {args.pretrained_model_name_or_path} is a {family.name} model{kind}.")
+    for name, default in family.flag_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if family.flow_matching and not 1 <= args.max_sequence_length <= 512:
+        raise dt.ConfigError(f"--max_sequence_length must be 1..512 (the {family.name} pipeline's limit), got "
+                             f"{args.max_sequence_length}.")
+    if family.flow_matching and not args.logit_std > 0:
+        raise dt.ConfigError(f"--logit_std must be > 0, got {args.logit_std}.")
     args.lora_target_modules = args.lora_target_modules or family.lora_target_modules
 
 
@@ -428,15 +467,19 @@ def main(args: argparse.Namespace) -> None:
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- Models -------------------------------------------------------------------------------
+    check_family_flags(args, base_family(args)[1])  # before the weights load (FLUX.1-dev's are ~34 GB)
     pipeline, family = load_base_pipeline(args)
     denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
-    check_family_flags(args, family)
     scheduler_class = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
     noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    args.resolution = args.resolution or denoiser.config.sample_size * vae_scale
-    if args.resolution % vae_scale:
-        raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {vae_scale}.")
+    args.resolution = args.resolution or family.default_resolution or denoiser.config.sample_size * vae_scale
+    if args.resolution % (vae_scale * family.latent_patch):
+        why = f"the VAE's downsampling {vae_scale}"
+        if family.latent_patch > 1:
+            why += f" times {family.name}'s {family.latent_patch}x{family.latent_patch} latent packing"
+        raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of {vae_scale * family.latent_patch}: "
+                             f"{why}.")
     # The bank's identity: the weights as loaded (before any cast, so every precision shares one bank).
     fingerprint = dt.model_fingerprint(denoiser) if args.with_prior_preservation else None
     vae_fingerprint = dt.model_fingerprint(vae) if args.with_prior_preservation else None
@@ -470,7 +513,7 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Class samples: the knowledge bank (the frozen base model's own samples of --class_prompt) ------
     bank, bank_dir = None, args.knowledge_bank_dir
-    latent_shape = [denoiser.config.in_channels] + [args.resolution // vae_scale] * 2
+    latent_shape = [vae.config.latent_channels] + [args.resolution // vae_scale] * 2  # unpacked (Flux packs 2x2)
     if args.with_prior_preservation:
         if os.path.isdir(bank_dir) and not os.path.exists(os.path.join(bank_dir, dt.MANIFEST_NAME)) and any(
                 f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) for f in os.listdir(bank_dir)):
@@ -479,9 +522,10 @@ def main(args: argparse.Namespace) -> None:
                                  "a new folder.")
         call_defaults = inspect.signature(type(pipeline).__call__).parameters
         guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
-        sample_fn = lambda batch, gen: pipeline(  # noqa: E731
+        sample_fn = lambda batch, gen: family.sampled_latents(pipeline(  # noqa: E731
             batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
-            num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images
+            num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images,
+            args.resolution)
         _, bank = tp.set_up_knowledge_bank(
             args, accelerator, bank_dir=bank_dir, sample_fn=sample_fn, conditions=[args.class_prompt] *
             args.num_class_images, build_batch_size=args.sample_batch_size, vae=vae, fingerprint=fingerprint,

@@ -9,8 +9,8 @@ What it does, with no Hub access:
 
 1. builds random-init models of real size from configs and saves them as pipelines: DiT-XL/2-256 with an
    SD-style VAE (a ``DiTPipeline``), and an SD-1.5-shaped UNet + VAE + a CLIP-L-shaped text encoder with
-   an offline tokenizer (a ``StableDiffusionPipeline``), and an SDXL-base-shaped pipeline (UNet, VAE, CLIP-L and
-   bigG-shaped text encoders, saved in bf16) for the DreamBooth LoRA script;
+   an offline tokenizer (a ``StableDiffusionPipeline``), and SDXL-base, SD3-medium and FLUX.1-dev-shaped pipelines
+   (saved in bf16) for the DreamBooth LoRA script;
 2. writes generated datasets large enough that epochs do not dominate: 2,048 class-labelled 256 px images
    for DiT, 1,024 (image, condition, caption) triples at 512 px for ControlNet, 8 subject images for DreamBooth;
 3. runs the scripts for ``--steps`` steps, standard vs Diff-Tuning, in bf16 and fp16, with and without
@@ -64,17 +64,22 @@ RUNS = {
     "dreambooth-sd3-prior-bf16": ("dreambooth-sd3", "bf16", True, ["--with_prior_preservation"]),
     "dreambooth-sd3-difftuning-bf16": ("dreambooth-sd3", "bf16", True, ["--with_prior_preservation",
                                                                         "--difftuning"]),
+    # FLUX.1-dev-shaped: the full 12B transformer (guidance input, 19 + 38 blocks), upstream's LoRA targets and
+    # 512 px (upstream's default resolution: at 1024 px the activations of 4 rows would not fit beside it)
+    "dreambooth-flux-prior-bf16": ("dreambooth-flux", "bf16", True, ["--with_prior_preservation"]),
+    "dreambooth-flux-difftuning-bf16": ("dreambooth-flux", "bf16", True, ["--with_prior_preservation",
+                                                                          "--difftuning"]),
 }
 SIZES = {  # dataset size, image resolution, global batch (DreamBooth: subject images; as many class samples join)
     "real": {"dit": (2048, 256, 32), "controlnet": (1024, 512, 8), "dreambooth-sd": (8, 512, 4),
-             "dreambooth-sdxl": (8, 1024, 2), "dreambooth-sd3": (8, 1024, 2)},
+             "dreambooth-sdxl": (8, 1024, 2), "dreambooth-sd3": (8, 1024, 2), "dreambooth-flux": (8, 512, 2)},
     "tiny": {"dit": (48, 32, 8), "controlnet": (24, 32, 4), "dreambooth-sd": (8, 32, 2), "dreambooth-sdxl": (8, 32, 2),
-             "dreambooth-sd3": (8, 32, 2)},
+             "dreambooth-sd3": (8, 32, 2), "dreambooth-flux": (8, 32, 2)},
 }
 DREAMBOOTH_SCRIPT = "train_dreambooth_lora_difftuning.py"
 SCRIPTS = {"dit": "train_dit_difftuning.py", "controlnet": "train_controlnet_difftuning.py",
            "dreambooth-sd": DREAMBOOTH_SCRIPT, "dreambooth-sdxl": DREAMBOOTH_SCRIPT,
-           "dreambooth-sd3": DREAMBOOTH_SCRIPT}
+           "dreambooth-sd3": DREAMBOOTH_SCRIPT, "dreambooth-flux": DREAMBOOTH_SCRIPT}
 
 
 def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[str, str]:
@@ -83,18 +88,21 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
 
     paths = {"dit": os.path.join(folder, "dit-pipeline"), "controlnet": os.path.join(folder, "sd-pipeline"),
              "dreambooth-sdxl": os.path.join(folder, "sdxl-pipeline"),
-             "dreambooth-sd3": os.path.join(folder, "sd3-pipeline")}
+             "dreambooth-sd3": os.path.join(folder, "sd3-pipeline"),
+             "dreambooth-flux": os.path.join(folder, "flux-pipeline")}
     paths["dreambooth-sd"] = paths["controlnet"]
     if size == "tiny":
         from benchmark.tiny_models import (
             make_tiny_dit_pipeline,
+            make_tiny_flux_pipeline,
             make_tiny_sd3_pipeline,
             make_tiny_sd_pipeline,
             make_tiny_sdxl_pipeline,
         )
 
         for kind, make in (("dit", make_tiny_dit_pipeline), ("controlnet", make_tiny_sd_pipeline),
-                           ("dreambooth-sdxl", make_tiny_sdxl_pipeline), ("dreambooth-sd3", make_tiny_sd3_pipeline)):
+                           ("dreambooth-sdxl", make_tiny_sdxl_pipeline), ("dreambooth-sd3", make_tiny_sd3_pipeline),
+                           ("dreambooth-flux", make_tiny_flux_pipeline)):
             if not os.path.exists(os.path.join(paths[kind], "model_index.json")):
                 make(paths[kind])
         return paths
@@ -142,6 +150,8 @@ def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[s
         build_sdxl(paths["dreambooth-sdxl"], tokenizer_dir, device)
     if "dreambooth-sd3" in kinds and not os.path.exists(os.path.join(paths["dreambooth-sd3"], "model_index.json")):
         build_sd3(paths["dreambooth-sd3"], tokenizer_dir, device)
+    if "dreambooth-flux" in kinds and not os.path.exists(os.path.join(paths["dreambooth-flux"], "model_index.json")):
+        build_flux(paths["dreambooth-flux"], tokenizer_dir, device)
     return paths
 
 
@@ -179,6 +189,42 @@ def build_sd3(path: str, tokenizer_dir: str, device: str) -> None:
     pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler,
                                     text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                                     tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.to(torch.bfloat16).save_pretrained(path)
+
+
+def build_flux(path: str, tokenizer_dir: str, device: str) -> None:
+    """A FLUX.1-dev-shaped pipeline with random weights, saved in bf16 (~25 GB): the 12B transformer as released
+    (19 double- and 38 single-stream blocks, guidance input), its 16-channel VAE and scheduler, a CLIP-L-shaped
+    encoder, and a T5 of T5-XXL's width (4096, the transformer's text input) but 2 of its 24 layers. T5 is frozen
+    and the prompts are encoded once, so its depth costs only loading time and disk (9 GB more at full depth), not
+    training speed or memory; the prompts keep upstream's 512 T5 tokens."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    from benchmark.tiny_models import write_t5_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    t5_dir = os.path.join(os.path.dirname(path), "t5-tokenizer")
+    words = (*COLOURS, *SHAPES, "a", "sks", "on", "grey", "background")
+    tokenizer_2 = T5Tokenizer.from_pretrained(write_t5_tokenizer(t5_dir, words))
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16)  # the defaults: FLUX.1's
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.1159, scaling_factor=0.3611)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer)))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.to(torch.bfloat16).save_pretrained(path)
 
 
@@ -231,7 +277,8 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
     paths = {"dit": os.path.join(folder, "dit-data"), "controlnet": os.path.join(folder, "controlnet-data"),
              "dreambooth-sd": os.path.join(folder, "subject-sd"),
              "dreambooth-sdxl": os.path.join(folder, "subject-sdxl"),
-             "dreambooth-sd3": os.path.join(folder, "subject-sd3")}
+             "dreambooth-sd3": os.path.join(folder, "subject-sd3"),
+             "dreambooth-flux": os.path.join(folder, "subject-flux")}
     rng = np.random.default_rng(0)
     rgb = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
            "purple": (140, 50, 200), "orange": (240, 140, 30), "white": (250, 250, 250), "black": (10, 10, 10)}
@@ -266,7 +313,7 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
                 f.write(json.dumps({"file_name": f"images/{i:05d}.png", "text": caption(i),
                                     "conditioning_image_file_name": f"conditioning_images/{i:05d}.png"}) + "\n")
         os.replace(tmp, paths["controlnet"])
-    for kind in ("dreambooth-sd", "dreambooth-sdxl", "dreambooth-sd3"):  # one subject: a red circle, in places
+    for kind in ("dreambooth-sd", "dreambooth-sdxl", "dreambooth-sd3", "dreambooth-flux"):  # a red circle, in places
         if not os.path.isdir(paths[kind]):
             n, res, _ = SIZES[size][kind]
             os.makedirs(paths[kind] + ".tmp")

@@ -245,6 +245,62 @@ def make_tiny_sd3_pipeline(path: str, seed: int = 0) -> str:
     return path
 
 
+def write_t5_tokenizer(path: str, words: tuple[str, ...] = ("a", "red", "square", "circle", "photo", "of", "sks",
+                                                           "dog", "cat")) -> str:
+    """An offline T5 tokenizer (T5's Unigram model and special tokens, what transformers builds from an spiece
+    file): every printable ASCII character, alone and word-initial, and ``words`` as single word-initial pieces.
+    Loads with ``T5Tokenizer.from_pretrained`` and round-trips through a pipeline's ``save_pretrained``."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    # ids 0, 1, 2 as in T5; U+2581 is SentencePiece's word-start mark
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in chars] + [("\u2581" + c, -5.5) for c in chars]
+    pieces += [("\u2581" + w, -1.0) for w in words if len(w) > 1]
+    T5Tokenizer(vocab=pieces, extra_ids=0).save_pretrained(path)
+    return path
+
+
+def make_tiny_flux_pipeline(path: str, seed: int = 0) -> str:
+    """A FluxPipeline folder shaped like diffusers' own Flux tests: a 1+1-layer Flux transformer with the guidance
+    input (FLUX.1-dev's kind), an 8x VAE like Flux's, with its 16 latent channels, shift and scale and no quant
+    convs (32 px <-> 4x4 latents <-> 4 packed tokens; resolutions must be multiples of 16, as Flux's), a CLIP text
+    encoder, a T5 encoder with an offline tokenizer, and FLUX.1-dev's scheduler settings (shift by resolution when
+    sampling, none in training)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(os.path.join(tmp, "clip")),
+                                                  model_max_length=77)
+        tokenizer_2 = T5Tokenizer.from_pretrained(write_t5_tokenizer(os.path.join(tmp, "t5")))
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu"))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                             eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def make_subject_folder(path: str, n: int = 4, size: int = 40, seed: int = 0) -> str:
     """DreamBooth's instance folder: ``n`` images of one subject (a red square with a blue dot, jittered)."""
     from PIL import ImageDraw

@@ -11,7 +11,12 @@ import sys
 import pytest
 import torch
 
-from benchmark.tiny_models import make_image_folder, make_tiny_dit_pipeline, make_tiny_sd_pipeline
+from benchmark.tiny_models import (
+    make_image_folder,
+    make_tiny_dit_pipeline,
+    make_tiny_flux_pipeline,
+    make_tiny_sd_pipeline,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +34,12 @@ def tiny_dit(tmp_path_factory) -> str:
 def tiny_sd(tmp_path_factory) -> str:
     """A tiny StableDiffusionPipeline folder (ControlNet and DreamBooth tests)."""
     return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    """A tiny FluxPipeline folder with the guidance input, CLIP and T5 (DreamBooth tests)."""
+    return make_tiny_flux_pipeline(str(tmp_path_factory.mktemp("tiny-flux")))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Tests of train_dreambooth_lora_difftuning.py: the real script on tiny SD and SDXL pipelines built offline."""
+"""Tests of train_dreambooth_lora_difftuning.py: the real script on tiny SD, SDXL, SD3 and Flux pipelines built
+offline."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def unet_output(pipe) -> torch.Tensor:
     family = mf.family_class(type(pipe).__name__)(pipe)
     with torch.no_grad():
         prompts = family.encode(family.tokenize(["a red square"]))
-        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
         ids = mf.time_ids((32, 32), (0, 0), 32)[None]
         return family.predict(getattr(pipe, family.denoiser_name), x, torch.tensor([500]), prompts, ids,
                               torch.float32)
@@ -81,26 +82,34 @@ def unet_output(pipe) -> torch.Tensor:
     pytest.param("sd3", ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle",
                          "--train_text_encoder", "--validation_prompt", "a red square", "--validation_steps", "2"],
                  id="sd3-difftuning-text-encoder"),
+    pytest.param("flux", ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle",
+                          "--train_text_encoder", "--cache_latents", "--center_crop", "--random_flip",
+                          "--validation_prompt", "a red square", "--validation_steps", "2"],
+                 id="flux-difftuning-text-encoder-cached"),
 ])
-def test_train_save_load_lora(tiny_sd, tiny_sdxl, tiny_sd3, subject, tmp_path, model, extra):
+def test_train_save_load_lora(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, subject, tmp_path, model, extra):
     """The saved LoRA is diffusers' format: load_lora_weights puts every tensor of it into the pipeline (UNet and,
     when trained, the text encoders) and changes what the UNet predicts; the card names no local path."""
     from peft.utils import get_peft_model_state_dict
 
-    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[model]
+    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[model]
     out = str(tmp_path / "out")
     run_script(SCRIPT, base_args(base_model, subject, out) + extra)
     saved = load_file(os.path.join(out, LORA_FILE))
     assert load_file(os.path.join(out, "checkpoint-4", LORA_FILE)).keys() == saved.keys()
     pipe, base = load_with_lora(base_model, out)
-    denoiser = "transformer" if model == "sd3" else "unet"
+    denoiser = "transformer" if model in ("sd3", "flux") else "unet"
     denoiser_keys = [k for k in saved if k.startswith(f"{denoiser}.")]
     def loaded(model) -> int:  # LoRA tensors load_lora_weights put into the model (adapter "default_0")
         return len(get_peft_model_state_dict(model, adapter_name=next(iter(model.peft_config))))
 
     assert denoiser_keys and loaded(getattr(pipe, denoiser)) == len(denoiser_keys)
-    if model == "sd3":  # upstream's targets: both attention streams
+    if model in ("sd3", "flux"):  # upstream's targets: both attention streams
         assert any(".attn.add_q_proj." in k for k in denoiser_keys) and any(".attn.to_q." in k for k in denoiser_keys)
+    if model == "flux":  # and Flux's feed-forward layers, in the single-stream blocks too; LoRA on CLIP only
+        assert any(".ff_context.net.2." in k for k in denoiser_keys)
+        assert any(k.startswith("transformer.single_transformer_blocks.") for k in denoiser_keys)
+        assert not any(k.startswith("text_encoder_2.") for k in saved)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if model in ("sdxl", "sd3") else [])
     if "--train_text_encoder" in extra:
         for encoder, name in zip(encoders, ("text_encoder.", "text_encoder_2."), strict=False):
@@ -126,12 +135,12 @@ def test_half_precision_base_model(tiny_sdxl, subject, tmp_path):
     assert os.path.exists(os.path.join(out, LORA_FILE)) and os.path.exists(os.path.join(out, "README.md"))
 
 
-@pytest.mark.parametrize("model", ["sd", "sd3"])
-def test_resume_equals_straight_run(tiny_sd, tiny_sd3, subject, tmp_path, model):
+@pytest.mark.parametrize("model", ["sd", "sd3", "flux"])
+def test_resume_equals_straight_run(tiny_sd, tiny_sd3, tiny_flux, subject, tmp_path, model):
     """Stopped at step 2 and resumed gives bit-identical LoRA weights (bank replay, text-encoder LoRA)."""
-    tiny_sd = {"sd": tiny_sd, "sd3": tiny_sd3}[model]
+    tiny_sd = {"sd": tiny_sd, "sd3": tiny_sd3, "flux": tiny_flux}[model]
     args = ["--difftuning", "--with_prior_preservation", "--class_prompt", "a circle", "--train_text_encoder",
-            "--class_data_dir", str(tmp_path / "bank")]
+            "--class_data_dir", str(tmp_path / "bank")] + (["--max_sequence_length", "32"] if model == "flux" else [])
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_script(SCRIPT, base_args(tiny_sd, subject, straight) + args)
     os.makedirs(resumed)
@@ -390,13 +399,97 @@ def test_sd3_prior_preservation_loss_matches_diffusers(tiny_sd3, weighting_schem
     assert torch.allclose(loss, per_row[:2].mean() + 0.7 * per_row[2:].mean(), rtol=1e-4)
 
 
-def test_family_flags_refused_on_the_other_family(tiny_sd, tiny_sd3, subject, tmp_path):
-    """Flow-matching flags on a DDPM model, and Min-SNR on a flow-matching one: one sentence, nothing written."""
+@pytest.mark.parametrize("weighting_scheme", ["none", "cosmap"])
+def test_flux_prior_preservation_loss_matches_diffusers(tiny_flux, monkeypatch, weighting_scheme):
+    """Flux without --difftuning is diffusers' train_dreambooth_lora_flux.py loss on the same batch: the prompts as
+    the pipeline encodes them (T5's hidden states, CLIP's pooled output, zero text ids), x_sigma from the scheduler's
+    unshifted table packed 2x2 with its image ids, timestep = t / 1000, guidance 3.5, the prediction unpacked and
+    compared with noise - latents, --weighting_scheme's loss weights, instance + prior_loss_weight * prior."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    from train_dreambooth_lora_difftuning import DreamBoothStep
+
+    pipe = load_pipeline(tiny_flux)
+    family = mf.FluxFamily(pipe, max_sequence_length=16)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert torch.allclose(scheduler.sigmas, torch.arange(1000, 0, -1) / 1000)  # dynamic shifting: none at training
+    instance = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(4))  # 32 px through an 8x VAE
+    class_latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+    bank = dt.KnowledgeBank(class_latents, ["a circle"] * 2, {}, torch.stack([class_latents, class_latents], 1),
+                            torch.zeros(2, 2, 16, 4, 4))
+    prompt_ids = family.tokenize(["a red square", "a circle"])
+    with torch.no_grad():
+        table = family.encode(prompt_ids)
+    base = dt.flow_base_probs(len(scheduler.sigmas), weighting_scheme)
+    step = DreamBoothStep(family=family, denoiser=pipe.transformer, vae=None, noise_scheduler=scheduler,
+                          psi=dt.FlowTimestepSampler(scheduler.sigmas, base, 0.0, "adaptation"),
+                          xi=dt.FlowTimestepSampler(scheduler.sigmas, base, 0.0, "retention"),
+                          weighting_scheme=weighting_scheme, precondition_outputs=False, prompt_ids=prompt_ids,
+                          prompt_table=table, prior_loss_weight=0.7, snr_gamma=None, weight_dtype=torch.float32,
+                          bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
+                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+    seen: dict = {}
+    handle = pipe.transformer.register_forward_hook(lambda _m, _a, kw, out: seen.update(kw, pred=out[0]),
+                                                    with_kwargs=True)
+    step_rng, draws = tp.StepGenerator(3, 0), []
+    randn = step_rng.randn
+    monkeypatch.setattr(step_rng, "randn", lambda *a, **kw: draws.append(randn(*a, **kw)) or draws[-1])
+    batch = {"latent_mean": instance, "latent_std": torch.zeros_like(instance), "prompt_rows": torch.tensor([0, 0]),
+             "time_ids": mf.time_ids((32, 32), (0, 0), 32).expand(2, -1)}
+    with torch.no_grad():
+        loss, _ = step.loss(batch, step_rng)
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(["a red square"] * 2 + ["a circle"] * 2,
+                                                             max_sequence_length=16)
+    handle.remove()
+    # upstream's step, by hand, on the same latents, noise and timesteps
+    x, noise = torch.cat([instance, class_latents]), draws[-1]  # the step's last draw is the noise
+    entries = (scheduler.timesteps[:, None] - seen["timestep"] * 1000).abs().argmin(0)
+    assert torch.allclose(seen["timestep"], scheduler.timesteps[entries] / 1000)
+    sigmas = scheduler.sigmas[entries].view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * x + sigmas * noise
+    assert torch.allclose(seen["hidden_states"], FluxPipeline._pack_latents(noisy, 4, 16, 4, 4))
+    assert torch.equal(seen["img_ids"], FluxPipeline._prepare_latent_image_ids(4, 2, 2, "cpu", torch.float32))
+    assert torch.equal(seen["txt_ids"], text_ids) and torch.equal(seen["guidance"], torch.full((4,), 3.5))
+    assert torch.allclose(seen["encoder_hidden_states"], prompt_embeds)
+    assert torch.allclose(seen["pooled_projections"], pooled)
+    vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    model_pred = FluxPipeline._unpack_latents(seen["pred"], 4 * vae_scale_factor, 4 * vae_scale_factor,
+                                              vae_scale_factor)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+    per_row = (weighting.float() * (model_pred.float() - (noise - x).float()) ** 2).reshape(4, -1).mean(1)
+    assert torch.allclose(loss, per_row[:2].mean() + 0.7 * per_row[2:].mean(), rtol=1e-5)
+
+
+def test_family_flags_refused_on_the_other_family(tiny_sd, tiny_sd3, tiny_flux, subject, tmp_path):
+    """Another family's flags are refused in one sentence before anything is written (or loaded): flow-matching flags
+    on a DDPM model, Min-SNR on a flow-matching one, Flux's guidance on SD3, SD3's preconditioning on Flux, and a Flux
+    resolution its 2x2 latent packing cannot cut."""
     import train_dreambooth_lora_difftuning as script
 
-    for model, flags, words in ((tiny_sd, ["--weighting_scheme", "mode"], "--weighting_scheme: flow-matching flags"),
-                                (tiny_sd3, ["--snr_gamma", "5"], "--snr_gamma (Min-SNR) is for DDPM models")):
+    for model, flags, words in (
+            (tiny_sd, ["--weighting_scheme", "mode"], "--weighting_scheme: flow-matching flags"),
+            (tiny_sd3, ["--snr_gamma", "5"], "--snr_gamma (Min-SNR) is for DDPM models"),
+            (tiny_sd3, ["--guidance_scale", "3.5"], "--guidance_scale: Flux's flag"),
+            (tiny_sd, ["--guidance_scale", "2"], "--guidance_scale: Flux's flag"),
+            (tiny_flux, ["--precondition_outputs", "1"], "--precondition_outputs: SD3's flag"),
+            (tiny_flux, ["--snr_gamma", "5"], "--snr_gamma (Min-SNR) is for DDPM models"),
+            (tiny_flux, ["--resolution", "40"], "--resolution 40 is not a multiple of 16")):
         out = str(tmp_path / "out")
         with pytest.raises(dt.ConfigError, match=re.escape(words)):
             script.main(script.parse_args(base_args(model, subject, out) + flags))
         assert not os.path.exists(out)
+
+
+def test_family_defaults_follow_upstream(subject, tmp_path):
+    """Unset family flags take each upstream script's default: SD3 logit-normal, preconditioned, 77 T5 tokens; Flux
+    uniform, not preconditioned, 512 T5 tokens, guidance 3.5, upstream's twelve LoRA targets."""
+    from train_dreambooth_lora_difftuning import check_family_flags, parse_args
+
+    for family, expected in ((mf.StableDiffusion3Family, ("logit_normal", 1, 77, None)),
+                             (mf.FluxFamily, ("none", None, 512, 3.5))):
+        args = parse_args(base_args("unused-model", subject, str(tmp_path / "out")))
+        check_family_flags(args, family)
+        assert (args.weighting_scheme, args.precondition_outputs, args.max_sequence_length,
+                args.guidance_scale) == expected
+    assert len(args.lora_target_modules.split(",")) == 12 and "ff_context.net.0.proj" in args.lora_target_modules
