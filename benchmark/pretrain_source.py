@@ -63,7 +63,7 @@ NULL_CLASS_ID = 1000  # DiTPipeline hard-codes the null (unconditional) label as
 # Defaults per --source. fashion_mnist's are those that made the shipped benchmark/source_model.
 PRESETS: dict[str, dict] = {
     "fashion_mnist": dict(output_dir="benchmark/source_model", work_dir="benchmark/source_model_work",
-                          samples_path="benchmark/source_model_samples.png", vae_block_out_channels=[16, 32, 32],
+                          samples_path="docs/images/source_model_samples.png", vae_block_out_channels=[16, 32, 32],
                           vae_norm_num_groups=8, vae_steps=1000, vae_batch_size=64, kl_weight=1e-5, num_layers=4,
                           num_attention_heads=4, random_flip=False, latent_channels=4),
     "emoji": dict(output_dir="benchmark/emoji_source_model", work_dir="benchmark/emoji_source_model_work",
