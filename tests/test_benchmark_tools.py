@@ -11,6 +11,7 @@ import torch
 
 from benchmark import evaluate as ev
 from benchmark import overhead, run_benchmark
+from difftuning_common import ConfigError
 
 SPLITS = ("train", "classifier", "classifier_val", "reference")
 
@@ -360,3 +361,47 @@ def test_fashion_half_splits_are_disjoint_and_reference_is_held_out() -> None:
     assert "t-shirt-top" in evaluate.fashion_half_names("a")
     _, extra_labels = evaluate.fashion_wide_extra("b")
     assert extra_labels.unique().tolist() == [5, 6, 7, 8, 9]
+
+
+def _fake_runs(folder, arm: str, fids: list[tuple[float, float]]) -> None:
+    """Finished run_benchmark runs of one arm: (first-space, second-space) FID per seed, chosen and final alike."""
+    for seed, (first, second) in enumerate(fids):
+        run = folder / "runs" / f"{arm}-seed{seed}"
+        run.mkdir(parents=True)
+        scored = {"fid": first, "second_space": {"fid": second}}
+        curve = [{"step": step, "fid": first + 10 - step / 100, "second_fid": second + 10 - step / 100}
+                 for step in (200, 400)]
+        (run / "metrics.json").write_text(json.dumps({**scored, "early_stopped": {"step": 400, **scored},
+                                                      "val_curve": curve}))
+
+
+def test_decision_needs_both_spaces_to_agree(tmp_path, capsys) -> None:
+    """benchmark.decision: an arm lower in both spaces on every seed is better; lower in one space and higher in
+    the other is no difference; the table, JSON and plot are written."""
+    from benchmark import decision
+
+    plain = [(20.0, 40.0), (21.0, 41.0), (22.0, 39.0), (20.5, 40.5), (21.5, 41.5)]
+    _fake_runs(tmp_path, "standard", plain)
+    _fake_runs(tmp_path, "good", [(a - 2 - 0.1 * i, b - 3 - 0.1 * i) for i, (a, b) in enumerate(plain)])
+    _fake_runs(tmp_path, "split", [(a - 2 - 0.1 * i, b + 3 + 0.1 * i) for i, (a, b) in enumerate(plain)])
+    out = tmp_path / "decision"
+    decision.main(decision.parse_args([
+        "--baseline", "plain", "--arm", f"plain={tmp_path}:standard", "--arm", f"good={tmp_path}:good",
+        "--arm", f"split={tmp_path}:split", "--table", f"{out}.md", "--output_json", f"{out}.json",
+        "--plot", f"{out}.png"]))
+    rows = {line.split(" | ")[0].strip("| "): line for line in open(f"{out}.md") if line.startswith("| ")}
+    assert rows["good"].count("**better**") == 2 and "**" not in rows["split"]
+    assert "no difference" in rows["split"]
+    report = json.load(open(f"{out}.json"))
+    assert report["arms"]["good"]["tests"]["chosen"]["first"]["p"] < 0.05
+    assert os.path.getsize(f"{out}.png") > 0
+
+
+def test_decision_refuses_runs_without_a_curve(tmp_path) -> None:
+    from benchmark import decision
+
+    run = tmp_path / "runs" / "standard-seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"fid": 20.0}))
+    with pytest.raises(ConfigError, match="no validation curve.*--eval_every"):
+        decision.main(decision.parse_args(["--baseline", "plain", "--arm", f"plain={tmp_path}:standard"]))

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""The decision table of a Fashion-MNIST pair: every arm against the plain baseline, paired by seed, in both
+feature spaces, at the validation-chosen checkpoint and at the end of training; and FID against steps.
+
+Arms come from finished ``run_benchmark`` folders (``--arm NAME=OUTPUT_DIR:RUN_ARM``), so runs made with other
+learning rates or batch sizes in other folders are compared seed by seed with one baseline. A difference counts
+only where the paired t-test gives p < ``--alpha`` in *both* feature spaces with the same sign; otherwise the
+verdict is "no difference".
+
+    python -m benchmark.decision --baseline plain \\
+        --arm plain=outputs/fashion_a_to_b/decision_lr1e-4:standard \\
+        --arm psi_only=outputs/fashion_a_to_b/decision_lr1e-4:psi_only \\
+        --arm difftuning=outputs/fashion_a_to_b/decision_lr1e-4:difftuning \\
+        --table outputs/fashion_a_to_b/decision.md --plot docs/images/fashion_a_to_b_fid_vs_steps.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from difftuning_common import ConfigError, atomic_write_json
+from training_plumbing import run_cli
+
+SPACES = ("first", "second")  # the five-class target CNN; the ten-class CNN (other data, other weights)
+WHEN = {"chosen": "at the validation-chosen checkpoint", "final": "at the end of training"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arm", action="append", required=True, metavar="NAME=OUTPUT_DIR:RUN_ARM",
+                        help="An arm of the table: the runs <OUTPUT_DIR>/runs/<RUN_ARM>-seed<N>. Repeat per arm.")
+    parser.add_argument("--baseline", required=True, help="The arm every other arm is compared with.")
+    parser.add_argument("--alpha", type=float, default=0.05, help="Significance level of the paired t-tests.")
+    parser.add_argument("--table", default=None, help="Write the markdown table here too.")
+    parser.add_argument("--output_json", default=None, help="Per-seed numbers and the tests, as JSON.")
+    parser.add_argument("--plot", default=None, help="PNG of validation FID against steps (both spaces).")
+    args = parser.parse_args(argv)
+    arms = {}
+    for spec in args.arm:
+        name, sep, where = spec.partition("=")
+        folder, sep2, run_arm = where.rpartition(":")
+        if not (sep and sep2 and name and run_arm):
+            parser.error(f"--arm {spec}: expected NAME=OUTPUT_DIR:RUN_ARM.")
+        arms[name] = (folder, run_arm)
+    if args.baseline not in arms:
+        parser.error(f"--baseline {args.baseline} is not one of the --arm names ({', '.join(arms)}).")
+    args.arms = arms
+    return args
+
+
+def load_arm(folder: str, run_arm: str) -> dict[int, dict]:
+    """{seed: metrics.json} of the finished runs of one arm; they must have been scored along their length."""
+    runs = os.path.join(folder, "runs")
+    found = {}
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        seed = name[len(run_arm) + len("-seed"):]
+        path = os.path.join(runs, name, "metrics.json")
+        if name.startswith(f"{run_arm}-seed") and seed.isdigit() and os.path.exists(path):
+            metrics = json.load(open(path))
+            if "early_stopped" not in metrics:
+                raise ConfigError(f"{path} has no validation curve: run the benchmark with --eval_every.")
+            found[int(seed)] = metrics
+    if not found:
+        raise ConfigError(f"No finished {run_arm} run in {runs}.")
+    return found
+
+
+def fid(metrics: dict, when: str, space: str) -> float:
+    scored = metrics["early_stopped"] if when == "chosen" else metrics
+    return scored["fid"] if space == "first" else scored["second_space"]["fid"]
+
+
+def paired_test(arm: dict[int, dict], base: dict[int, dict], when: str, space: str) -> dict:
+    """Relative FID change of ``arm`` against ``base`` per shared seed, its mean and the paired t-test."""
+    from scipy import stats
+
+    seeds = sorted(set(arm) & set(base))
+    a, b = [fid(arm[s], when, space) for s in seeds], [fid(base[s], when, space) for s in seeds]
+    change = [100 * (x - y) / y for x, y in zip(a, b, strict=True)]
+    p = float(stats.ttest_rel(a, b).pvalue) if len(seeds) > 1 else float("nan")
+    return {"seeds": seeds, "change_percent": change, "mean_change_percent": statistics.mean(change), "p": p}
+
+
+def verdict(tests: dict[str, dict], alpha: float) -> str:
+    """better / worse only where both spaces agree in sign and both are significant."""
+    signs = {t["mean_change_percent"] < 0 for t in tests.values()}
+    if len(signs) == 1 and all(t["p"] < alpha for t in tests.values()):
+        return "**better**" if signs.pop() else "**worse**"
+    return "no difference"
+
+
+def summarize(arms: dict[str, dict[int, dict]], baseline: str, alpha: float) -> tuple[str, dict]:
+    def fmt(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else \
+            f"{values[0]:.2f}"
+
+    lines = ["| arm | seeds | chosen step | FID, chosen (second space) | FID at the end (second space) | "
+             f"vs {baseline}, chosen: first / second space (p) | verdict | vs {baseline}, end (p) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    report = {}
+    for name, runs in arms.items():
+        seeds = sorted(runs)
+        cells = [name, str(len(seeds)), ", ".join(str(runs[s]["early_stopped"]["step"]) for s in seeds)]
+        for when in WHEN:
+            cells.append(f"{fmt([fid(runs[s], when, 'first') for s in seeds])} "
+                         f"({fmt([fid(runs[s], when, 'second') for s in seeds])})")
+        report[name] = {"seeds": seeds, "tests": {}}
+        for when in WHEN:
+            if name == baseline:
+                cells += ["—", "—"]
+                continue
+            tests = {space: paired_test(runs, arms[baseline], when, space) for space in SPACES}
+            report[name]["tests"][when] = tests
+            cells.append(" / ".join(f"{t['mean_change_percent']:+.1f}% (p {t['p']:.3f})" for t in tests.values()))
+            cells.append(verdict(tests, alpha))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = (f"\nFID against the 2,000-image reference (1,000 samples). Changes are paired by seed (same seeds, same "
+             f"sampling noise); p: paired t-test. A verdict needs p < {alpha} in both feature spaces with one sign. "
+             "Chosen step: the checkpoint with the lowest validation FID (first space, 500 samples on the validation "
+             "split), per seed.\n")
+    return "\n".join(lines) + "\n" + notes, report
+
+
+def plot_curves(arms: dict[str, dict[int, dict]], path: str) -> None:
+    """Validation FID against steps, mean over seeds with the seeds' range shaded, one panel per space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (space, key) in zip(axes, (("first", "fid"), ("second", "second_fid")), strict=True):
+        for name, runs in arms.items():
+            steps = sorted({point["step"] for m in runs.values() for point in m["val_curve"]})
+            by_step = [[p[key] for m in runs.values() for p in m["val_curve"] if p["step"] == s] for s in steps]
+            ax.plot(steps, [statistics.mean(v) for v in by_step], marker="o", markersize=3, label=name)
+            ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], alpha=0.15)
+        ax.set_title(f"{space} feature space (validation split)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("FID ↓")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png", dpi=120)
+    os.replace(f"{path}.tmp.png", path)
+
+
+def main(args: argparse.Namespace) -> None:
+    arms = {name: load_arm(folder, run_arm) for name, (folder, run_arm) in args.arms.items()}
+    table, report = summarize(arms, args.baseline, args.alpha)
+    print(table)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(table)
+    if args.output_json:
+        atomic_write_json(args.output_json, {"baseline": args.baseline, "arms": {
+            name: {"source": "{}:{}".format(*args.arms[name]), **report[name],
+                   "fid": {when: {space: [fid(arms[name][s], when, space) for s in report[name]["seeds"]]
+                                  for space in SPACES} for when in WHEN}} for name in arms}})
+    if args.plot:
+        plot_curves(arms, args.plot)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
