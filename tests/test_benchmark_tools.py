@@ -309,6 +309,35 @@ def test_pretrain_source_refuses_unknown_groups_and_missing_vae(capsys):
     assert args.exclude_groups == ["animals-nature", "food-drink"] and args.max_train_steps == 20000
 
 
+def test_pretrain_text2image_sd_defaults_unchanged_and_family_flags_refused(capsys) -> None:
+    """--family sd (the default) keeps every flag that made the shipped emoji_text2image_model; sd3 has its own
+    defaults; a flag of the other family, or a CLIP length the DreamBooth script would not pad to, is refused."""
+    from benchmark import pretrain_text2image as p2
+
+    sd = vars(p2.parse_args(["--stage", "sample"]))  # no latents needed to sample
+    assert sd == {
+        "family": "sd", "output_dir": "benchmark/emoji_text2image_model", "work_dir": "benchmark/emoji_text2image_work",
+        "vae_work_dir": "benchmark/emoji_source_model_work", "vae_model": None,
+        "samples_path": "docs/images/emoji_text2image_samples.png", "stage": "sample", "seed": 0, "num_threads": 1,
+        "num_merges": 1500, "max_length": 32, "block_out_channels": [32, 64, 96], "transformer_layers": None,
+        "num_attention_heads": None, "attention_head_dim": None, "shift": None, "text_hidden_size": 64,
+        "text_layers": 3, "max_train_steps": 20000, "train_batch_size": 64, "learning_rate": 2e-4,
+        "lr_warmup_steps": 500, "max_grad_norm": 1.0, "ema_decay": 0.999, "caption_dropout_prob": 0.1,
+        "logging_steps": 250, "checkpointing_steps": 1000, "num_inference_steps": 50, "guidance_scale": 4.0,
+        "samples_per_prompt": 8}
+    sd3 = p2.parse_args(["--family", "sd3", "--stage", "sample"])
+    assert (sd3.output_dir, sd3.work_dir, sd3.samples_path) == (
+        "benchmark/emoji_sd3_model", "benchmark/emoji_sd3_work", "docs/images/emoji_sd3_samples.png")
+    assert (sd3.max_length, sd3.shift, sd3.vae_work_dir, sd3.block_out_channels) == (77, 1.0, None, None)
+    for argv, words in ((["--shift", "3"], "--shift is a flag of --family sd3, not sd"),
+                        (["--family", "sd3", "--vae_work_dir", "x"], "--vae_work_dir is a flag of --family sd"),
+                        (["--family", "sd3", "--max_length", "32"], "--max_length must be 77 for sd3"),
+                        (["--family", "sd3", "--vae_model", "/nonexistent"], "--vae_model /nonexistent")):
+        with pytest.raises(SystemExit) as exit_info:
+            p2.parse_args(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_run_benchmark_unpaired_baseline_refused_before_any_write(tmp_path) -> None:
     """--baseline_dir runs with other settings are refused before the sweep's folder is made or anything trains."""
     base = tmp_path / "plain"
