@@ -65,9 +65,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("pretrain_text2image")
 SAMPLE_PROMPTS = ("grinning face", "red heart", "dog face", "flag: Japan", "pizza", "rocket", "sun", "ghost",
                   "red apple", "snowman", "cat face", "blue circle")
-# SD3's prompt length: the DreamBooth script (as upstream's SD3 scripts) pads CLIP prompts to 77 tokens and puts
-# --max_sequence_length zeros (default 77) in T5's place; the pipeline pads CLIP to the tokenizer's length.
-SD3_TOKENS = mf.StableDiffusion3Family.flag_defaults["max_sequence_length"]
+# SD3's prompt lengths: the DreamBooth script (as upstream's SD3 scripts) pads CLIP prompts to 77 tokens (the
+# pipeline: to the tokenizer's length) and puts --max_sequence_length zeros (default 77) in T5's place.
+SD3_CLIP_TOKENS = 77
+SD3_T5_TOKENS = mf.StableDiffusion3Family.flag_defaults["max_sequence_length"]
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0  # upstream's logit-normal density of the training sigma
 # Flags of one family only: None in the other (and refused there when given). The parser's own defaults are
 # sd's, those that made the shipped benchmark/emoji_text2image_model; --family sd3 replaces these.
@@ -75,7 +76,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "sd": {},
     "sd3": dict(output_dir="benchmark/emoji_sd3_model", work_dir="benchmark/emoji_sd3_work",
                 samples_path="docs/images/emoji_sd3_samples.png", vae_work_dir=None, block_out_channels=None,
-                max_length=SD3_TOKENS, max_train_steps=3600, num_inference_steps=28,
+                max_length=SD3_CLIP_TOKENS, max_train_steps=3600, num_inference_steps=28,
                 vae_model="benchmark/emoji_source_model/vae", transformer_layers=4, num_attention_heads=4,
                 attention_head_dim=32, shift=1.0),
 }
@@ -145,9 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for flag in ("transformer_layers", "num_attention_heads", "attention_head_dim"):
             if getattr(args, flag) < 1:
                 p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-        if args.max_length != SD3_TOKENS:
-            p.error(f"--max_length must be {SD3_TOKENS} for sd3: the pipeline pads CLIP prompts to the tokenizer's "
-                    f"length and the DreamBooth script to {SD3_TOKENS}, so only then do they agree.")
+        if args.max_length != SD3_CLIP_TOKENS:
+            p.error(f"--max_length must be {SD3_CLIP_TOKENS} for sd3: the pipeline pads CLIP prompts to the "
+                    f"tokenizer's length and the DreamBooth script to {SD3_CLIP_TOKENS}, so only then do they agree.")
         if not args.shift > 0:
             p.error(f"--shift must be > 0, got {args.shift}.")
         if not os.path.isfile(os.path.join(args.vae_model, "config.json")) and args.stage != "sample":
@@ -278,7 +279,7 @@ def sd3_loss_fn(models: dict[str, torch.nn.Module], gen: torch.Generator, shift:
     transformer = models["transformer"]
     encoders = SimpleNamespace(text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"],
                                text_encoder_3=None, tokenizer=None, tokenizer_2=None, transformer=transformer)
-    family = mf.StableDiffusion3Family(encoders, max_sequence_length=SD3_TOKENS)
+    family = mf.StableDiffusion3Family(encoders, max_sequence_length=SD3_T5_TOKENS)
 
     def loss_fn(latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=gen)
@@ -408,7 +409,7 @@ def make_samples(args: argparse.Namespace) -> None:
     """A grid, one row per prompt of :data:`SAMPLE_PROMPTS`, to check the prompts are followed."""
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    extra = {} if args.family == "sd" else {"max_sequence_length": SD3_TOKENS}  # the zeros it was trained with
+    extra = {} if args.family == "sd" else {"max_sequence_length": SD3_T5_TOKENS}  # the zeros it was trained with
     t0, rows = time.time(), []
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         generator = torch.Generator().manual_seed(args.seed + i)
