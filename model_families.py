@@ -69,6 +69,12 @@ class StableDiffusionFamily:
         """The pipeline's ``output_type="latent"`` output as [B, C, h, w] latents (the knowledge bank's layout)."""
         return latents
 
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """Arguments of the pipeline's ``__call__`` that make it encode prompts as the loop does (the class
+        samples and validation images come from the pipeline)."""
+        return {}
+
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids [P, max_length] per tokenizer, padded as the model was trained."""
         return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -148,6 +154,11 @@ class StableDiffusion3Family(StableDiffusionFamily):
     def lora_text_encoders(self) -> list[torch.nn.Module]:
         return self.text_encoders[:2]
 
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """T5's length as the loop pads it (the pipeline's default is 256; without T5 it is the count of zeros)."""
+        return {"max_sequence_length": self.max_sequence_length}
+
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = [tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
                for tok in self.tokenizers[:2]]
@@ -220,6 +231,10 @@ class FluxFamily(StableDiffusionFamily):
     @property
     def lora_text_encoders(self) -> list[torch.nn.Module]:
         return self.text_encoders[:1]
+
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}  # the pipeline's default is 512
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         return [self.tokenizers[0](prompts, padding="max_length", max_length=77, truncation=True,

@@ -524,14 +524,15 @@ def main(args: argparse.Namespace) -> None:
         guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
         sample_fn = lambda batch, gen: family.sampled_latents(pipeline(  # noqa: E731
             batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
-            num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance).images,
-            args.resolution)
+            num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance,
+            **family.call_kwargs).images, args.resolution)
         _, bank = tp.set_up_knowledge_bank(
             args, accelerator, bank_dir=bank_dir, sample_fn=sample_fn, conditions=[args.class_prompt] *
             args.num_class_images, build_batch_size=args.sample_batch_size, vae=vae, fingerprint=fingerprint,
             vae_fingerprint=vae_fingerprint, scheduler_name=type(pipeline.scheduler).__name__, guidance_scale=guidance,
             latent_shape=latent_shape, rows_per_step=args.train_batch_size, random_flip=args.random_flip,
-            extra_identity={"resolution": args.resolution, "prompt": args.class_prompt}, autocast=False)
+            extra_identity={"resolution": args.resolution, "prompt": args.class_prompt, **family.call_kwargs},
+            autocast=False)
         for module in (denoiser, *text_encoders):
             tp.cast(module, accelerator.device, weight_dtype)
 
@@ -641,7 +642,7 @@ def main(args: argparse.Namespace) -> None:
                         tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path,
                                            identity=identity)
                     if args.validation_prompt and global_step % args.validation_steps == 0:
-                        run_validation(args, accelerator, pipeline, global_step)
+                        run_validation(args, accelerator, pipeline, global_step, family.call_kwargs)
             if global_step >= max_train_steps:
                 break
 
@@ -657,10 +658,11 @@ def main(args: argparse.Namespace) -> None:
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.
         final_dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32
-        final, _ = load_base_pipeline(args, torch_dtype=final_dtype)
+        final, final_family = load_base_pipeline(args, torch_dtype=final_dtype)
         final.load_lora_weights(args.output_dir)
         prompt = args.validation_prompt or args.instance_prompt
-        images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device)
+        images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device,
+                                 final_family.call_kwargs)
         tp.log_images(accelerator, images, [prompt] * len(images), global_step, tag="final")
         tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt, repo_id),
                            ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "diff-tuning",
@@ -677,8 +679,10 @@ def main(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device: torch.device) -> list:
-    """--num_validation_images samples of ``prompt`` with DPM-Solver++ (upstream's validation sampler)."""
+def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device: torch.device,
+                    call_kwargs: dict[str, Any]) -> list:
+    """--num_validation_images samples of ``prompt`` with DPM-Solver++ (upstream's validation sampler);
+    ``call_kwargs``: the family's, so the prompt is encoded as in training (SD3's and Flux's T5 length)."""
     from diffusers import DPMSolverMultistepScheduler
 
     training_scheduler = pipeline.scheduler
@@ -687,20 +691,21 @@ def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         images = [pipeline(prompt, num_inference_steps=args.validation_num_inference_steps, generator=generator,
-                           height=args.resolution, width=args.resolution).images[0]
+                           height=args.resolution, width=args.resolution, **call_kwargs).images[0]
                   for _ in range(args.num_validation_images)]
     pipeline.scheduler = training_scheduler
     return images
 
 
-def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, global_step: int) -> None:
+def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, global_step: int,
+                   call_kwargs: dict[str, Any]) -> None:
     """Sample --validation_prompt with the current LoRA (the pipeline holds the trained modules) and log it."""
     if not accelerator.is_main_process:
         return
     denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
     denoiser.eval()
     with accelerator.autocast():
-        images = generate_images(args, pipeline, args.validation_prompt, accelerator.device)
+        images = generate_images(args, pipeline, args.validation_prompt, accelerator.device, call_kwargs)
     tp.log_images(accelerator, images, [args.validation_prompt] * len(images), global_step)
     denoiser.train()
 

@@ -2,15 +2,18 @@
 """The DreamBooth miniature: does Diff-Tuning's timestep split beat diffusers' prior preservation?
 
 Base model: the tiny text-to-image model (benchmark/emoji_text2image_model, Twemoji + Noto Emoji with
-their CLDR names). Subject: OpenMoji's nine cat faces, a style the base never saw (black outlines, flat
-fills): five train the LoRA ("sks cat face"), two choose each run's checkpoint, two are the fidelity
-reference. Class prompt: "cat face", a 🐱 the base model draws in its own styles.
+their CLDR names), or its flow-matching counterpart (``--base_model benchmark/emoji_sd3_model``, SD3-shaped,
+made by ``pretrain_text2image.py --family sd3``), where Diff-Tuning's split is over sigma. Subject:
+OpenMoji's nine cat faces, a style the base never saw (black outlines, flat fills): five train the LoRA
+("sks cat face"), two choose each run's checkpoint, two are the fidelity reference. Class prompt: "cat
+face", a 🐱 the base model draws in its own styles.
 
 Every arm is one ``train_dreambooth_lora_difftuning.py`` run (the real script) with the same steps,
 batch, learning rate and seed, saving a LoRA checkpoint every ``--eval_every`` steps. Each checkpoint
-then samples, from the same initial noise in every arm (DPM-Solver++ is deterministic), K images of the
-subject prompt, of the class prompt and of each unrelated prompt. Metrics, in two feature spaces (the
-penultimate layers of the OpenMoji CNN and of the held-out emoji CNN; cosine similarity):
+then samples, from the same initial noise in every arm (DPM-Solver++ for SD, the pipeline's own Euler
+sampler for SD3: both deterministic), K images of the subject prompt, of the class prompt and of each
+unrelated prompt. Metrics, in two feature spaces (the penultimate layers of the OpenMoji CNN and of the
+held-out emoji CNN; cosine similarity):
 
 * ``fidelity``: subject samples against the two reference images (DreamBooth's DINO / CLIP-I role);
 * ``val_fidelity``: the same against the two validation images: it picks the checkpoint (early stopping);
@@ -23,6 +26,8 @@ penultimate layers of the OpenMoji CNN and of the held-out emoji CNN; cosine sim
 Arms are compared at their validation-chosen checkpoint, paired by seed (mean difference, paired t-test).
 
     python -m benchmark.dreambooth_benchmark --output_dir outputs/dreambooth --seeds 0 1 2 3 4
+    python -m benchmark.dreambooth_benchmark --base_model benchmark/emoji_sd3_model \
+        --output_dir outputs/dreambooth_sd3 --seeds 0 1 2 3 4
 
 Finished runs are reused (their settings are checked), so an interrupted benchmark continues.
 """
@@ -37,9 +42,10 @@ import statistics
 import numpy as np
 import torch
 
+import model_families as mf
 from benchmark import runner
 from benchmark.runner import ROOT
-from difftuning_common import atomic_write_json
+from difftuning_common import ConfigError, atomic_write_json
 from training_plumbing import run_cli
 
 INSTANCE_PROMPT, CLASS_PROMPT = "sks cat face", "cat face"
@@ -55,9 +61,15 @@ ARMS: dict[str, list[str]] = {
 BASELINES = ("prior", "plain")
 METRICS = {"fidelity": "higher", "pres": "lower", "prior_kept": "higher", "drift": "lower", "div": "higher"}
 FEATURE_SPACES = ("openmoji", "emoji_heldout")
+BASE_SAMPLE_SETTINGS = ("base_model", "samples_per_prompt", "num_inference_steps", "guidance_scale")
 RUN_SETTINGS = ("base_model", "max_train_steps", "train_batch_size", "learning_rate", "rank", "eval_every",
                 "num_class_images", "samples_per_prompt", "num_inference_steps", "guidance_scale", "extra_flags")
 SUBJECT_SPLIT = {"train": [0, 2, 4, 6, 8], "val": [1, 5], "reference": [3, 7]}  # of the nine, in OpenMoji order
+# Evaluation sampling per base pipeline, the defaults of --num_inference_steps and --guidance_scale. SD: DPM-Solver++
+# (second order). SD3: the pipeline's flow-matching Euler sampler, first order, so twice the steps; the same
+# guidance as SD (the SD3 miniature's sample grid is drawn at 4 too).
+SAMPLING_DEFAULTS = {"StableDiffusionPipeline": {"num_inference_steps": 10, "guidance_scale": 4.0},
+                     "StableDiffusion3Pipeline": {"num_inference_steps": 20, "guidance_scale": 4.0}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,26 +111,39 @@ def generate(pipe, lora_dir: str | None, args: argparse.Namespace) -> np.ndarray
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
     prompts, k = eval_prompts(), args.samples_per_prompt
-    shape = (k, pipe.unet.config.in_channels, 8, 8)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    shape = (k, denoiser.config.in_channels, 8, 8)
+    # SD3: T5's length (the zeros in its place) as the DreamBooth script trains and samples its class images
+    call_kwargs = mf.family_class(type(pipe).__name__)(pipe).call_kwargs
     images = []
     for p, prompt in enumerate(prompts):
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(1000 + p))
         out = pipe([prompt] * k, latents=latents, height=32, width=32, num_inference_steps=args.num_inference_steps,
-                   guidance_scale=args.guidance_scale, output_type="np").images
+                   guidance_scale=args.guidance_scale, output_type="np", **call_kwargs).images
         images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     if lora_dir is not None:
         pipe.unload_lora_weights()
     return np.stack(images)
 
 
+def pipeline_class_name(base_model: str) -> str:
+    """The base model's pipeline class, from its ``model_index.json``."""
+    with open(os.path.join(base_model, "model_index.json")) as f:
+        return json.load(f)["_class_name"]
+
+
 def load_pipeline(base_model: str):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """The base pipeline with its evaluation sampler: DPM-Solver++ for SD, SD3's own (flow-matching Euler)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if pipeline_class_name(base_model) == "StableDiffusion3Pipeline":  # saved without T5, as the miniature is
+        pipe = StableDiffusion3Pipeline.from_pretrained(base_model, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -167,8 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_every", type=int, default=50, help="Checkpoint and evaluate every N steps.")
     parser.add_argument("--num_class_images", type=int, default=100, help="Class samples (upstream's 100).")
     parser.add_argument("--samples_per_prompt", type=int, default=8)
-    parser.add_argument("--num_inference_steps", type=int, default=10, help="DPM-Solver++ steps when evaluating.")
-    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Sampling steps when evaluating; default by base pipeline: 10 DPM-Solver++ steps for SD, "
+                             "20 Euler steps for SD3 (SAMPLING_DEFAULTS).")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Guidance when evaluating; default 4.0 for SD and SD3 (SAMPLING_DEFAULTS).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
     parser.add_argument("--table", default=None,
                         help="Where the markdown table goes (default: <output_dir>/results.md).")
@@ -176,15 +204,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
                         help="Flags passed on to every training run (last on the line).")
     args = parser.parse_args(argv)
+    has_model = os.path.isfile(os.path.join(args.base_model, "model_index.json"))
+    if not args.summarize_only and not has_model:
+        parser.error(f"--base_model {args.base_model} is not a pipeline folder (no model_index.json); make it with "
+                     "`python -m benchmark.pretrain_text2image` (--family sd3 for the flow-matching one).")
+    # --summarize_only without the model: SD's (the settings matter only to runs that start)
+    kind = pipeline_class_name(args.base_model) if has_model else "StableDiffusionPipeline"
+    if kind not in SAMPLING_DEFAULTS:
+        parser.error(f"--base_model {args.base_model} is a {kind}; this benchmark runs "
+                     f"{' and '.join(SAMPLING_DEFAULTS)}.")
+    for name, value in SAMPLING_DEFAULTS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for flag in ("max_train_steps", "train_batch_size", "rank", "eval_every", "num_class_images",
                  "samples_per_prompt", "num_inference_steps", "jobs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.samples_per_prompt < 2:
         parser.error("--samples_per_prompt must be >= 2 (diversity compares samples with each other).")
-    if not args.summarize_only and not os.path.isfile(os.path.join(args.base_model, "model_index.json")):
-        parser.error(f"--base_model {args.base_model} is not a pipeline folder (no model_index.json); make it with "
-                     "`python -m benchmark.pretrain_text2image`.")
     return args
 
 
@@ -193,9 +230,23 @@ def run_settings(args: argparse.Namespace) -> dict:
 
 
 def base_samples(args: argparse.Namespace, pipe) -> np.ndarray:
-    path = os.path.join(args.output_dir, "base_samples.npz")
-    if not os.path.exists(path):
+    """The base model's samples, made once per output folder with the settings beside them
+    (``base_samples.json``); samples made with other settings are refused, not compared against."""
+    path, settings_path = (os.path.join(args.output_dir, f"base_samples.{ext}") for ext in ("npz", "json"))
+    settings = {name: getattr(args, name) for name in BASE_SAMPLE_SETTINGS}
+    settings["base_model"] = os.path.abspath(settings["base_model"])
+    if os.path.exists(path):
+        if os.path.exists(settings_path):
+            stored = json.load(open(settings_path))
+            if stored != settings:
+                differ = ", ".join(f"--{k} {stored.get(k)}" for k in settings if stored.get(k) != settings[k])
+                raise ConfigError(f"{path} was made with {differ}: use another --output_dir or the same settings.")
+        elif type(pipe).__name__ != "StableDiffusionPipeline":  # made before the settings were kept: SD's
+            raise ConfigError(f"{path} holds another base model's samples (made before {settings_path} was kept): "
+                              "use another --output_dir.")
+    else:
         np.savez_compressed(path + ".tmp.npz", images=generate(pipe, None, args))
+        atomic_write_json(settings_path, settings)
         os.replace(path + ".tmp.npz", path)
     return np.load(path)["images"]
 

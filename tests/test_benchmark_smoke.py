@@ -222,6 +222,56 @@ def test_dreambooth_benchmark_smoke(tmp_path):
     assert "| prior | 1 |" in table and "Against `prior`" in table and "| difftuning_class |" in table
 
 
+@needs_emoji_models
+@pytest.mark.slow
+def test_pretrain_text2image_sd3_smoke_and_dreambooth_on_it(tmp_path):
+    """The flow-matching miniature at a tiny size: pre-training a few steps gives a StableDiffusion3Pipeline without
+    T5 (SD3's latent shift on the emoji VAE, 77-token prompts) that loads as SD3 without T5 loads and samples 32 px
+    images; resuming from the checkpoint equals a straight run; the DreamBooth benchmark trains two arms on it."""
+    from diffusers import DiffusionPipeline
+
+    def pretrain(out: str, work: str, steps: int, stage: str = "all") -> None:
+        cmd = [sys.executable, "-m", "benchmark.pretrain_text2image", "--family", "sd3", "--output_dir", out,
+               "--work_dir", work, "--samples_path", str(tmp_path / "grid.png"), "--stage", stage,
+               "--max_train_steps", str(steps), "--train_batch_size", "4", "--num_merges", "50",
+               "--transformer_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "8",
+               "--text_hidden_size", "16", "--text_layers", "1", "--lr_warmup_steps", "1", "--logging_steps", "1",
+               "--checkpointing_steps", "2", "--num_inference_steps", "2", "--samples_per_prompt", "2"]
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    pretrain(straight, str(tmp_path / "work_a"), 3)
+    for part in ("latents", "tokenizer"):  # the encoded latents and the learned merges, not made twice
+        shutil.copytree(tmp_path / "work_a" / part, tmp_path / "work_b" / part)
+    pretrain(resumed, str(tmp_path / "work_b"), 2, stage="train")
+    pretrain(resumed, str(tmp_path / "work_b"), 3, stage="train")
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert open(os.path.join(straight, weights), "rb").read() == open(os.path.join(resumed, weights), "rb").read()
+    assert (tmp_path / "grid.png").exists()
+
+    pipe = DiffusionPipeline.from_pretrained(straight, text_encoder_3=None, tokenizer_3=None)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert pipe.vae.config.shift_factor != 0 and pipe.scheduler.config.shift == 1.0
+    assert pipe.transformer.config.patch_size == 2 and pipe.tokenizer.model_max_length == 77
+    images = pipe(["red heart", "pizza"], height=32, width=32, num_inference_steps=2, max_sequence_length=77,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+    out = str(tmp_path / "db")
+    cmd = [sys.executable, "-m", "benchmark.dreambooth_benchmark", "--base_model", straight, "--output_dir", out,
+           "--arms", "prior", "difftuning_class", "--seeds", "0", "--max_train_steps", "2", "--eval_every", "2",
+           "--samples_per_prompt", "2", "--num_class_images", "4", "--jobs", "1",
+           "--extra_flags", "--knowledge_bank_num_inference_steps", "2"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = json.load(open(os.path.join(out, "runs", "difftuning_class-seed0", "settings.json")))
+    assert (settings["num_inference_steps"], settings["guidance_scale"]) == (20, 4.0)  # SD3's defaults
+    bank = json.load(open(os.path.join(out, "banks", "class-seed0", "manifest.json")))
+    assert bank["settings"]["max_sequence_length"] == 77  # class samples with the zeros pre-training used
+    assert "| difftuning_class |" in open(os.path.join(out, "results.md")).read()
+
+
 def test_dreambooth_metrics_of_the_base_model_itself():
     """Samples identical to the base model's keep the prior fully and drift nowhere; identical subject samples
     have no diversity."""

@@ -310,6 +310,87 @@ def test_pretrain_source_refuses_unknown_groups_and_missing_vae(capsys):
     assert args.exclude_groups == ["animals-nature", "food-drink"] and args.max_train_steps == 20000
 
 
+def test_pretrain_text2image_sd_defaults_unchanged_and_family_flags_refused(capsys) -> None:
+    """--family sd (the default) keeps every flag that made the shipped emoji_text2image_model; sd3 has its own
+    defaults; a flag of the other family, or a CLIP length the DreamBooth script would not pad to, is refused."""
+    from benchmark import pretrain_text2image as p2
+
+    sd = vars(p2.parse_args(["--stage", "sample"]))  # no latents needed to sample
+    assert sd == {
+        "family": "sd", "output_dir": "benchmark/emoji_text2image_model", "work_dir": "benchmark/emoji_text2image_work",
+        "vae_work_dir": "benchmark/emoji_source_model_work", "vae_model": None,
+        "samples_path": "docs/images/emoji_text2image_samples.png", "stage": "sample", "seed": 0, "num_threads": 1,
+        "num_merges": 1500, "max_length": 32, "block_out_channels": [32, 64, 96], "transformer_layers": None,
+        "num_attention_heads": None, "attention_head_dim": None, "shift": None, "text_hidden_size": 64,
+        "text_layers": 3, "max_train_steps": 20000, "train_batch_size": 64, "learning_rate": 2e-4,
+        "lr_warmup_steps": 500, "max_grad_norm": 1.0, "ema_decay": 0.999, "caption_dropout_prob": 0.1,
+        "logging_steps": 250, "checkpointing_steps": 1000, "num_inference_steps": 50, "guidance_scale": 4.0,
+        "samples_per_prompt": 8}
+    sd3 = p2.parse_args(["--family", "sd3", "--stage", "sample"])
+    assert (sd3.output_dir, sd3.work_dir, sd3.samples_path) == (
+        "benchmark/emoji_sd3_model", "benchmark/emoji_sd3_work", "docs/images/emoji_sd3_samples.png")
+    assert (sd3.max_length, sd3.shift, sd3.vae_work_dir, sd3.block_out_channels) == (77, 1.0, None, None)
+    for argv, words in ((["--shift", "3"], "--shift is a flag of --family sd3, not sd"),
+                        (["--family", "sd3", "--vae_work_dir", "x"], "--vae_work_dir is a flag of --family sd"),
+                        (["--family", "sd3", "--max_length", "32"], "--max_length must be 77 for sd3"),
+                        (["--family", "sd3", "--vae_model", "/nonexistent"], "--vae_model /nonexistent")):
+        with pytest.raises(SystemExit) as exit_info:
+            p2.parse_args(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def _pipeline_folder(path, class_name: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    return str(path)
+
+
+def test_dreambooth_benchmark_sampling_defaults_follow_the_base_model(tmp_path, capsys) -> None:
+    """SD keeps the settings its published results were run with (10 DPM-Solver++ steps, guidance 4); SD3 gets 20
+    Euler steps; explicit flags win; another family is refused in one sentence."""
+    from benchmark import dreambooth_benchmark as dbb
+
+    sd = dbb.parse_args(["--base_model", _pipeline_folder(tmp_path / "sd", "StableDiffusionPipeline")])
+    sd3 = dbb.parse_args(["--base_model", _pipeline_folder(tmp_path / "sd3", "StableDiffusion3Pipeline")])
+    assert (sd.num_inference_steps, sd.guidance_scale) == (10, 4.0)
+    assert (sd3.num_inference_steps, sd3.guidance_scale) == (20, 4.0)
+    assert set(dbb.run_settings(sd)) == {"base_model", "max_train_steps", "train_batch_size", "learning_rate", "rank",
+                                         "eval_every", "num_class_images", "samples_per_prompt",
+                                         "num_inference_steps", "guidance_scale", "extra_flags"}
+    explicit = dbb.parse_args(["--base_model", str(tmp_path / "sd3"), "--num_inference_steps", "7",
+                               "--guidance_scale", "2"])
+    assert (explicit.num_inference_steps, explicit.guidance_scale) == (7, 2.0)
+    with pytest.raises(SystemExit) as exit_info:
+        dbb.parse_args(["--base_model", _pipeline_folder(tmp_path / "flux", "FluxPipeline")])
+    assert exit_info.value.code == 2 and "is a FluxPipeline; this benchmark runs" in capsys.readouterr().err
+
+
+def test_dreambooth_base_samples_made_with_other_settings_are_refused(tmp_path) -> None:
+    """The base model's samples are the reference of prior_kept and drift: an output folder's samples from another
+    model or sampler are refused, and an old SD folder's (made before their settings were kept) only for SD."""
+    from benchmark import dreambooth_benchmark as dbb
+    from difftuning_common import ConfigError
+
+    class StableDiffusion3Pipeline:  # only its class name is read when the samples exist
+        pass
+
+    args = dbb.parse_args(["--base_model", _pipeline_folder(tmp_path / "sd3", "StableDiffusion3Pipeline"),
+                           "--output_dir", str(tmp_path / "out")])
+    os.makedirs(args.output_dir)
+    np.savez_compressed(os.path.join(args.output_dir, "base_samples.npz"), images=np.zeros((8, 8, 32, 32, 3)))
+    with pytest.raises(ConfigError, match="holds another base model's samples"):
+        dbb.base_samples(args, StableDiffusion3Pipeline())
+    settings = {name: getattr(args, name) for name in dbb.BASE_SAMPLE_SETTINGS}
+    settings["base_model"] = os.path.abspath(args.base_model)
+    with open(os.path.join(args.output_dir, "base_samples.json"), "w") as f:
+        json.dump({**settings, "num_inference_steps": 10}, f)
+    with pytest.raises(ConfigError, match="was made with --num_inference_steps 10"):
+        dbb.base_samples(args, StableDiffusion3Pipeline())
+    with open(os.path.join(args.output_dir, "base_samples.json"), "w") as f:
+        json.dump(settings, f)
+    assert dbb.base_samples(args, StableDiffusion3Pipeline()).shape == (8, 8, 32, 32, 3)
+
+
 def test_run_benchmark_unpaired_baseline_refused_before_any_write(tmp_path) -> None:
     """--baseline_dir runs with other settings are refused before the sweep's folder is made or anything trains."""
     base = tmp_path / "plain"

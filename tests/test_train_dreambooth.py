@@ -3,6 +3,7 @@ offline."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -120,7 +121,9 @@ def test_train_save_load_lora(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, subject, 
     card = open(os.path.join(out, "README.md")).read()
     assert "a red square" in card and str(tmp_path) not in card and os.path.dirname(base_model) not in card
     assert ("psi timesteps" in card) == ("--difftuning" in extra)
-    assert os.path.exists(os.path.join(out, "knowledge_bank", "manifest.json"))
+    # The class samples are drawn with the T5 length the rows train with (the pipelines' defaults are 256 and 512).
+    manifest = json.load(open(os.path.join(out, "knowledge_bank", "manifest.json")))
+    assert manifest["settings"].get("max_sequence_length") == {"sd3": 77, "flux": 512}.get(model)
 
 
 def test_half_precision_base_model(tiny_sdxl, subject, tmp_path):
