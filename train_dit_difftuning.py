@@ -546,7 +546,8 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: DiTPipe
         ema.copy_to(params)
     model.eval()
     pipe = DiTPipeline(transformer=model, vae=pipeline.vae, scheduler=pipeline.scheduler)
-    images = generate_images(args, pipe, args.validation_class_labels, class_names, accelerator.device)
+    with accelerator.autocast():  # the VAE is in the mixed-precision dtype, the transformer in float32
+        images = generate_images(args, pipe, args.validation_class_labels, class_names, accelerator.device)
     tp.log_images(accelerator, images, [lbl for lbl in args.validation_class_labels
                                         for _ in range(args.num_validation_images)], global_step)
     model.train()
