@@ -100,23 +100,42 @@ def load_controlnet_lora(folder: str, base: UNet2DConditionModel | ControlNetMod
     return export_controlnet(controlnet, lora=True)
 
 
-def register_checkpoint_hooks(accelerator: Any, lora: bool) -> None:
+def blank_like(controlnet: ControlNetModel, args: argparse.Namespace) -> ControlNetModel:
+    """A new ControlNet shaped as the trained one (its config, the --controlnet_lora adapters), to receive the
+    weights gathered from a sharded run (tp.plain_copy)."""
+    from diffusers import ControlNetModel
+
+    model = ControlNetModel.from_config(controlnet.config)
+    configure_finetuning(model, args)
+    return model
+
+
+def plain_controlnet(accelerator: Any, controlnet: torch.nn.Module, args: argparse.Namespace
+                     ) -> ControlNetModel | None:
+    """The trained ControlNet as a plain module on the main process (tp.plain_copy: every process must call it)."""
+    return tp.plain_copy(accelerator, controlnet, lambda: blank_like(tp.unwrap(accelerator, controlnet), args))
+
+
+def register_checkpoint_hooks(accelerator: Any, args: argparse.Namespace) -> None:
     """Upstream's checkpoint layout: ``checkpoint-N/controlnet`` is a ControlNet folder usable for
     inference. Without LoRA it is also the model's resume state (accelerate does not store the weights
     twice); with LoRA it holds the merged model and accelerate keeps the adapter state for resuming.
+    Under FSDP and DeepSpeed, accelerate saves and restores the model in its own files as well.
     The hooks write into tp.save_checkpoint's temporary folder, so the save stays atomic."""
 
     from diffusers import ControlNetModel
 
+    lora = args.controlnet_lora
+
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            model = export_controlnet(tp.unwrap(accelerator, models[0]), lora)
-            model.save_pretrained(os.path.join(output_dir, "controlnet"))
+        model = plain_controlnet(accelerator, models[0], args)
+        if model is not None:
+            export_controlnet(model, lora).save_pretrained(os.path.join(output_dir, "controlnet"))
         if weights and not lora:
             weights.pop()
 
     def load_hook(models: list, input_dir: str) -> None:
-        if not lora:
+        if not lora and models:  # (FSDP and DeepSpeed pass none: they restore the model themselves)
             model = tp.unwrap(accelerator, models.pop())
             model.load_state_dict(ControlNetModel.from_pretrained(input_dir, subfolder="controlnet").state_dict())
 
@@ -441,7 +460,7 @@ def main(args: argparse.Namespace) -> None:
                                   else bank_contents.conditions).to(accelerator.device)
 
     # --- What to train --------------------------------------------------------------------------
-    register_checkpoint_hooks(accelerator, args.controlnet_lora)
+    register_checkpoint_hooks(accelerator, args)
     params = configure_finetuning(controlnet, args)
     controlnet.train()
     latent_size = args.resolution // vae_scale
@@ -470,10 +489,12 @@ def main(args: argparse.Namespace) -> None:
     sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
     train_dataloader = tp.make_dataloader(PairImages(dataset, args, input_ids, latent_cache), num_data, sampler,
                                           args.dataloader_num_workers)
-    controlnet, optimizer, train_dataloader = accelerator.prepare(controlnet, optimizer, train_dataloader)
+    (controlnet, optimizer, train_dataloader), params = tp.prepare_training(accelerator, params, controlnet,
+                                                                           optimizer, train_dataloader)
     max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
-                                                              max_train_steps))
+    lr_scheduler = tp.prepare_lr_scheduler(accelerator, tp.create_lr_scheduler(args, optimizer,
+                                                                               accelerator.num_processes,
+                                                                               max_train_steps))
 
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
@@ -539,8 +560,8 @@ def main(args: argparse.Namespace) -> None:
     # --- Save ------------------------------------------------------------------------------------
     tp.log_throughput(accelerator, log, global_step, args)
     accelerator.wait_for_everyone()
+    controlnet = plain_controlnet(accelerator, controlnet, args)
     if accelerator.is_main_process:
-        controlnet = tp.unwrap(accelerator, controlnet)
         final = export_controlnet(controlnet, args.controlnet_lora)
         with dt.disk_space_guard(args.output_dir, "the fine-tuned ControlNet"):
             final.save_pretrained(args.output_dir)
@@ -617,10 +638,12 @@ def sampling_controlnet(controlnet: ControlNetModel, lora: bool, dtype: torch.dt
 
 def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: StableDiffusionPipeline,
                    controlnet: torch.nn.Module, global_step: int) -> None:
-    """Sample the validation pairs with the current weights and log them (main process only)."""
+    """Sample the validation pairs with the current weights and log them (main process only; with sharded
+    parameters every process first joins in gathering them)."""
+    trained = plain_controlnet(accelerator, controlnet, args)
     if not accelerator.is_main_process:
         return
-    model = sampling_controlnet(tp.unwrap(accelerator, controlnet), args.controlnet_lora, pipeline.unet.dtype)
+    model = sampling_controlnet(trained, args.controlnet_lora, pipeline.unet.dtype)
     images, labels = generate_images(args, accelerator, pipeline, model, validation_pairs(args))
     tp.log_images(accelerator, images, labels, global_step)
 

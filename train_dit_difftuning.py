@@ -130,16 +130,27 @@ def export_transformer(transformer: torch.nn.Module, finetune: str) -> DiTTransf
     return clean.eval()
 
 
-def make_ema(params: list[torch.nn.Parameter], args: argparse.Namespace) -> Any:
+def blank_like(transformer: DiTTransformer2DModel, args: argparse.Namespace) -> DiTTransformer2DModel:
+    """A new model shaped as the trained one (its config, the --finetune adapters or DiffFit gammas), to receive
+    the weights gathered from a sharded run (tp.plain_copy)."""
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel.from_config(transformer.config)
+    configure_finetuning(model, args)
+    return model
+
+
+def make_ema(params: list[torch.nn.Parameter], args: argparse.Namespace, foreach: bool = True) -> Any:
     """diffusers' EMAModel of the trained parameters, starting from their pre-trained values. With
     --ema_warmup its decay at step s is min((1+s)/(10+s), --ema_decay); without, --ema_decay from the
     first step, as DiT and the Diff-Tuning authors update theirs (min_decay pins the decay, and
-    update_after_step=-1 keeps the first update from being a plain copy)."""
+    update_after_step=-1 keeps the first update from being a plain copy). ``foreach=False`` for FSDP's
+    sharded parameters, which torch's fused multi-tensor copy does not take."""
     from diffusers.training_utils import EMAModel
 
     if args.ema_warmup:
-        return EMAModel(params, decay=args.ema_decay, foreach=True)
-    return EMAModel(params, decay=args.ema_decay, min_decay=args.ema_decay, update_after_step=-1, foreach=True)
+        return EMAModel(params, decay=args.ema_decay, foreach=foreach)
+    return EMAModel(params, decay=args.ema_decay, min_decay=args.ema_decay, update_after_step=-1, foreach=foreach)
 
 
 def target_classes(dataset: Any, label_column: str, num_model_classes: int) -> tuple[list[str], Callable]:
@@ -392,7 +403,6 @@ def main(args: argparse.Namespace) -> None:
     flops_per_image = denoiser_flops_per_image(transformer.to(accelerator.device), latent_shape, null_class)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    ema = make_ema(params, args) if args.use_ema else None
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = tp.create_optimizer(args, params)
@@ -408,17 +418,21 @@ def main(args: argparse.Namespace) -> None:
     sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
     train_dataloader = tp.make_dataloader(TargetImages(dataset, args, labels, vae.config.in_channels, latent_cache),
                                           num_target, sampler, args.dataloader_num_workers)
-    transformer, optimizer, train_dataloader = accelerator.prepare(transformer, optimizer, train_dataloader)
+    (transformer, optimizer, train_dataloader), params = tp.prepare_training(accelerator, params, transformer,
+                                                                            optimizer, train_dataloader)
     max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
-                                                              max_train_steps))
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    lr_scheduler = tp.prepare_lr_scheduler(accelerator, tp.create_lr_scheduler(args, optimizer,
+                                                                               accelerator.num_processes,
+                                                                               max_train_steps))
+    # Of the prepared parameters (FSDP replaces them by shards)
+    ema = make_ema(params, args, foreach=not tp.sharded_parameters(accelerator)) if args.use_ema else None
 
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
     per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
+    if ema is not None:
+        ema.to(accelerator.device, dtype=torch.float32)  # DeepSpeed's bf16/fp16 mode casts the parameters
+        tp.checkpoint_ema(accelerator, ema, per_process_state)
     identity = tp.checkpoint_identity(args, __file__)
     global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
     if accelerator.is_main_process:
@@ -480,13 +494,13 @@ def main(args: argparse.Namespace) -> None:
     # --- Save ------------------------------------------------------------------------------------
     tp.log_throughput(accelerator, log, global_step, args)
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # on every process: with sharded parameters each holds its own shard
+    trained = tp.plain_copy(accelerator, transformer, lambda: blank_like(tp.unwrap(accelerator, transformer), args))
     if accelerator.is_main_process:
-        transformer = tp.unwrap(accelerator, transformer)
-        if ema is not None:
-            ema.copy_to(params)
-        final = export_transformer(transformer, args.finetune)
+        final = export_transformer(trained, args.finetune)
         if args.finetune == "lora":
-            save_lora_adapter(transformer, args)
+            save_lora_adapter(trained, args)
         tp.cast(vae, vae.device, torch.float32)
         out = DiTPipeline(transformer=final, vae=vae, scheduler=pipeline.scheduler)
         out.register_to_config(id2label=dict(enumerate(class_names)))
@@ -535,10 +549,11 @@ def generate_images(args: argparse.Namespace, pipe: DiTPipeline, labels: list[st
 
 def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: DiTPipeline, transformer: torch.nn.Module,
                    ema: Any, params: list, class_names: list[str], global_step: int) -> None:
-    """Sample the validation classes with the current (EMA) weights and log them."""
+    """Sample the validation classes with the current (EMA) weights and log them (main process; every process
+    samples when the parameters are sharded, since each forward pass gathers them)."""
     from diffusers import DiTPipeline
 
-    if not accelerator.is_main_process:
+    if not (accelerator.is_main_process or tp.sharded_parameters(accelerator)):
         return
     model = tp.unwrap(accelerator, transformer)
     if ema is not None:
@@ -546,10 +561,12 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: DiTPipe
         ema.copy_to(params)
     model.eval()
     pipe = DiTPipeline(transformer=model, vae=pipeline.vae, scheduler=pipeline.scheduler)
-    images = generate_images(args, pipe, args.validation_class_labels, class_names, accelerator.device)
+    with tp.sampling_autocast(accelerator.device, pipeline.vae.dtype):  # the VAE may be in half precision
+        images = generate_images(args, pipe, args.validation_class_labels, class_names, accelerator.device)
     tp.log_images(accelerator, images, [lbl for lbl in args.validation_class_labels
                                         for _ in range(args.num_validation_images)], global_step)
     model.train()
+    tp.reshard(model)  # before the weights are restored into the shards
     if ema is not None:
         ema.restore(params)
 

@@ -98,13 +98,15 @@ def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Mo
     return [p for m in models for p in m.parameters() if p.requires_grad]
 
 
-def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily) -> dict[str, torch.Tensor]:
+def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily,
+                state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A model's LoRA weights as upstream saves them for the family: diffusers' key format for SD and SDXL,
-    peft's for SD3 and Flux (what each pipeline's ``load_lora_weights`` reads back)."""
+    peft's for SD3 and Flux (what each pipeline's ``load_lora_weights`` reads back). ``state``: the model's
+    full state dict when its own parameters are shards (tp.full_state_dict)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, state_dict=state)
     return state if family.flow_matching else convert_state_dict_to_diffusers(state)
 
 
@@ -121,15 +123,18 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
         return next(i for i, m in enumerate([denoiser, *text_encoders]) if m is plain)
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
+        states = [tp.full_state_dict(accelerator, model) for model in models]  # every process: gathers shards
         if accelerator.is_main_process:
             layers: list[dict | None] = [None] * (1 + len(text_encoders))
-            for model in models:
-                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model), family)
+            for model, state in zip(models, states, strict=True):
+                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model), family, state)
             family.save_lora_weights(output_dir, layers[0], layers[1:])
         while weights:
             weights.pop()
 
     def load_hook(models: list, input_dir: str) -> None:
+        if not models:  # FSDP and DeepSpeed restore the whole model from their own files
+            return
         state = type(family.pipeline).lora_state_dict(input_dir)
         state = state[0] if isinstance(state, tuple) else state  # SD/SDXL also return the network alphas
         trained = []
@@ -461,9 +466,14 @@ def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusion
 
 
 def main(args: argparse.Namespace) -> None:
+    from accelerate.utils import DistributedType
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     accelerator, weight_dtype = tp.setup_accelerator(args)
+    if args.train_text_encoder and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise dt.ConfigError(f"--train_text_encoder trains several models, and accelerate's "
+                             f"{accelerator.distributed_type.value} prepares one: leave the flag out or launch "
+                             "without the sharding config.")
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- Models -------------------------------------------------------------------------------
@@ -570,13 +580,14 @@ def main(args: argparse.Namespace) -> None:
     train_dataloader = tp.make_dataloader(InstanceImages(dataset, args, prompt_rows, latent_cache),
                                           args.train_batch_size, sampler, args.dataloader_num_workers)
     trained_encoders = family.lora_text_encoders if args.train_text_encoder else []
-    denoiser, optimizer, train_dataloader, *prepared_encoders = accelerator.prepare(
-        denoiser, optimizer, train_dataloader, *trained_encoders)
+    (denoiser, optimizer, train_dataloader, *prepared_encoders), params = tp.prepare_training(
+        accelerator, params, denoiser, optimizer, train_dataloader, *trained_encoders)
     if prepared_encoders:
         family.text_encoders[:len(prepared_encoders)] = prepared_encoders
     max_train_steps, num_epochs = tp.resolve_training_length(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(tp.create_lr_scheduler(args, optimizer, accelerator.num_processes,
-                                                              max_train_steps))
+    lr_scheduler = tp.prepare_lr_scheduler(accelerator, tp.create_lr_scheduler(args, optimizer,
+                                                                               accelerator.num_processes,
+                                                                               max_train_steps))
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.validation_epochs is not None:
         args.validation_steps = args.validation_epochs * updates_per_epoch
@@ -649,10 +660,12 @@ def main(args: argparse.Namespace) -> None:
     # --- Save ------------------------------------------------------------------------------------
     tp.log_throughput(accelerator, log, global_step, args)
     accelerator.wait_for_everyone()
+    denoiser_state = tp.full_state_dict(accelerator, denoiser)  # every process: gathers shards
     if accelerator.is_main_process:
         encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
         with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
-            family.save_lora_weights(args.output_dir, lora_layers(tp.unwrap(accelerator, denoiser), family),
+            family.save_lora_weights(args.output_dir,
+                                     lora_layers(tp.unwrap(accelerator, denoiser), family, denoiser_state),
                                      [lora_layers(e, family) if e is not None else None for e in encoders])
         del pipeline, denoiser, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
@@ -699,15 +712,17 @@ def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device
 
 def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, global_step: int,
                    call_kwargs: dict[str, Any]) -> None:
-    """Sample --validation_prompt with the current LoRA (the pipeline holds the trained modules) and log it."""
-    if not accelerator.is_main_process:
+    """Sample --validation_prompt with the current LoRA (the pipeline holds the trained modules) and log it (main
+    process; every process samples when the parameters are sharded, since each forward pass gathers them)."""
+    if not (accelerator.is_main_process or tp.sharded_parameters(accelerator)):
         return
     denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
     denoiser.eval()
-    with accelerator.autocast():
+    with tp.sampling_autocast(accelerator.device, tp.mixed_precision_dtype(accelerator)):
         images = generate_images(args, pipeline, args.validation_prompt, accelerator.device, call_kwargs)
     tp.log_images(accelerator, images, [args.validation_prompt] * len(images), global_step)
     denoiser.train()
+    tp.reshard(denoiser)  # frees the weights FSDP keeps gathered after a forward pass without backward
 
 
 def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str,

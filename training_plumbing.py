@@ -240,7 +240,8 @@ def load_pretrained(loader: Any, flag: str, name_or_path: str, what: str, **kwar
     says whether a local folder or the Hub was tried and the innermost cause (diffusers' own message
     says "check the stack trace above", which a one-line error does not show)."""
     try:
-        return loader(name_or_path, **kwargs)
+        with whole_weights():
+            return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         cause: BaseException = err
         while cause.__cause__ is not None or cause.__context__ is not None:
@@ -254,6 +255,29 @@ def load_pretrained(loader: Any, flag: str, name_or_path: str, what: str, **kwar
         else:
             where = f"{name_or_path} is not a local folder and could not be loaded from the Hub as {what}"
         raise ConfigError(f"{flag}: {where} ({type(cause).__name__}: {reason}).") from err
+
+
+@contextlib.contextmanager
+def whole_weights() -> Iterator[None]:
+    """Models loaded in this block are whole on every process, also under DeepSpeed ZeRO-3. accelerate registers its
+    ZeRO-3 config with transformers whatever ``zero3_init_flag`` says, and transformers' ``from_pretrained`` then
+    partitions every model it loads (``deepspeed.zero.Init``): the frozen text encoders, never wrapped by a DeepSpeed
+    engine, would run on empty shards, and a load on the main process alone would wait for the others. The trained
+    model is partitioned by ``accelerator.prepare`` instead."""
+    import accelerate.state
+
+    plugin = accelerate.state.AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
+    registered = getattr(plugin, "dschf", None)
+    if registered is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
 
 
 class _DropKnownNoise(logging.Filter):
@@ -312,8 +336,13 @@ def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtyp
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
     # --output_dir is made by the first thing written into it (the bank, a checkpoint, the model), so an input
     # refused before the first step leaves nothing behind.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    return accelerator, weight_dtype
+    check_sharding(accelerator, args)
+    return accelerator, mixed_precision_dtype(accelerator)
+
+
+def mixed_precision_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype of mixed precision (float32 without): the frozen weights' and autocast's."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def create_optimizer(args: argparse.Namespace, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -379,6 +408,239 @@ class StepGenerator:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self.device_generator.set_state(state["device_generator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding: FSDP2 and DeepSpeed ZeRO (configs/accelerate/*.yaml, docs/sharding.md)
+# ----------------------------------------------------------------------------------------------
+
+# The units FSDP shards for models whose diffusers class declares no _no_split_modules (see fsdp_wrap_classes).
+FSDP_UNITS = {
+    # DiT's forward reads the first block's timestep and label embedding from outside that block, so a whole
+    # BasicTransformerBlock cannot be a unit (its shards would not be gathered there): its attention and MLP
+    # layers are, and the adaLN modulation layers stay in the root unit.
+    "DiTTransformer2DModel": ("Attention", "FeedForward"),
+    "ControlNetModel": ("BasicTransformerBlock", "ResnetBlock2D"),
+}
+
+
+def sharded_parameters(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the trained model's parameters (FSDP, DeepSpeed ZeRO-3). Then
+    reading the weights whole (a checkpoint's inference copy, validation, the final save) is a collective that
+    every process must join, and a copy of the parameters (an EMA) is a copy of one shard."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and zero_stage(accelerator) == 3
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage of the run's config."""
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def check_sharding(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Refuse, in one sentence, an accelerate config these scripts cannot honour, before any weights load; fill
+    the DeepSpeed entries the flags decide (gradient clipping, left "auto" by configs/accelerate/)."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    kind = accelerator.distributed_type
+    for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(env) and kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            import accelerate
+
+            raise ConfigError(f"The accelerate config asks for {name}, but accelerate {accelerate.__version__} set up "
+                              f"{kind.value} ({name} is only turned on for GPUs or other accelerators; torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s)): launch on GPUs, or without the config.")
+    configured = accelerator.gradient_accumulation_steps  # accelerate lets its config's value win over ours
+    if configured != args.gradient_accumulation_steps:
+        raise ConfigError(f"The accelerate config sets gradient_accumulation_steps {configured} but "
+                          f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: remove it from the "
+                          "config (the flag decides) or pass the same value.")
+    if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError("The accelerate config uses FSDP1 (fsdp_version: 1); these scripts support FSDP2 "
+                          "(fsdp_version: 2, as configs/accelerate/fsdp.yaml), which shards LoRA and frozen weights "
+                          "together and clips a subset of parameters by their global norm.")
+    if kind != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, ours in (("optimizer", "AdamW from the --adam_* flags"), ("scheduler", "--lr_scheduler")):
+        if key in ds:
+            raise ConfigError(f"The DeepSpeed config defines its own {key}; these scripts build theirs ({ours}): "
+                              "remove it from the config.")
+    gas = ds.get("gradient_accumulation_steps", "auto")
+    if gas != "auto" and int(gas) != args.gradient_accumulation_steps:
+        raise ConfigError(f"The DeepSpeed config sets gradient_accumulation_steps {gas} but "
+                          f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: set it to \"auto\".")
+    clipping = ds.get("gradient_clipping", "auto")
+    if clipping == "auto":  # DeepSpeed clips inside its own step (0 = off); accelerator.clip_grad_norm_ does not
+        ds["gradient_clipping"] = args.max_grad_norm
+    elif float(clipping) != args.max_grad_norm:
+        raise ConfigError(f"The DeepSpeed config sets gradient_clipping {clipping} but --max_grad_norm is "
+                          f"{args.max_grad_norm} (DeepSpeed clips inside its own step): set it to \"auto\".")
+    if zero_stage(accelerator) == 3:
+        if getattr(args, "use_ema", False):
+            raise ConfigError("--use_ema cannot be used with DeepSpeed ZeRO-3, which partitions the parameters "
+                              "across processes: use FSDP or ZeRO-2, or leave --use_ema out.")
+        if not ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False):
+            raise ConfigError("DeepSpeed ZeRO-3 needs zero3_save_16bit_model: true in the accelerate config "
+                              "(stage3_gather_16bit_weights_on_model_save): the model is saved from gathered weights.")
+
+
+def fsdp_wrap_classes(model: torch.nn.Module) -> list[str]:
+    """The classes FSDP shards as units of ``model``: one all-gather per block, just before it runs, instead of the
+    whole model at once. diffusers declares them in ``_no_split_modules`` for SD3 (JointTransformerBlock), Flux
+    (FluxTransformerBlock, FluxSingleTransformerBlock) and the UNet; DiT and ControlNet declare none and take
+    :data:`FSDP_UNITS`. Only classes the model has (accelerate refuses others); none leaves one unit, the model."""
+    present = {type(module).__name__ for module in model.modules()}
+    declared = getattr(model, "_no_split_modules", None) or FSDP_UNITS.get(type(model).__name__, ())
+    return [name for name in declared if name in present]
+
+
+def prepare_training(accelerator: Accelerator, params: list[torch.nn.Parameter], model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, dataloader: torch.utils.data.DataLoader, *more: Any
+                     ) -> tuple[list, list[torch.nn.Parameter]]:
+    """``accelerator.prepare(model, optimizer, dataloader, *more)`` and the trained parameters as the prepared model
+    holds them. FSDP2 replaces every parameter by a sharded DTensor, so a list taken before would be stale:
+    accelerate's clipping fails on it (mixed Tensor and DTensor) and an EMA of it would never move. Under FSDP
+    the blocks to shard are named (:func:`fsdp_wrap_classes`) unless the config lists them; under DeepSpeed a
+    fixed micro-batch size in its config must be the loader's (the bank rows a step adds are not counted)."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.auto_wrap_policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap is None:
+            plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
+            logger.info(f"FSDP shards {type(model).__name__} by {', '.join(plugin.transformer_cls_names_to_wrap)}")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+        if micro != "auto" and int(micro) != dataloader.batch_size:
+            raise ConfigError(f"The DeepSpeed config sets train_micro_batch_size_per_gpu {micro} but each process "
+                              f"loads batches of {dataloader.batch_size} (from --train_batch_size): set it to "
+                              "\"auto\" (and train_batch_size too).")
+        total = ds.get("train_batch_size", "auto")
+        expected = dataloader.batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        if total != "auto" and int(total) != expected:
+            raise ConfigError(f"The DeepSpeed config sets train_batch_size {total} but the run's is {expected} "
+                              f"({dataloader.batch_size} per process x {accelerator.gradient_accumulation_steps} "
+                              f"accumulation steps x {accelerator.num_processes} processes): set it to \"auto\".")
+    prepared = accelerator.prepare(model, optimizer, dataloader, *more)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        params = [p for p in prepared[0].parameters() if p.requires_grad]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision in ("bf16", "fp16"):
+        cast_io_to_weights(unwrap(accelerator, prepared[0]), mixed_precision_dtype(accelerator))
+    return list(prepared), params
+
+
+def cast_io_to_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 mode casts the trained model's weights to ``dtype`` and runs it without autocast,
+    where accelerate's other modes autocast and return float32: so cast its floating-point inputs to its dtype and
+    its outputs back to float32, as the loss code expects (what upstream scripts do by hand at each call)."""
+    from accelerate.utils.operations import convert_to_fp32, recursively_apply
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    model.register_forward_pre_hook(lambda _m, args, kwargs: (recursively_apply(cast, args),
+                                                              recursively_apply(cast, kwargs)), with_kwargs=True)
+    model.register_forward_hook(lambda _m, _args, output: convert_to_fp32(output))
+
+
+def prepare_lr_scheduler(accelerator: Accelerator, scheduler: Any) -> Any:
+    """The prepared lr scheduler (built on the prepared optimizer). accelerate wraps and checkpoints a scheduler
+    prepared on its own, after the model (the schedule's length needs the per-process loader), except under
+    DeepSpeed, where it would return it as is: stepped at every micro-batch instead of once per optimizer step
+    (x processes, as elsewhere), and never saved. There it is wrapped as everywhere else and saved with the
+    checkpoint's registered objects."""
+    from accelerate.scheduler import AcceleratedScheduler
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.prepare(scheduler)
+    wrapped = AcceleratedScheduler(scheduler, scheduler.optimizer,
+                                   step_with_optimizer=accelerator.step_scheduler_with_optimizer,
+                                   split_batches=accelerator.split_batches)
+    accelerator.register_for_checkpointing(wrapped)
+    return wrapped
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The prepared model's whole state dict (plain keys), on the main process. With sharded parameters it is
+    gathered (:func:`sharded_parameters`: every process must call this; the others get ``{}``); otherwise it is
+    the module's own ``state_dict()``, no copy."""
+    if not sharded_parameters(accelerator):
+        return unwrap(accelerator, model).state_dict()
+    state = accelerator.get_state_dict(model)
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()} if accelerator.is_main_process else {}
+
+
+def plain_copy(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]
+               ) -> torch.nn.Module | None:
+    """The trained model as a plain module on the main process, None on the others: the prepared module itself
+    (unwrapped) when its parameters are whole; with sharded parameters a module made by ``build`` (the same
+    structure: adapters, added parameters) given the gathered weights, a collective every process must join."""
+    if not sharded_parameters(accelerator):
+        return unwrap(accelerator, model) if accelerator.is_main_process else None
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    plain = build()
+    plain.load_state_dict(state)
+    return plain
+
+
+def sampling_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to the frozen parts' half precision ``dtype`` while sampling from the trained model (kept in float32,
+    or cast by DeepSpeed): ``accelerator.autocast`` is the same thing, except under DeepSpeed, where it does nothing
+    and the half-precision VAE would meet float32 latents."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Drop the gathered copies FSDP keeps after a forward pass without a backward one (the root unit keeps its
+    parameters gathered until the backward pass): weights written into the shards after sampling (an EMA restore)
+    would otherwise be ignored by the next training forward, which reuses the gathered copy. No-op unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+class LocalShardsState:
+    """Checkpoint state of an EMA whose shadow parameters are FSDP2 shards (DTensors): each process keeps its own
+    local shards in its ``process_<rank>.pt``, since accelerate saves registered objects from the main process only
+    (every process would resume with the main process's shards)."""
+
+    def __init__(self, ema: Any) -> None:
+        self.ema = ema
+
+    @staticmethod
+    def _local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.ema.state_dict())
+        state["shadow_params"] = [self._local(p).detach().cpu().clone() for p in state["shadow_params"]]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for shadow, saved in zip(self.ema.shadow_params, state.pop("shadow_params"), strict=True):
+            self._local(shadow).copy_(saved)
+        self.ema.load_state_dict(state)
+
+
+def checkpoint_ema(accelerator: Accelerator, ema: Any, per_process_state: dict[str, Any]) -> None:
+    """Save ``ema`` with every checkpoint: as one of accelerate's registered objects when it holds whole parameters,
+    per process (:class:`LocalShardsState`) when they are sharded."""
+    if sharded_parameters(accelerator):
+        per_process_state["ema"] = LocalShardsState(ema)
+    else:
+        accelerator.register_for_checkpointing(ema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -810,7 +1072,20 @@ def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
     return identity
 
 
-def _check_checkpoint(path: str, identity: dict, process_index: int) -> None:
+def checkpoint_pieces(accelerator: Accelerator) -> list[tuple[str, ...]]:
+    """What accelerate's ``save_state`` writes, by distributed type, besides the per-process files: each entry
+    lists the names (file or folder) one of which must exist."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return [("pytorch_model",)]  # the engine's own folder: weights and optimizer states
+    if accelerator.distributed_type == DistributedType.FSDP:  # folders when sharded, files when gathered
+        return [("pytorch_model_fsdp_0", "pytorch_model_fsdp_0.bin"), ("optimizer_0", "optimizer_0.bin"),
+                ("scheduler.bin",)]
+    return [("optimizer.bin",), ("scheduler.bin",)]
+
+
+def _check_checkpoint(path: str, identity: dict, accelerator: Accelerator) -> None:
     """Refuse, in one sentence, a checkpoint of another script or set-up, or one with a missing or empty piece."""
     import json
 
@@ -823,11 +1098,11 @@ def _check_checkpoint(path: str, identity: dict, process_index: int) -> None:
                               + ", ".join(f"{'' if k == 'script' else '--'}{k} {saved.get(k)!r} there, "
                                           f"{identity[k]!r} now" for k in differ)
                               + "); resume with the same script and flags, or start a new --output_dir.")
-    for piece in (f"process_{process_index}.pt", "optimizer.bin", "scheduler.bin"):
-        if not os.path.exists(os.path.join(path, piece)):
-            raise _UnreadableCheckpoint(f"{path} has no {piece}" + (
+    for names in [(f"process_{accelerator.process_index}.pt",), *checkpoint_pieces(accelerator)]:
+        if not any(os.path.exists(os.path.join(path, name)) for name in names):
+            raise _UnreadableCheckpoint(f"{path} has no {names[0]}" + (
                 " (was it saved with another number of processes, or by another script?)"
-                if piece.startswith("process_") else ""))
+                if names[0].startswith("process_") else " (was it saved under another accelerate config?)"))
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
         if os.path.isfile(file) and os.path.getsize(file) == 0:
@@ -860,7 +1135,7 @@ def resume(accelerator: Accelerator, args: argparse.Namespace, per_process_state
         return 0, None
     for path in candidates:
         try:
-            _check_checkpoint(path, identity, accelerator.process_index)
+            _check_checkpoint(path, identity, accelerator)
             return load_checkpoint(accelerator, path, per_process_state), path
         except _UnreadableCheckpoint as err:
             if not latest:
