@@ -353,23 +353,15 @@ def test_non_finite_numbers_refused(subject, tmp_path, flag, value):
         parse_args(base_args("unused-model", subject, str(tmp_path / "out")) + [flag, value])
 
 
-@pytest.mark.parametrize("weighting_scheme, precondition", [("logit_normal", True), ("cosmap", False)])
-def test_sd3_prior_preservation_loss_matches_diffusers(tiny_sd3, weighting_scheme, precondition):
-    """SD3 without --difftuning is diffusers' train_dreambooth_lora_sd3.py loss on the same batch: sigma from the
-    scheduler's table, x_sigma = (1 - sigma) x + sigma noise, the preconditioned x0 estimate (or the velocity)
-    against its target, --weighting_scheme's loss weights, instance + prior_loss_weight * prior."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
+def _flow_prior_step(pipe, family, scheduler, latent_shape: list[int], weighting_scheme: str, precondition: bool):
+    """Two subject latents, two bank (class) latents and the DreamBoothStep of a flow-matching pipeline without
+    Diff-Tuning (tau 0: upstream's shared draw), prior loss weight 0.7."""
     from train_dreambooth_lora_difftuning import DreamBoothStep
 
-    pipe = load_pipeline(tiny_sd3)
-    family = mf.family_class(type(pipe).__name__)(pipe)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    instance = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    class_latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    instance = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(4))
+    class_latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(5))
     bank = dt.KnowledgeBank(class_latents, ["a circle"] * 2, {}, torch.stack([class_latents, class_latents], 1),
-                            torch.zeros(2, 2, 4, 8, 8))
+                            torch.zeros(2, 2, *latent_shape))
     prompt_ids = family.tokenize(["a red square", "a circle"])
     with torch.no_grad():
         table = family.encode(prompt_ids)
@@ -381,6 +373,23 @@ def test_sd3_prior_preservation_loss_matches_diffusers(tiny_sd3, weighting_schem
                           prompt_table=table, prior_loss_weight=0.7, snr_gamma=None, weight_dtype=torch.float32,
                           bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
                           bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+    return instance, class_latents, step
+
+
+@pytest.mark.parametrize("weighting_scheme, precondition", [("logit_normal", True), ("cosmap", False)])
+def test_sd3_prior_preservation_loss_matches_diffusers(tiny_sd3, weighting_scheme, precondition):
+    """SD3 without --difftuning is diffusers' train_dreambooth_lora_sd3.py loss on the same batch: sigma from the
+    scheduler's table, x_sigma = (1 - sigma) x + sigma noise, the preconditioned x0 estimate (or the velocity)
+    against its target, --weighting_scheme's loss weights, instance + prior_loss_weight * prior."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+
+    pipe = load_pipeline(tiny_sd3)
+    family = mf.family_class(type(pipe).__name__)(pipe)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    instance, class_latents, step = _flow_prior_step(pipe, family, scheduler, [4, 8, 8], weighting_scheme,
+                                                     precondition)
     seen: dict = {}
     handle = pipe.transformer.register_forward_hook(
         lambda _m, _a, kw, out: seen.update(noisy=kw["hidden_states"], t=kw["timestep"], pred=out[0]), with_kwargs=True)
@@ -411,27 +420,13 @@ def test_flux_prior_preservation_loss_matches_diffusers(tiny_flux, monkeypatch, 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-    from train_dreambooth_lora_difftuning import DreamBoothStep
 
     pipe = load_pipeline(tiny_flux)
     family = mf.FluxFamily(pipe, max_sequence_length=16)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     assert torch.allclose(scheduler.sigmas, torch.arange(1000, 0, -1) / 1000)  # dynamic shifting: none at training
-    instance = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(4))  # 32 px through an 8x VAE
-    class_latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(5))
-    bank = dt.KnowledgeBank(class_latents, ["a circle"] * 2, {}, torch.stack([class_latents, class_latents], 1),
-                            torch.zeros(2, 2, 16, 4, 4))
-    prompt_ids = family.tokenize(["a red square", "a circle"])
-    with torch.no_grad():
-        table = family.encode(prompt_ids)
-    base = dt.flow_base_probs(len(scheduler.sigmas), weighting_scheme)
-    step = DreamBoothStep(family=family, denoiser=pipe.transformer, vae=None, noise_scheduler=scheduler,
-                          psi=dt.FlowTimestepSampler(scheduler.sigmas, base, 0.0, "adaptation"),
-                          xi=dt.FlowTimestepSampler(scheduler.sigmas, base, 0.0, "retention"),
-                          weighting_scheme=weighting_scheme, precondition_outputs=False, prompt_ids=prompt_ids,
-                          prompt_table=table, prior_loss_weight=0.7, snr_gamma=None, weight_dtype=torch.float32,
-                          bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
-                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+    # 32 px through an 8x VAE: 16 channels of 4x4
+    instance, class_latents, step = _flow_prior_step(pipe, family, scheduler, [16, 4, 4], weighting_scheme, False)
     seen: dict = {}
     handle = pipe.transformer.register_forward_hook(lambda _m, _a, kw, out: seen.update(kw, pred=out[0]),
                                                     with_kwargs=True)
