@@ -66,7 +66,7 @@ def test_benchmark_smoke(tmp_path):
     assert os.path.exists(os.path.join(out, "bank-seed0", "manifest.json"))
 
     # The table can be rebuilt from the finished runs, with their settings (not the runner's defaults)...
-    proc = subprocess.run(cmd[:4] + ["--summarize_only"], env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd[:5] + ["--summarize_only"], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 steps, batch 8" in proc.stdout and "4 DDPM steps" in proc.stdout and "| difftuning | 1 |" in proc.stdout
     # ...and a finished run is never silently reused for other settings: one sentence, nothing touched.
@@ -85,14 +85,14 @@ def test_benchmark_smoke(tmp_path):
     # (the authors' EMA decay only matters to *_authors arms, so it may differ here)
     json.dump({**stored, "extra_flags": ["--retention_weight", "1"], "authors_ema_decay": "0.9999"},
               open(sweep_settings, "w"))
-    proc = subprocess.run(cmd[:2] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir", out], env=ENV,
+    proc = subprocess.run(cmd[:3] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir", out], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"% vs standard in {out} (" in proc.stdout and "extra flags --retention_weight 1" in proc.stdout
     assert "| standard |" not in proc.stdout  # the baseline is compared with, not tabulated
     # ...and refused in one sentence when any other setting differs.
     json.dump({**stored, "max_train_steps": 4}, open(sweep_settings, "w"))
-    line = error_line(subprocess.run(cmd[:2] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir",
+    line = error_line(subprocess.run(cmd[:3] + ["--output_dir", str(sweep), "--summarize_only", "--baseline_dir",
                                                 out], env=ENV, capture_output=True, text=True, timeout=300))
     assert line == f"error: --baseline_dir {out} was run with --max_train_steps 3, not 4: its runs are not paired " \
                    "with these."
@@ -190,7 +190,7 @@ def test_controlnet_benchmark_smoke(tmp_path):
     threshold = json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"]
     assert threshold > 0
     # Re-tabulating (the run logs sit beside the run folders) keeps the stated threshold and adds others.
-    proc = subprocess.run(cmd[:4] + ["--summarize_only", "--other_thresholds", "0", "1.01"], env=ENV,
+    proc = subprocess.run(cmd[:5] + ["--summarize_only", "--other_thresholds", "0", "1.01"], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(os.path.join(out, "threshold.json")))["f1_threshold"] == threshold
