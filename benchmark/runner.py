@@ -90,11 +90,12 @@ def start_run(output_dir: str, arm: str, seed: int, settings: dict, defaults: di
 
 def train_once(cmd: list[str], out: str, done_file: str, what: str) -> None:
     """Run the training command unless ``out`` already holds ``done_file`` (the final weights); record the
-    wall time, which the tables report."""
+    wall time, which the tables report. A run that was interrupted resumes from its newest checkpoint (the
+    scripts resume bit-exact); its recorded time is then that of the last attempt only."""
     if os.path.exists(os.path.join(out, done_file)):
         return
     start = time.time()
-    run_step(cmd, out + ".log", what)
+    run_step([*cmd, "--resume_from_checkpoint", "latest"], out + ".log", what)
     atomic_write_json(os.path.join(out, "train_time.json"), {"seconds": time.time() - start})
 
 

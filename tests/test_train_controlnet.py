@@ -229,7 +229,7 @@ def test_fp16_on_cpu_refused_in_one_sentence(tiny_sd, circles, tmp_path):
 # Every flag of diffusers' examples/controlnet/train_controlnet.py and its default.
 UPSTREAM_DEFAULTS = {
     "controlnet_model_name_or_path": None, "revision": None, "variant": None, "tokenizer_name": None,
-    "output_dir": "controlnet-model", "cache_dir": None, "seed": None, "resolution": 512, "train_batch_size": 4,
+    "output_dir": "controlnet-model", "cache_dir": None, "resolution": 512, "train_batch_size": 4,
     "num_train_epochs": 1, "max_train_steps": None, "checkpointing_steps": 500, "checkpoints_total_limit": None,
     "resume_from_checkpoint": None, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
     "learning_rate": 5e-6, "scale_lr": False, "lr_scheduler": "constant", "lr_warmup_steps": 500, "lr_num_cycles": 1,
@@ -250,8 +250,9 @@ def test_upstream_flags_and_defaults(circles):
     assert {k: args[k] for k in UPSTREAM_DEFAULTS} == UPSTREAM_DEFAULTS
     # --difftuning alone is psi sampling without a bank: the mode our ControlNet benchmark found best.
     assert args["retention"] == "none" and not args["difftuning"]
-    # The one deliberate difference: TF32 is on unless --no-allow_tf32 (upstream: off unless --allow_tf32).
-    assert args["allow_tf32"] is True
+    # The deliberate differences: TF32 is on unless --no-allow_tf32 (upstream: off unless --allow_tf32), and
+    # --seed defaults to 0 (upstream: None, unseeded), so the same command trains the same model.
+    assert args["allow_tf32"] is True and args["seed"] == 0
     assert not vars(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", circles,
                                        "--no-allow_tf32"]))["allow_tf32"]
 
