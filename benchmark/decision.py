@@ -5,7 +5,9 @@ feature spaces, at the validation-chosen checkpoint and at the end of training; 
 Arms come from finished ``run_benchmark`` folders (``--arm NAME=OUTPUT_DIR:RUN_ARM``), so runs made with other
 learning rates or batch sizes in other folders are compared seed by seed with one baseline. A difference counts
 only where the paired t-test gives p < ``--alpha`` in *both* feature spaces with the same sign; otherwise the
-verdict is "no difference".
+verdict is "no difference". Given several ``--baseline`` arms (plain fine-tuning at several learning rates or batch
+sizes), the baseline is the *tuned* one: the arm whose mean validation FID at its chosen checkpoints is lowest, as
+a user with a validation set would pick it; the reference set plays no part in the choice.
 
     python -m benchmark.decision --baseline plain \\
         --arm plain=outputs/fashion_a_to_b/decision_lr1e-4:standard \\
@@ -32,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", action="append", required=True, metavar="NAME=OUTPUT_DIR:RUN_ARM",
                         help="An arm of the table: the runs <OUTPUT_DIR>/runs/<RUN_ARM>-seed<N>. Repeat per arm.")
-    parser.add_argument("--baseline", required=True, help="The arm every other arm is compared with.")
+    parser.add_argument("--baseline", nargs="+", required=True,
+                        help="The arm every other arm is compared with; given several, the one with the lowest mean "
+                             "validation FID (a tuned baseline).")
     parser.add_argument("--alpha", type=float, default=0.05, help="Significance level of the paired t-tests.")
     parser.add_argument("--table", default=None, help="Write the markdown table here too.")
     parser.add_argument("--output_json", default=None, help="Per-seed numbers and the tests, as JSON.")
@@ -45,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not (sep and sep2 and name and run_arm):
             parser.error(f"--arm {spec}: expected NAME=OUTPUT_DIR:RUN_ARM.")
         arms[name] = (folder, run_arm)
-    if args.baseline not in arms:
-        parser.error(f"--baseline {args.baseline} is not one of the --arm names ({', '.join(arms)}).")
+    for name in args.baseline:
+        if name not in arms:
+            parser.error(f"--baseline {name} is not one of the --arm names ({', '.join(arms)}).")
     args.arms = arms
     return args
 
@@ -71,6 +76,18 @@ def load_arm(folder: str, run_arm: str) -> dict[int, dict]:
 def fid(metrics: dict, when: str, space: str) -> float:
     scored = metrics["early_stopped"] if when == "chosen" else metrics
     return scored["fid"] if space == "first" else scored["second_space"]["fid"]
+
+
+def validation_fid(metrics: dict) -> float:
+    """First-space validation FID at the run's chosen checkpoint (the number early stopping minimised)."""
+    step = metrics["early_stopped"]["step"]
+    return next(point["fid"] for point in metrics["val_curve"] if point["step"] == step)
+
+
+def tune_baseline(arms: dict[str, dict[int, dict]], candidates: list[str]) -> tuple[str, dict[str, float]]:
+    """The candidate with the lowest mean validation FID over its seeds, and every candidate's mean."""
+    means = {name: statistics.mean(validation_fid(m) for m in arms[name].values()) for name in candidates}
+    return min(means, key=means.get), means
 
 
 def paired_test(arm: dict[int, dict], base: dict[int, dict], when: str, space: str) -> dict:
@@ -150,13 +167,17 @@ def plot_curves(arms: dict[str, dict[int, dict]], path: str) -> None:
 
 def main(args: argparse.Namespace) -> None:
     arms = {name: load_arm(folder, run_arm) for name, (folder, run_arm) in args.arms.items()}
-    table, report = summarize(arms, args.baseline, args.alpha)
+    baseline, candidates = tune_baseline(arms, args.baseline)
+    table, report = summarize(arms, baseline, args.alpha)
+    if len(candidates) > 1:
+        table += ("Baseline: " + ", ".join(f"{name} {value:.2f}" for name, value in candidates.items())
+                  + f" (mean validation FID at the chosen step): the tuned baseline is **{baseline}**.\n")
     print(table)
     if args.table:
         with open(args.table, "w") as f:
             f.write(table)
     if args.output_json:
-        atomic_write_json(args.output_json, {"baseline": args.baseline, "arms": {
+        atomic_write_json(args.output_json, {"baseline": baseline, "baseline_candidates": candidates, "arms": {
             name: {"source": "{}:{}".format(*args.arms[name]), **report[name],
                    "fid": {when: {space: [fid(arms[name][s], when, space) for s in report[name]["seeds"]]
                                   for space in SPACES} for when in WHEN}} for name in arms}})

@@ -444,13 +444,15 @@ def test_fashion_half_splits_are_disjoint_and_reference_is_held_out() -> None:
     assert extra_labels.unique().tolist() == [5, 6, 7, 8, 9]
 
 
-def _fake_runs(folder, arm: str, fids: list[tuple[float, float]]) -> None:
-    """Finished run_benchmark runs of one arm: (first-space, second-space) FID per seed, chosen and final alike."""
+def _fake_runs(folder, arm: str, fids: list[tuple[float, float]], validation_offset: float = 10.0) -> None:
+    """Finished run_benchmark runs of one arm: (first-space, second-space) FID per seed, chosen and final alike;
+    the validation curve sits ``validation_offset`` above them at step 0 and falls by 1 per 100 steps."""
     for seed, (first, second) in enumerate(fids):
         run = folder / "runs" / f"{arm}-seed{seed}"
         run.mkdir(parents=True)
         scored = {"fid": first, "second_space": {"fid": second}}
-        curve = [{"step": step, "fid": first + 10 - step / 100, "second_fid": second + 10 - step / 100}
+        curve = [{"step": step, "fid": first + validation_offset - step / 100,
+                  "second_fid": second + validation_offset - step / 100}
                  for step in (200, 400)]
         (run / "metrics.json").write_text(json.dumps({**scored, "early_stopped": {"step": 400, **scored},
                                                       "val_curve": curve}))
@@ -476,6 +478,27 @@ def test_decision_needs_both_spaces_to_agree(tmp_path, capsys) -> None:
     report = json.load(open(f"{out}.json"))
     assert report["arms"]["good"]["tests"]["chosen"]["first"]["p"] < 0.05
     assert os.path.getsize(f"{out}.png") > 0
+
+
+def test_decision_tunes_the_baseline_on_the_validation_split(tmp_path) -> None:
+    """Several --baseline arms: the one with the lowest mean validation FID is the baseline, even where another
+    scores lower on the reference set (choosing by the reference would be selecting on the test set)."""
+    from benchmark import decision
+
+    plain = [(20.0, 40.0), (21.0, 41.0), (22.0, 39.0)]
+    _fake_runs(tmp_path, "lr_high", plain, validation_offset=10.0)
+    _fake_runs(tmp_path, "lr_low", [(a + 1, b + 1) for a, b in plain], validation_offset=5.0)
+    _fake_runs(tmp_path, "arm", [(a - 1, b - 1) for a, b in plain])
+    out = tmp_path / "decision"
+    decision.main(decision.parse_args([
+        "--baseline", "lr_high", "lr_low", "--arm", f"lr_high={tmp_path}:lr_high", "--arm",
+        f"lr_low={tmp_path}:lr_low", "--arm", f"arm={tmp_path}:arm", "--table", f"{out}.md",
+        "--output_json", f"{out}.json"]))
+    report = json.load(open(f"{out}.json"))
+    assert report["baseline"] == "lr_low"
+    assert report["baseline_candidates"] == pytest.approx({"lr_high": 27.0, "lr_low": 23.0})
+    assert "tuned baseline is **lr_low**" in open(f"{out}.md").read()
+    assert report["arms"]["arm"]["tests"]["chosen"]["first"]["mean_change_percent"] < -8
 
 
 def test_decision_refuses_runs_without_a_curve(tmp_path) -> None:
