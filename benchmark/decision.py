@@ -7,7 +7,9 @@ learning rates or batch sizes in other folders are compared seed by seed with on
 only where the paired t-test gives p < ``--alpha`` in *both* feature spaces with the same sign; otherwise the
 verdict is "no difference". Given several ``--baseline`` arms (plain fine-tuning at several learning rates or batch
 sizes), the baseline is the *tuned* one: the arm whose mean validation FID at its chosen checkpoints is lowest, as
-a user with a validation set would pick it; the reference set plays no part in the choice.
+a user with a validation set would pick it; the reference set plays no part in the choice. ``RUN_ARM@STEP`` makes
+an arm of the runs stopped at a fixed step (scored by ``run_benchmark --score_steps``): plain at a length fixed in
+advance, against plain stopped early.
 
     python -m benchmark.decision --baseline plain \\
         --arm plain=outputs/fashion_a_to_b/decision_lr1e-4:standard \\
@@ -32,8 +34,9 @@ WHEN = {"chosen": "at the validation-chosen checkpoint", "final": "at the end of
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arm", action="append", required=True, metavar="NAME=OUTPUT_DIR:RUN_ARM",
-                        help="An arm of the table: the runs <OUTPUT_DIR>/runs/<RUN_ARM>-seed<N>. Repeat per arm.")
+    parser.add_argument("--arm", action="append", required=True, metavar="NAME=OUTPUT_DIR:RUN_ARM[@STEP]",
+                        help="An arm of the table: the runs <OUTPUT_DIR>/runs/<RUN_ARM>-seed<N>; with @STEP, those "
+                             "runs stopped at that fixed step. Repeat per arm.")
     parser.add_argument("--baseline", nargs="+", required=True,
                         help="The arm every other arm is compared with; given several, the one with the lowest mean "
                              "validation FID (a tuned baseline).")
@@ -46,9 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for spec in args.arm:
         name, sep, where = spec.partition("=")
         folder, sep2, run_arm = where.rpartition(":")
-        if not (sep and sep2 and name and run_arm):
-            parser.error(f"--arm {spec}: expected NAME=OUTPUT_DIR:RUN_ARM.")
-        arms[name] = (folder, run_arm)
+        run_arm, at, step = run_arm.partition("@")
+        if not (sep and sep2 and name and run_arm) or (at and not step.isdigit()):
+            parser.error(f"--arm {spec}: expected NAME=OUTPUT_DIR:RUN_ARM or NAME=OUTPUT_DIR:RUN_ARM@STEP.")
+        arms[name] = (folder, run_arm, int(step) if at else None)
     for name in args.baseline:
         if name not in arms:
             parser.error(f"--baseline {name} is not one of the --arm names ({', '.join(arms)}).")
@@ -56,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_arm(folder: str, run_arm: str) -> dict[int, dict]:
-    """{seed: metrics.json} of the finished runs of one arm; they must have been scored along their length."""
+def load_arm(folder: str, run_arm: str, step: int | None = None) -> dict[int, dict]:
+    """{seed: metrics.json} of the finished runs of one arm; they must have been scored along their length. With
+    ``step``, each run as stopped there: that checkpoint's scores stand for both the chosen and the final model."""
     runs = os.path.join(folder, "runs")
     found = {}
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
@@ -67,6 +72,12 @@ def load_arm(folder: str, run_arm: str) -> dict[int, dict]:
             metrics = json.load(open(path))
             if "early_stopped" not in metrics:
                 raise ConfigError(f"{path} has no validation curve: run the benchmark with --eval_every.")
+            if step is not None:
+                if str(step) not in metrics.get("at_step", {}):
+                    raise ConfigError(f"{path} has no scores at step {step}: run the benchmark again with "
+                                      f"--score_steps {step}.")
+                scored = metrics["at_step"][str(step)]
+                metrics = {**scored, "early_stopped": {"step": step, **scored}, "val_curve": metrics["val_curve"]}
             found[int(seed)] = metrics
     if not found:
         raise ConfigError(f"No finished {run_arm} run in {runs}.")
@@ -166,7 +177,7 @@ def plot_curves(arms: dict[str, dict[int, dict]], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    arms = {name: load_arm(folder, run_arm) for name, (folder, run_arm) in args.arms.items()}
+    arms = {name: load_arm(*where) for name, where in args.arms.items()}
     baseline, candidates = tune_baseline(arms, args.baseline)
     table, report = summarize(arms, baseline, args.alpha)
     if len(candidates) > 1:
@@ -178,7 +189,8 @@ def main(args: argparse.Namespace) -> None:
             f.write(table)
     if args.output_json:
         atomic_write_json(args.output_json, {"baseline": baseline, "baseline_candidates": candidates, "arms": {
-            name: {"source": "{}:{}".format(*args.arms[name]), **report[name],
+            name: {"source": "{}:{}".format(*args.arms[name][:2]) + (
+                       f"@{args.arms[name][2]}" if args.arms[name][2] is not None else ""), **report[name],
                    "fid": {when: {space: [fid(arms[name][s], when, space) for s in report[name]["seeds"]]
                                   for space in SPACES} for when in WHEN}} for name in arms}})
     if args.plot:

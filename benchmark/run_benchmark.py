@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Early stopping: keep a checkpoint every this many steps, score each on the target's "
                              "validation split (disjoint from the reference set) and also report the run at its "
                              "validation-chosen checkpoint. 0: only the final model.")
+    parser.add_argument("--score_steps", type=int, nargs="+", default=[],
+                        help="Also score these kept checkpoints like the final model (fixed training lengths to "
+                             "compare with early stopping); finished runs gain them without training again.")
     parser.add_argument("--val_samples", type=int, default=500, help="Samples per checkpoint scored on validation.")
     parser.add_argument("--val_inference_steps", type=int, default=50, help="DDPM steps of those samples.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one CPU thread each.")
@@ -144,6 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.eval_every < 0 or (args.eval_every and args.max_train_steps % args.eval_every):
         parser.error(f"--eval_every must divide --max_train_steps ({args.max_train_steps}), got {args.eval_every}.")
+    for step in args.score_steps:
+        if not args.eval_every or step % args.eval_every or not 0 < step <= args.max_train_steps:
+            parser.error(f"--score_steps {step} is not a kept checkpoint: give multiples of --eval_every "
+                         f"({args.eval_every}) up to --max_train_steps ({args.max_train_steps}).")
     if args.val_samples < 2 or args.val_inference_steps < 1:
         parser.error("--val_samples must be >= 2 and --val_inference_steps >= 1.")
     if args.num_samples < 2 or args.learning_rate <= 0 or not 0 <= args.ema_decay < 1:
@@ -201,8 +208,15 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
     """One arm = one run of the real script, then its evaluation; both skipped when already done."""
     out = runner.start_run(args.output_dir, arm, seed, run_settings(args), SETTING_DEFAULTS)
     metrics_path = os.path.join(out, "metrics.json")
+    # Same --seed for every arm: the same sampling noise, a paired comparison.
+    evaluate_cmd = [*runner.tool_command("evaluate"), "--pipeline", out,
+                    "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
+                    "--shots_per_class", str(args.shots_per_class), "--reference", MINIATURES[args.miniature]["target"],
+                    *(["--second_reference", MINIATURES[args.miniature]["second"]] if "second" in MINIATURES[
+                        args.miniature] else [])]
+    full = ["--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps)]
     if os.path.exists(metrics_path):
-        return json.load(open(metrics_path))
+        return score_fixed_steps(args, arm, seed, out, evaluate_cmd + full, json.load(open(metrics_path)))
     cmd = [*runner.script_command("train_dit_difftuning.py"), "--pretrained_model_name_or_path", args.source_model,
            "--train_data_dir", data, "--output_dir", out, "--seed", str(seed),
            "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
@@ -216,13 +230,6 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
     bank = " (builds the seed's knowledge bank first)" if "--difftuning" in ARMS[arm] and not os.path.exists(
         os.path.join(args.output_dir, f"bank-seed{seed}", "manifest.json")) else ""
     runner.train_once(cmd, out, "model_index.json", f"train_dit_difftuning.py for {arm} seed {seed}{bank}")
-    # Same --seed for every arm: the same sampling noise, a paired comparison.
-    evaluate_cmd = [*runner.tool_command("evaluate"), "--pipeline", out,
-                    "--guidance_scale", str(args.guidance_scale), "--seed", "1234", "--batch_size", "250",
-                    "--shots_per_class", str(args.shots_per_class), "--reference", MINIATURES[args.miniature]["target"],
-                    *(["--second_reference", MINIATURES[args.miniature]["second"]] if "second" in MINIATURES[
-                        args.miniature] else [])]
-    full = ["--num_samples", str(args.num_samples), "--num_inference_steps", str(args.num_inference_steps)]
     if not os.path.exists(metrics_path + ".eval"):
         runner.run_step(evaluate_cmd + full + ["--output_json", metrics_path + ".eval", "--save_grid",
                                                os.path.join(out, "eval_grid.png")], out + ".eval.log",
@@ -233,6 +240,29 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, data: str)
         metrics["early_stopped"], metrics["val_curve"] = early_stopped(args, arm, seed, out, evaluate_cmd + full,
                                                                        metrics)
     atomic_write_json(metrics_path, metrics)
+    return score_fixed_steps(args, arm, seed, out, evaluate_cmd + full, metrics)
+
+
+def score_fixed_steps(args: argparse.Namespace, arm: str, seed: int, out: str, evaluate_cmd: list[str],
+                      metrics: dict) -> dict:
+    """``--score_steps``: those checkpoints scored like the final model, into ``metrics["at_step"]``; a finished
+    run gains them without training again."""
+    at_step = metrics.setdefault("at_step", {})
+    for step in args.score_steps:
+        if str(step) in at_step:
+            continue
+        if step == args.max_train_steps:
+            at_step[str(step)] = {k: v for k, v in metrics.items()
+                                  if k not in ("early_stopped", "val_curve", "at_step")}
+            continue
+        path = os.path.join(out, f"metrics_step{step}.json")
+        if not os.path.exists(path):
+            runner.run_step(evaluate_cmd + ["--load_checkpoint", os.path.join(out, f"checkpoint-{step}"),
+                                            "--output_json", path], out + f".step{step}.log",
+                            f"evaluate.py for {arm} seed {seed} at the fixed step {step}")
+        at_step[str(step)] = json.load(open(path))
+    if args.score_steps:
+        atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 
 

@@ -348,6 +348,15 @@ def test_early_stopping_on_a_fashion_pair(tmp_path):
     assert chosen["num_generated"] == 20 and "second_space" in chosen
     assert f"(steps {chosen['step']})" in open(os.path.join(out, "results.md")).read()
 
+    # --score_steps on the finished run: a fixed length scored like the final model, without training again
+    trained = os.path.getmtime(os.path.join(run, "model_index.json"))
+    proc = subprocess.run(cmd + ["--score_steps", "2", "4"], env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    at_step = json.load(open(os.path.join(run, "metrics.json")))["at_step"]
+    assert at_step["2"]["num_generated"] == 20 and at_step["2"]["settings"]["load_checkpoint"].endswith("checkpoint-2")
+    assert at_step["4"]["fid"] == metrics["fid"]
+    assert os.path.getmtime(os.path.join(run, "model_index.json")) == trained
+
     final = DiTPipeline.from_pretrained(run)
     saved = [p.clone() for p in final.transformer.parameters()]
     assert evaluate.load_checkpoint_weights(final.transformer, os.path.join(run, "checkpoint-4")) == "ema"

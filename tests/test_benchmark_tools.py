@@ -501,6 +501,39 @@ def test_decision_tunes_the_baseline_on_the_validation_split(tmp_path) -> None:
     assert report["arms"]["arm"]["tests"]["chosen"]["first"]["mean_change_percent"] < -8
 
 
+def test_decision_compares_a_fixed_length_with_early_stopping(tmp_path) -> None:
+    """RUN_ARM@STEP: the runs' scores at that fixed step stand for the arm; a missing step is named."""
+    from benchmark import decision
+
+    plain = [(20.0, 40.0), (21.0, 41.0), (22.0, 39.0)]
+    _fake_runs(tmp_path, "standard", plain)
+    for seed, (first, second) in enumerate(plain):
+        path = tmp_path / "runs" / f"standard-seed{seed}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["at_step"] = {"200": {"fid": first * 1.5, "second_space": {"fid": second * 1.5}}}
+        path.write_text(json.dumps(metrics))
+    out = tmp_path / "decision.json"
+    decision.main(decision.parse_args([
+        "--baseline", "plain", "--arm", f"plain={tmp_path}:standard", "--arm", f"fixed={tmp_path}:standard@200",
+        "--output_json", str(out)]))
+    report = json.load(open(out))["arms"]["fixed"]
+    assert report["source"].endswith(":standard@200") and report["fid"]["final"]["first"] == [30.0, 31.5, 33.0]
+    assert report["tests"]["chosen"]["second"]["mean_change_percent"] == pytest.approx(50.0)
+    with pytest.raises(ConfigError, match="no scores at step 400.*--score_steps 400"):
+        decision.main(decision.parse_args(["--baseline", "plain", "--arm", f"plain={tmp_path}:standard@400"]))
+
+
+def test_score_steps_must_be_kept_checkpoints(capsys) -> None:
+    from benchmark import run_benchmark
+
+    base = ["--miniature", "fashion_a_to_b", "--summarize_only", "--max_train_steps", "2000", "--eval_every", "200"]
+    assert run_benchmark.parse_args(base + ["--score_steps", "1000", "2000"]).score_steps == [1000, 2000]
+    for bad in (["--score_steps", "1100"], ["--score_steps", "2200"], ["--score_steps", "1000", "--eval_every", "0"]):
+        with pytest.raises(SystemExit):
+            run_benchmark.parse_args(base + bad)
+        assert "--score_steps" in capsys.readouterr().err
+
+
 def test_decision_refuses_runs_without_a_curve(tmp_path) -> None:
     from benchmark import decision
 
