@@ -193,8 +193,8 @@ def main(args: argparse.Namespace) -> None:
                        f"@{args.arms[name][2]}" if args.arms[name][2] is not None else ""), **report[name],
                    "fid": {when: {space: [fid(arms[name][s], when, space) for s in report[name]["seeds"]]
                                   for space in SPACES} for when in WHEN}} for name in arms}})
-    if args.plot:
-        plot_curves(arms, args.plot)
+    if args.plot:  # a fixed-step arm's curve is its runs' own: drawn once, under the runs' early-stopped name
+        plot_curves({name: runs for name, runs in arms.items() if args.arms[name][2] is None}, args.plot)
 
 
 if __name__ == "__main__":

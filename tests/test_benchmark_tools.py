@@ -515,10 +515,11 @@ def test_decision_compares_a_fixed_length_with_early_stopping(tmp_path) -> None:
     out = tmp_path / "decision.json"
     decision.main(decision.parse_args([
         "--baseline", "plain", "--arm", f"plain={tmp_path}:standard", "--arm", f"fixed={tmp_path}:standard@200",
-        "--output_json", str(out)]))
+        "--output_json", str(out), "--plot", str(tmp_path / "curves.png")]))
     report = json.load(open(out))["arms"]["fixed"]
     assert report["source"].endswith(":standard@200") and report["fid"]["final"]["first"] == [30.0, 31.5, 33.0]
     assert report["tests"]["chosen"]["second"]["mean_change_percent"] == pytest.approx(50.0)
+    assert os.path.getsize(tmp_path / "curves.png") > 0
     with pytest.raises(ConfigError, match="no scores at step 400.*--score_steps 400"):
         decision.main(decision.parse_args(["--baseline", "plain", "--arm", f"plain={tmp_path}:standard@400"]))
 
