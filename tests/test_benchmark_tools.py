@@ -450,7 +450,8 @@ def _fake_runs(folder, arm: str, fids: list[tuple[float, float]], validation_off
     for seed, (first, second) in enumerate(fids):
         run = folder / "runs" / f"{arm}-seed{seed}"
         run.mkdir(parents=True)
-        scored = {"fid": first, "second_space": {"fid": second}}
+        scored = {"fid": first, "accuracy": 0.9, "copy_rate": 0.1,
+                  "second_space": {"fid": second, "accuracy": 0.9, "copy_rate": 0.2}}
         curve = [{"step": step, "fid": first + validation_offset - step / 100,
                   "second_fid": second + validation_offset - step / 100}
                  for step in (200, 400)]
@@ -472,11 +473,15 @@ def test_decision_needs_both_spaces_to_agree(tmp_path, capsys) -> None:
         "--baseline", "plain", "--arm", f"plain={tmp_path}:standard", "--arm", f"good={tmp_path}:good",
         "--arm", f"split={tmp_path}:split", "--table", f"{out}.md", "--output_json", f"{out}.json",
         "--plot", f"{out}.png"]))
-    rows = {line.split(" | ")[0].strip("| "): line for line in open(f"{out}.md") if line.startswith("| ")}
+    text = open(f"{out}.md").read()
+    fid_table = text.split("\n\n")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in fid_table.splitlines() if line.startswith("| ")}
     assert rows["good"].count("**better**") == 2 and "**" not in rows["split"]
     assert "no difference" in rows["split"]
     report = json.load(open(f"{out}.json"))
     assert report["arms"]["good"]["tests"]["chosen"]["first"]["p"] < 0.05
+    assert report["arms"]["good"]["side_metrics"]["copy_rate"]["second"]["difference"] == pytest.approx(0.0)
+    assert "| plain | 0.900 (0.900) | — | 0.100 (0.200) | — |" in text
     assert os.path.getsize(f"{out}.png") > 0
 
 
@@ -510,7 +515,8 @@ def test_decision_compares_a_fixed_length_with_early_stopping(tmp_path) -> None:
     for seed, (first, second) in enumerate(plain):
         path = tmp_path / "runs" / f"standard-seed{seed}" / "metrics.json"
         metrics = json.loads(path.read_text())
-        metrics["at_step"] = {"200": {"fid": first * 1.5, "second_space": {"fid": second * 1.5}}}
+        metrics["at_step"] = {"200": {"fid": first * 1.5, "accuracy": 0.8, "copy_rate": 0.3,
+                                      "second_space": {"fid": second * 1.5, "accuracy": 0.7, "copy_rate": 0.4}}}
         path.write_text(json.dumps(metrics))
     out = tmp_path / "decision.json"
     decision.main(decision.parse_args([
@@ -520,6 +526,7 @@ def test_decision_compares_a_fixed_length_with_early_stopping(tmp_path) -> None:
     assert report["source"].endswith(":standard@200") and report["fid"]["final"]["first"] == [30.0, 31.5, 33.0]
     assert report["tests"]["chosen"]["second"]["mean_change_percent"] == pytest.approx(50.0)
     assert os.path.getsize(tmp_path / "curves.png") > 0
+    assert report["side_metrics"]["accuracy"]["second"]["difference"] == pytest.approx(-0.2)
     with pytest.raises(ConfigError, match="no scores at step 400.*--score_steps 400"):
         decision.main(decision.parse_args(["--baseline", "plain", "--arm", f"plain={tmp_path}:standard@400"]))
 
