@@ -247,23 +247,30 @@ def score_fixed_steps(args: argparse.Namespace, arm: str, seed: int, out: str, e
                       metrics: dict) -> dict:
     """``--score_steps``: those checkpoints scored like the final model, into ``metrics["at_step"]``; a finished
     run gains them without training again."""
+    if not args.score_steps:
+        return metrics
     at_step = metrics.setdefault("at_step", {})
+    chosen = metrics.get("early_stopped", {}).get("step")
     for step in args.score_steps:
         if str(step) in at_step:
             continue
-        if step == args.max_train_steps:
-            at_step[str(step)] = {k: v for k, v in metrics.items()
-                                  if k not in ("early_stopped", "val_curve", "at_step")}
+        if step == args.max_train_steps:  # already scored: the final model
+            at_step[str(step)] = final_scores(metrics)
             continue
-        path = os.path.join(out, f"metrics_step{step}.json")
+        # the validation-chosen checkpoint is already scored too
+        path = os.path.join(out, "metrics_early.json" if step == chosen else f"metrics_step{step}.json")
         if not os.path.exists(path):
             runner.run_step(evaluate_cmd + ["--load_checkpoint", os.path.join(out, f"checkpoint-{step}"),
                                             "--output_json", path], out + f".step{step}.log",
                             f"evaluate.py for {arm} seed {seed} at the fixed step {step}")
         at_step[str(step)] = json.load(open(path))
-    if args.score_steps:
-        atomic_write_json(os.path.join(out, "metrics.json"), metrics)
+    atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
+
+
+def final_scores(metrics: dict) -> dict:
+    """The final model's own scores in a run's metrics.json, without what was added beside them."""
+    return {k: v for k, v in metrics.items() if k not in ("early_stopped", "val_curve", "at_step")}
 
 
 def early_stopped(args: argparse.Namespace, arm: str, seed: int, out: str, evaluate_cmd: list[str],
@@ -282,7 +289,7 @@ def early_stopped(args: argparse.Namespace, arm: str, seed: int, out: str, evalu
     curve = json.load(open(curve_path))["curve"]
     best = min(curve, key=lambda point: point["fid"])["step"]
     if best == args.max_train_steps:  # the final model is the last checkpoint's EMA
-        return {"step": best, **{k: v for k, v in final.items() if k not in ("early_stopped", "val_curve")}}, curve
+        return {"step": best, **final_scores(final)}, curve
     chosen_path = os.path.join(out, "metrics_early.json")
     if not os.path.exists(chosen_path):
         runner.run_step(evaluate_cmd + ["--load_checkpoint", os.path.join(out, f"checkpoint-{best}"),
