@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=1.5)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="Same noise at every threshold (paired comparison).")
-    parser.add_argument("--reference", choices=["mnist", "openmoji", "emoji_heldout", "fashion_a", "fashion_b"],
-                        default=None,
+    parser.add_argument("--reference", default=None,
+                        choices=["mnist", "openmoji", "emoji_heldout", "fashion_a", "fashion_b", "digits_b"],
                         help="Built-in reference of a CPU miniature (its held-out target images, classifier-feature "
                              "FID/KID).")
     parser.add_argument("--reference_dir", default=None, help="Folder of real target images (Inception FID).")

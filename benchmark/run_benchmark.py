@@ -74,6 +74,10 @@ for _source, _target in (("a", "b"), ("b", "a")):
         "source_model": os.path.join(ROOT, "benchmark", f"fashion_{_source}_source_model"),
         "target": f"fashion_{_target}", "second": f"fashion_{_target}_wide", "shots": 10,
         "flags": ["--no-random_flip"]}
+# The third decision pair: MNIST digits 0-4's source -> 10-shot 5-9 (benchmark/data.py DIGIT_HALVES).
+MINIATURES["digits_a_to_b"] = {"source_model": os.path.join(ROOT, "benchmark", "digits_a_source_model"),
+                               "target": "digits_b", "second": "digits_b_wide", "shots": 10,
+                               "flags": ["--no-random_flip"]}
 # The flags that define a run. A finished run is reused only with the same values, so a table never
 # mixes runs of different lengths or sample counts without saying so.
 RUN_SETTINGS = ("miniature", "source_model", "shots_per_class", "max_train_steps", "train_batch_size",
@@ -90,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--miniature", choices=list(MINIATURES), default="mnist",
                         help="mnist: Fashion-MNIST -> MNIST; emoji: Twemoji + Noto -> OpenMoji; emoji_heldout: "
                              "Twemoji + Noto without animals and food -> animals and food; fashion_a_to_b / "
-                             "fashion_b_to_a: one half of Fashion-MNIST's classes -> the other half.")
+                             "fashion_b_to_a: one half of Fashion-MNIST's classes -> the other half; digits_a_to_b: "
+                             "MNIST digits 0-4 -> 5-9.")
     parser.add_argument("--source_model", default=None, help="Default: the miniature's shipped source model.")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "benchmark"))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))

