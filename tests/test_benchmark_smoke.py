@@ -30,18 +30,19 @@ def test_shipped_source_model_loads_and_knows_its_classes():
     assert pipe.get_label_ids(["trouser"]) == [1]
 
 
-@pytest.mark.parametrize("half, names", [("a", ["t-shirt/top", "trouser", "coat", "sandal", "ankle boot"]),
-                                         ("b", ["pullover", "dress", "shirt", "sneaker", "bag"])])
-def test_shipped_fashion_half_sources(half, names):
-    """Each Fashion-MNIST half's source knows its five classes (rows 0..4) and none of the other half's, and its
-    VAE is near-deterministic (posterior noise well below the spread of the latents)."""
+@pytest.mark.parametrize("source, names", [("fashion_a", ["t-shirt/top", "trouser", "coat", "sandal", "ankle boot"]),
+                                           ("fashion_b", ["pullover", "dress", "shirt", "sneaker", "bag"]),
+                                           ("digits_a", ["0", "1", "2", "3", "4"])])
+def test_shipped_half_sources(source, names):
+    """Each decision pair's source knows its five classes (rows 0..4) and none of its target's, and its VAE is
+    near-deterministic (posterior noise well below the spread of the latents)."""
     from diffusers import DiffusionPipeline
 
-    folder = os.path.join(ROOT, "benchmark", f"fashion_{half}_source_model")
+    folder = os.path.join(ROOT, "benchmark", f"{source}_source_model")
     pipe = DiffusionPipeline.from_pretrained(folder)
     assert sorted(pipe.labels, key=pipe.labels.get) == names and pipe.get_label_ids(names[-1:]) == [4]
     image = torch.full((1, 1, 32, 32), -1.0)
-    image[..., 8:24, 10:22] = 0.6  # a grey garment-sized block on Fashion-MNIST's black
+    image[..., 8:24, 10:22] = 0.6  # a grey garment-sized block on the sources' black background
     with torch.no_grad():
         posterior = pipe.vae.encode(image).latent_dist
     # Scaled latents spread ~0.6-0.9 per channel; the first miniature's noisy VAE had a posterior std of 0.71.
