@@ -98,8 +98,9 @@ def check(miniature: str, args: argparse.Namespace) -> dict:
               for name, latents in (("target", target_latents), ("own_samples", own))}
     result = {"miniature": miniature, "num_target_images": len(target_latents), "loss": losses,
               "ratio": losses["target"] / losses["own_samples"], "gate_fid_change_percent": GATES.get(miniature)}
-    print(f"[premise] {miniature}: low-noise loss ratio target / own samples = {result['ratio']:.3f} "
-          f"(gate: {result['gate_fid_change_percent']:+.1f}% FID)", flush=True)
+    gate = GATES.get(miniature)
+    print(f"[premise] {miniature}: low-noise loss ratio target / own samples = {result['ratio']:.3f} (gate: "
+          + (f"{gate:+.1f}% FID)" if gate is not None else "not measured yet)"), flush=True)
     return result
 
 

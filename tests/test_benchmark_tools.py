@@ -585,3 +585,19 @@ def test_decision_refuses_runs_without_a_curve(tmp_path) -> None:
     (run / "metrics.json").write_text(json.dumps({"fid": 20.0}))
     with pytest.raises(ConfigError, match="no validation curve.*--eval_every"):
         decision.main(decision.parse_args(["--baseline", "plain", "--arm", f"plain={tmp_path}:standard"]))
+
+
+def test_premise_check_reports_a_pair_without_a_gate(tmp_path, capsys) -> None:
+    """The premise check runs on a pair whose gate is not measured yet (it is meant to run before any fine-tune):
+    the report holds the pair's positive losses and ratio, no gate, and no rank correlation from one pair."""
+    from benchmark import premise_check
+
+    out = tmp_path / "premise.json"
+    premise_check.main(premise_check.parse_args([
+        "--miniature", "digits_a_to_b", "--num_own_samples", "4", "--num_inference_steps", "2", "--noise_draws", "1",
+        "--output_json", str(out)]))
+    report = json.loads(out.read_text())
+    (pair,) = report["pairs"]
+    assert pair["miniature"] == "digits_a_to_b" and pair["gate_fid_change_percent"] is None
+    assert pair["num_target_images"] == 50 and min(pair["loss"].values()) > 0 and pair["ratio"] > 0
+    assert "spearman_ratio_vs_gate" not in report and "gate: not measured yet" in capsys.readouterr().out
