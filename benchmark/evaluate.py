@@ -462,6 +462,7 @@ DIGITS_MAX_SHOTS = 50
 
 @functools.lru_cache(maxsize=2)
 def digits_half_arrays(half: str) -> tuple[np.ndarray, np.ndarray]:
+    """One digit half's images (uint8 [N,28,28]) and labels 0..4, parsed once per process (the JSON takes ~4 s)."""
     from benchmark.data import digits_half
 
     return digits_half(half)[:2]
