@@ -71,7 +71,11 @@ def npm_package(spec: str, root: Path | None = None) -> Path:
         tarball = next(Path(tmp).glob("*.tgz"))
         with tarfile.open(tarball) as tar:
             tar.extractall(Path(tmp) / "unpacked", filter="data")
-        os.replace(Path(tmp) / "unpacked", target)
+        try:
+            os.replace(Path(tmp) / "unpacked", target)
+        except OSError:  # another process (a parallel test worker) unpacked it first
+            if not (target / "package" / "package.json").exists():
+                raise
     return target / "package"
 
 
@@ -162,7 +166,7 @@ def load_openmoji(size: int = 32) -> EmojiSet:
         images = np.stack([np.asarray(Image.open(io.BytesIO(bytes(resvg_py.svg_to_bytes(
             svg_path=str(package / "color" / "svg" / f"{e['hexcode']}.svg"), width=size, height=size,
             background="#ffffff")))).convert("RGB")) for e in entries])
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: parallel writers never share it
         np.savez_compressed(tmp, images=images)
         os.replace(tmp, cache)
     return EmojiSet(images, [e["annotation"] for e in entries], [e["group"] for e in entries],

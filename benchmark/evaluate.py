@@ -267,8 +267,8 @@ def load_or_train_classifier(cache_dir: str | os.PathLike | None = None, seed: i
         raise RuntimeError(f"The {target} feature classifier reached only {accuracy:.3f} held-out accuracy "
                            f"(< {domain.min_accuracy}); train it longer (--classifier_steps).")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{weights}.tmp")
-    os.replace(f"{weights}.tmp", weights)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{weights}.{os.getpid()}.tmp")
+    os.replace(f"{weights}.{os.getpid()}.tmp", weights)
     dt.atomic_write_json(str(info_path), info)
     return model, info
 
