@@ -579,7 +579,7 @@ def main(args: argparse.Namespace) -> None:
                     f"ControlNetModel.from_pretrained({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
-    accelerator.end_training()
+    tp.end_run(accelerator)
 
 
 # ----------------------------------------------------------------------------------------------

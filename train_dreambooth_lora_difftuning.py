@@ -684,7 +684,7 @@ def main(args: argparse.Namespace) -> None:
                     f"pipe.load_lora_weights({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
-    accelerator.end_training()
+    tp.end_run(accelerator)
 
 
 # ----------------------------------------------------------------------------------------------

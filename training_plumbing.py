@@ -1393,6 +1393,15 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
     return path
 
 
+def end_run(accelerator: Accelerator) -> None:
+    """Finish on every process at once: wait for the main process to write (and push) the model, then close the
+    trackers and destroy the process group (accelerate's ``end_training``). torch asks every rank to destroy its
+    group at the same point. Without the barrier the other ranks tear down their connections while the main
+    process is still saving, and one two-process CPU run (gloo) hung at exit after its model was written."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind accelerate's wrappers and, with ``accelerate launch --dynamo_backend ...``,
     behind torch.compile's (whose state-dict keys carry an ``_orig_mod.`` prefix), as diffusers does."""
