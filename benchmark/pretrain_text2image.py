@@ -28,14 +28,15 @@ elsewhere, the text encoders are trained here together with the denoiser.
   sample with ``max_sequence_length=77`` (the pipeline's default is 256). Saved as a
   ``StableDiffusion3Pipeline`` (``benchmark/emoji_sd3_model``: 2.30M transformer + 2 x 0.29M CLIP
   parameters and the 0.96M VAE, 15.7 MB), loaded with ``DiffusionPipeline.from_pretrained(path,
-  text_encoder_3=None, tokenizer_3=None)`` as SD3 without T5 is. 3,600 steps of 64: 1.7 s a step
-  on one free CPU thread (measured; an earlier estimate of 1.0 s from a side-by-side smoke run was wrong), so
-  about 100 min, and 145 min on a shared 2-core machine. That is 5.5x fewer training images than sd saw; the
-  154 prompt tokens (77 CLIP + 77 zeros) a block attends to cost most of a step. If the sample grid shows
-  prompts not followed, raise ``--max_train_steps``.
+  text_encoder_3=None, tokenizer_3=None)`` as SD3 without T5 is. 7,200 steps of 64: 1.7 s a step
+  on one free CPU thread, so about 3.4 h (the shipped model took about 5 h on a shared 2-core machine,
+  in three resumed stretches). 3,600 steps were not enough: the grid drew coloured texture for most
+  prompts and yellow faces for "cat face". That is 2.8x fewer training images than sd saw; the 154 prompt
+  tokens (77 CLIP + 77 zeros) a block attends to cost most of a step. If the sample grid shows prompts not
+  followed, raise ``--max_train_steps``.
 
     python -m benchmark.pretrain_text2image                 # sd: ~1.5 h on one CPU thread
-    python -m benchmark.pretrain_text2image --family sd3    # sd3: ~100 min on one CPU thread
+    python -m benchmark.pretrain_text2image --family sd3    # sd3: ~3.4 h on one CPU thread
 
 Seeded and resumable (a checkpoint every ``--checkpointing_steps``; the learning rate is constant after
 warm-up, so raising ``--max_train_steps`` later continues exactly), so the same command gives the same
@@ -76,7 +77,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "sd": {},
     "sd3": dict(output_dir="benchmark/emoji_sd3_model", work_dir="benchmark/emoji_sd3_work",
                 samples_path="docs/images/emoji_sd3_samples.png", vae_work_dir=None, block_out_channels=None,
-                max_length=SD3_CLIP_TOKENS, max_train_steps=3600, num_inference_steps=28,
+                max_length=SD3_CLIP_TOKENS, max_train_steps=7200, num_inference_steps=28,
                 vae_model="benchmark/emoji_source_model/vae", transformer_layers=4, num_attention_heads=4,
                 attention_head_dim=32, shift=1.0),
 }
