@@ -561,6 +561,7 @@ def main(args: argparse.Namespace) -> None:
     tp.log_throughput(accelerator, log, global_step, args)
     accelerator.wait_for_everyone()
     controlnet = plain_controlnet(accelerator, controlnet, args)
+    tp.end_collectives(accelerator)
     if accelerator.is_main_process:
         final = export_controlnet(controlnet, args.controlnet_lora)
         with dt.disk_space_guard(args.output_dir, "the fine-tuned ControlNet"):
@@ -579,7 +580,7 @@ def main(args: argparse.Namespace) -> None:
                     f"ControlNetModel.from_pretrained({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
-    tp.end_run(accelerator)
+    accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------------------------

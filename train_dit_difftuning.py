@@ -497,6 +497,7 @@ def main(args: argparse.Namespace) -> None:
     if ema is not None:
         ema.copy_to(params)  # on every process: with sharded parameters each holds its own shard
     trained = tp.plain_copy(accelerator, transformer, lambda: blank_like(tp.unwrap(accelerator, transformer), args))
+    tp.end_collectives(accelerator)
     if accelerator.is_main_process:
         final = export_transformer(trained, args.finetune)
         if args.finetune == "lora":
@@ -516,7 +517,7 @@ def main(args: argparse.Namespace) -> None:
                     f"DiffusionPipeline.from_pretrained({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
-    tp.end_run(accelerator)
+    accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------------------------

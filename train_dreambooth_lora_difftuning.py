@@ -661,6 +661,7 @@ def main(args: argparse.Namespace) -> None:
     tp.log_throughput(accelerator, log, global_step, args)
     accelerator.wait_for_everyone()
     denoiser_state = tp.full_state_dict(accelerator, denoiser)  # every process: gathers shards
+    tp.end_collectives(accelerator)
     if accelerator.is_main_process:
         encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
         with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
@@ -684,7 +685,7 @@ def main(args: argparse.Namespace) -> None:
                     f"pipe.load_lora_weights({args.output_dir!r}))")
         if args.push_to_hub:
             tp.push_output_dir(args, repo_id)
-    tp.end_run(accelerator)
+    accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1393,13 +1393,15 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
     return path
 
 
-def end_run(accelerator: Accelerator) -> None:
-    """Finish on every process at once: wait for the main process to write (and push) the model, then close the
-    trackers and destroy the process group (accelerate's ``end_training``). torch asks every rank to destroy its
-    group at the same point. Without the barrier the other ranks tear down their connections while the main
-    process is still saving, and one two-process CPU run (gloo) hung at exit after its model was written."""
+def end_collectives(accelerator: Accelerator) -> None:
+    """Call after the last collective of a run, on every process: all ranks destroy their process group here,
+    together, as torch asks (one point on every rank). When the other ranks destroyed theirs at exit while the
+    main process was still saving, one two-process CPU run (gloo) left the main process hung at exit after its
+    model was written. The main process then saves, samples and uploads alone, and no rank waits for it (a
+    barrier after a long upload would hit --ddp_timeout). accelerate's ``end_training`` at the very end still
+    closes the trackers; its own destroy is then a no-op."""
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.state.destroy_process_group()
 
 
 def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
