@@ -803,10 +803,25 @@ def checkpoint_step(path: str) -> int:
 def score_checkpoints(args: argparse.Namespace) -> dict:
     """FID along a run: each of ``--checkpoints`` sampled with the same noise and scored against the
     ``--reference_split`` (the ``val`` split, disjoint from the reference set, is the one to choose a step on),
-    in the first feature space and, with ``--second_reference``, the second. Writes ``--output_json``."""
+    in the first feature space and, with ``--second_reference``, the second. Writes ``--output_json``.
+
+    A curve takes tens of minutes on a CPU, so each scored point is kept in ``<output_json>.partial`` as it
+    finishes: a curve cut short resumes at the first checkpoint not yet scored. Each point is seeded on its own,
+    so a resumed curve equals a straight one."""
     from diffusers import DiTPipeline
 
     checkpoints = sorted(args.checkpoints, key=checkpoint_step)
+    output_json = args.output_json or os.path.join(args.pipeline, f"curve_{args.reference_split}.json")
+    settings = {k: v for k, v in vars(args).items() if k != "pipeline"}
+    # What a point depends on: the pipeline, the scoring settings, and the checkpoint's weights file as written.
+    scoring = {k: v for k, v in settings.items() if k not in ("checkpoints", "output_json", "num_threads")}
+    scoring["pipeline"] = os.path.abspath(args.pipeline)
+    partial_path = f"{output_json}.partial"
+    scored = {}
+    if os.path.exists(partial_path):
+        partial = json.load(open(partial_path))
+        if partial.get("scoring") == scoring:
+            scored = {point["checkpoint"]: point for point in partial["points"]}
     target = TARGETS[args.reference]
     classifier, _ = load_or_train_classifier(args.classifier_dir, 0, args.classifier_steps, args.split_seed,
                                              args.reference)
@@ -819,22 +834,41 @@ def score_checkpoints(args: argparse.Namespace) -> dict:
     classes = [i % len(target.class_names) for i in range(args.num_samples)]
     curve = []
     for checkpoint in checkpoints:
-        weights = load_checkpoint_weights(pipe.transformer, checkpoint)
-        images = sample_pipeline(pipe, [rows[c] for c in classes], args.seed, args.num_inference_steps,
-                                 args.guidance_scale, args.batch_size)
-        point = {"step": checkpoint_step(checkpoint), "weights": weights}
-        for name, network in (("", classifier), ("second_", second)):
-            if network is not None:
-                scores = compute_metrics(images, classes, reference, network, bootstrap=0, seed=args.seed)
-                point.update({f"{name}fid": scores["fid"], f"{name}accuracy": scores["accuracy"]})
+        identity = checkpoint_identity(checkpoint)
+        kept = identity in scored
+        if not kept:
+            weights = load_checkpoint_weights(pipe.transformer, checkpoint)
+            images = sample_pipeline(pipe, [rows[c] for c in classes], args.seed, args.num_inference_steps,
+                                     args.guidance_scale, args.batch_size)
+            point = {"step": checkpoint_step(checkpoint), "weights": weights}
+            for name, network in (("", classifier), ("second_", second)):
+                if network is not None:
+                    scores = compute_metrics(images, classes, reference, network, bootstrap=0, seed=args.seed)
+                    point.update({f"{name}fid": scores["fid"], f"{name}accuracy": scores["accuracy"]})
+            scored[identity] = {"checkpoint": identity, **point}
+            dt.atomic_write_json(partial_path, {"scoring": scoring, "points": list(scored.values())})
+        point = {k: v for k, v in scored[identity].items() if k != "checkpoint"}
         curve.append(point)
-        print(f"step {point['step']}: FID {point['fid']:.2f} on {args.reference_split}" + (
-            f" (second space {point['second_fid']:.2f})" if second is not None else ""), flush=True)
+        print(f"step {point['step']}: FID {point['fid']:.2f} on {args.reference_split}"
+              + (f" (second space {point['second_fid']:.2f})" if second is not None else "")
+              + (" (scored before the curve was interrupted)" if kept else ""), flush=True)
     result = {"pipeline": os.path.abspath(args.pipeline), "reference_split": args.reference_split,
-              "curve": curve, "settings": {k: v for k, v in vars(args).items() if k != "pipeline"}}
-    dt.atomic_write_json(args.output_json or os.path.join(args.pipeline, f"curve_{args.reference_split}.json"),
-                         result)
+              "curve": curve, "settings": settings}
+    dt.atomic_write_json(output_json, result)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
     return result
+
+
+def checkpoint_identity(checkpoint: str) -> str:
+    """A checkpoint's weights as written: its path with the size and modification time of the file
+    ``load_checkpoint_weights`` reads, so that a checkpoint written again is scored again."""
+    for name in ("custom_checkpoint_0.pkl", "model.safetensors"):
+        path = os.path.join(checkpoint, name)
+        if os.path.exists(path):
+            stat = os.stat(path)
+            return f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
+    return os.path.abspath(checkpoint)
 
 
 def class_rows(pipe, class_names: tuple[str, ...] = MNIST_CLASSES) -> list[int]:

@@ -602,3 +602,53 @@ def test_premise_check_reports_a_pair_without_a_gate(tmp_path, capsys, monkeypat
     assert pair["miniature"] == "digits_a_to_b" and pair["gate_fid_change_percent"] is None
     assert pair["num_target_images"] == 50 and min(pair["loss"].values()) > 0 and pair["ratio"] > 0
     assert "spearman_ratio_vs_gate" not in report and "gate: not measured yet" in capsys.readouterr().out
+
+
+def test_checkpoint_curve_resumes_where_it_was_cut(tmp_path, monkeypatch) -> None:
+    """A validation curve cut short keeps the points it scored: run again, it samples only the checkpoints not yet
+    scored, and its curve equals one scored straight through."""
+    from safetensors.torch import load_file, save_file
+
+    pipeline = "benchmark/digits_a_source_model"
+    weights = load_file(os.path.join(pipeline, "transformer", "diffusion_pytorch_model.safetensors"))
+    checkpoints = []
+    for step, scale in ((100, 1.0), (200, 0.9)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({k: v * scale for k, v in weights.items()}, str(folder / "model.safetensors"))
+        checkpoints.append(str(folder))
+    sample = ev.sample_pipeline
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == cut_at:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "sample_pipeline", counted)
+
+    def curve(name: str) -> dict:
+        return ev.score_checkpoints(ev.parse_args([
+            "--pipeline", pipeline, "--reference", "digits_b", "--reference_split", "val", "--num_samples", "10",
+            "--num_inference_steps", "2", "--bootstrap", "0", "--checkpoints", *checkpoints,
+            "--output_json", str(tmp_path / name)]))
+
+    cut_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        curve("cut.json")
+    partial = json.load(open(tmp_path / "cut.json.partial"))
+    assert [point["step"] for point in partial["points"]] == [100]
+    cut_at, calls[:] = 0, []
+    resumed = curve("cut.json")
+    assert len(calls) == 1 and not os.path.exists(tmp_path / "cut.json.partial")
+    calls[:] = []
+    straight = curve("straight.json")
+    assert len(calls) == 2 and [p["step"] for p in straight["curve"]] == [100, 200]
+    assert resumed["curve"] == straight["curve"] and straight["curve"][0]["fid"] != straight["curve"][1]["fid"]
+    cut_at, calls[:] = 2, []  # cut again, then write checkpoint-100 anew: its kept point no longer counts
+    with pytest.raises(KeyboardInterrupt):
+        curve("again.json")
+    save_file({k: v * 0.8 for k, v in weights.items()}, checkpoints[0] + "/model.safetensors")
+    cut_at, calls[:] = 0, []
+    assert curve("again.json")["curve"][0]["fid"] != straight["curve"][0]["fid"] and len(calls) == 2
