@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The decision table of a Fashion-MNIST pair: every arm against the plain baseline, paired by seed, in both
-feature spaces, at the validation-chosen checkpoint and at the end of training; and FID against steps.
+"""The decision table of a pair with two feature spaces (the Fashion-MNIST halves, the digit halves): every arm
+against the plain baseline, paired by seed, in both feature spaces, at the validation-chosen checkpoint and at the
+end of training; and FID against steps.
 
 Arms come from finished ``run_benchmark`` folders (``--arm NAME=OUTPUT_DIR:RUN_ARM``), so runs made with other
 learning rates or batch sizes in other folders are compared seed by seed with one baseline. A difference counts
