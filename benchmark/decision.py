@@ -185,10 +185,11 @@ def summarize(arms: dict[str, dict[int, dict]], baseline: str, alpha: float) -> 
             cells.append(" / ".join(f"{t['mean_change_percent']:+.1f}% (p {t['p']:.3f})" for t in tests.values()))
             cells.append(verdict(tests, alpha))
         lines.append("| " + " | ".join(cells) + " |")
-    notes = (f"\nFID against the 2,000-image reference (1,000 samples). Changes are paired by seed (same seeds, same "
-             f"sampling noise); p: paired t-test. A verdict needs p < {alpha} in both feature spaces with one sign. "
-             "Chosen step: the checkpoint with the lowest validation FID (first space, 500 samples on the validation "
-             "split), per seed.\n")
+    scored = next(iter(arms[baseline].values()))  # every arm is scored alike; the baseline's counts say how
+    notes = (f"\nFID against the {scored['num_reference']:,}-image reference ({scored['num_generated']:,} samples). "
+             "Changes are paired by seed (same seeds, same sampling noise); p: paired t-test. A verdict needs "
+             f"p < {alpha} in both feature spaces with one sign. Chosen step: the checkpoint with the lowest "
+             "validation FID (first space, on the validation split), per seed.\n")
     return "\n".join(lines) + "\n" + notes, report
 
 

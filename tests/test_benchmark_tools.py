@@ -485,7 +485,7 @@ def _fake_runs(folder, arm: str, fids: list[tuple[float, float]], validation_off
     for seed, (first, second) in enumerate(fids):
         run = folder / "runs" / f"{arm}-seed{seed}"
         run.mkdir(parents=True)
-        scored = {"fid": first, "accuracy": 0.9, "copy_rate": 0.1,
+        scored = {"fid": first, "accuracy": 0.9, "copy_rate": 0.1, "num_reference": 1000, "num_generated": 500,
                   "second_space": {"fid": second, "accuracy": 0.9, "copy_rate": 0.2}}
         curve = [{"step": step, "fid": first + validation_offset - step / 100,
                   "second_fid": second + validation_offset - step / 100}
@@ -517,6 +517,7 @@ def test_decision_needs_both_spaces_to_agree(tmp_path, capsys) -> None:
     assert report["arms"]["good"]["tests"]["chosen"]["first"]["p"] < 0.05
     assert report["arms"]["good"]["side_metrics"]["copy_rate"]["second"]["difference"] == pytest.approx(0.0)
     assert "| plain | 0.900 (0.900) | — | 0.100 (0.200) | — |" in text
+    assert "FID against the 1,000-image reference (500 samples)" in text  # the runs' counts, not a fixed caption
     assert os.path.getsize(f"{out}.png") > 0
 
 
