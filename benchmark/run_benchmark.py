@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 
 from benchmark import runner
@@ -180,13 +182,21 @@ def write_target_folder(args: argparse.Namespace) -> str:
         return folder
     images, labels = target.split("train", 0, args.shots_per_class)
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    tmp = folder + ".tmp"
+    # A temporary folder of this process's own: two benchmarks started on one --output_dir (one queue per thread)
+    # both write the set, and the first rename wins.
+    os.makedirs(args.output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".", dir=args.output_dir)
     for i, label in enumerate(labels.tolist()):
         name = target.class_names[label]
         os.makedirs(os.path.join(tmp, name), exist_ok=True)
         image = pixels[i][..., 0] if pixels.shape[-1] == 1 else pixels[i]
         Image.fromarray(image).save(os.path.join(tmp, name, f"{i:05d}.png"))
-    os.replace(tmp, folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process wrote the same set first
+        shutil.rmtree(tmp)
+        if not os.path.isdir(folder):
+            raise
     return folder
 
 

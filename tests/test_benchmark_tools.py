@@ -653,3 +653,26 @@ def test_checkpoint_curve_resumes_where_it_was_cut(tmp_path, monkeypatch) -> Non
     save_file({k: v * 0.8 for k, v in weights.items()}, checkpoints[0] + "/model.safetensors")
     cut_at, calls[:] = 0, []
     assert curve("again.json")["curve"][0]["fid"] != straight["curve"][0]["fid"] and len(calls) == 2
+
+
+def test_target_folder_written_by_two_benchmarks_at_once(tmp_path, monkeypatch) -> None:
+    """Two benchmarks on one --output_dir (one queue per thread) both write the few-shot set: the one that renames
+    second keeps the first one's folder, raises nothing and leaves no temporary folder behind."""
+    out = tmp_path / "bench"
+    args = run_benchmark.parse_args(["--miniature", "mnist", "--output_dir", str(out), "--shots_per_class", "2"])
+    real_rename = os.rename
+
+    def other_process_renames_first(src, dst):
+        os.makedirs(os.path.join(dst, "0"))
+        open(os.path.join(dst, "0", "theirs.png"), "wb").close()
+        real_rename(src, dst)
+
+    monkeypatch.setattr(run_benchmark.os, "rename", other_process_renames_first)
+    folder = run_benchmark.write_target_folder(args)
+    assert os.listdir(out) == [os.path.basename(folder)]
+    assert os.listdir(os.path.join(folder, "0")) == ["theirs.png"]
+    monkeypatch.setattr(run_benchmark.os, "rename", real_rename)
+    assert run_benchmark.write_target_folder(args) == folder  # written once, then reused
+    (out / os.path.basename(folder)).rename(out / "moved")
+    folder = run_benchmark.write_target_folder(args)
+    assert sorted(os.listdir(folder)) == [str(d) for d in range(10)] and len(os.listdir(os.path.join(folder, "3"))) == 2
