@@ -375,8 +375,14 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
         early = [by_seed[s]["early_stopped"] for s in seeds if "early_stopped" in by_seed[s]]
         stopped = (f"{fmt([e['fid'] for e in early])} (steps {', '.join(str(e['step']) for e in early)})"
                    if len(early) == len(seeds) else "—")
-        lines.append(f"| {arm} | {len(seeds)} | {fmt(fid)} | {stopped} | {fmt(kid, 1)} | {fmt(acc, 3)} | "
-                     f"{fmt(copies, 3)} | {fmt(ratio)} | {change} | {fmt(secs, 0)} |")
+        fid_cell, acc_cell, copy_cell = fmt(fid), fmt(acc, 3), fmt(copies, 3)
+        if all("second_space" in by_seed[s] for s in seeds):  # the decision pairs: (the second space) beside
+            second = [by_seed[s]["second_space"] for s in seeds]
+            fid_cell += f" ({fmt([x['fid'] for x in second])})"
+            acc_cell += f" ({fmt([x['accuracy'] for x in second], 3)})"
+            copy_cell += f" ({fmt([x['copy_rate'] for x in second], 3)})"
+        lines.append(f"| {arm} | {len(seeds)} | {fid_cell} | {stopped} | {fmt(kid, 1)} | {acc_cell} | "
+                     f"{copy_cell} | {fmt(ratio)} | {change} | {fmt(secs, 0)} |")
     settings = settings or {}
     from benchmark import evaluate
 
@@ -391,6 +397,9 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
              "from the training images). Train (s): wall seconds of the training run, knowledge-bank build "
              "included. A difference of a few percent on one seed is within the noise: compare means over seeds "
              "and look at the per-seed signs.\n")
+    if "second" in MINIATURES[settings.get("miniature", "mnist")]:
+        notes += (f"In parentheses: the second feature space, a CNN of all ten classes ({target}_wide; other data, "
+                  "other weights). A conclusion counts only where both spaces agree.\n")
     return "\n".join(lines) + "\n" + notes
 
 

@@ -347,7 +347,10 @@ def test_early_stopping_on_a_fashion_pair(tmp_path):
     chosen = metrics["early_stopped"]
     assert chosen["step"] == min(metrics["val_curve"], key=lambda p: p["fid"])["step"]
     assert chosen["num_generated"] == 20 and "second_space" in chosen
-    assert f"(steps {chosen['step']})" in open(os.path.join(out, "results.md")).read()
+    table = open(os.path.join(out, "results.md")).read()
+    assert f"(steps {chosen['step']})" in table
+    assert f"| {metrics['fid']:.2f} ({metrics['second_space']['fid']:.2f}) |" in table  # both spaces side by side
+    assert "In parentheses: the second feature space" in table
 
     # --score_steps on the finished run: a fixed length scored like the final model, without training again
     trained = os.path.getmtime(os.path.join(run, "model_index.json"))
