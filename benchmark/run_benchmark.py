@@ -327,9 +327,11 @@ def run_arms(args: argparse.Namespace, data: str) -> dict[str, dict[int, dict]]:
           f"{MINIATURES[args.miniature]['target']}: loading (training it takes a few minutes the first time)",
           flush=True)
     evaluate.load_or_train_classifier(target=MINIATURES[args.miniature]["target"])
-    # Arms of one seed share that seed's knowledge bank: one bank-building run per seed goes first.
+    # Arms of one seed share that seed's knowledge bank: one bank-building run per seed goes first, beside the
+    # runs that need no bank (plain, psi only), so a pool of two never waits on one bank with a core idle.
     uses_bank = [a for a in args.arms if "--difftuning" in ARMS[a] and "--retention_ratio" not in ARMS[a]]
     first = [(uses_bank[0], seed) for seed in args.seeds] if uses_bank else []
+    first += [(arm, seed) for arm in args.arms if arm not in uses_bank for seed in args.seeds]
     jobs = [(arm, seed) for arm in args.arms for seed in args.seeds]  # arms in the order given
     runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, data), first, args.jobs)
     metrics = runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, data), jobs, args.jobs)

@@ -676,3 +676,25 @@ def test_target_folder_written_by_two_benchmarks_at_once(tmp_path, monkeypatch) 
     (out / os.path.basename(folder)).rename(out / "moved")
     folder = run_benchmark.write_target_folder(args)
     assert sorted(os.listdir(folder)) == [str(d) for d in range(10)] and len(os.listdir(os.path.join(folder, "3"))) == 2
+
+
+def test_bank_builders_run_beside_the_arms_that_need_no_bank(tmp_path, monkeypatch) -> None:
+    """The first round holds one bank-building run per seed and every run that needs no bank (plain, psi only):
+    the arms that share a seed's bank wait for it, nothing else does."""
+    from benchmark import evaluate
+
+    calls = []
+
+    def fake_run(args, arm, seed, data):
+        calls.append((arm, seed))
+        return {"fid": 1.0, "kid_mean": 0.0, "accuracy": 1.0}
+
+    monkeypatch.setattr(run_benchmark, "train_and_evaluate", fake_run)
+    monkeypatch.setattr(evaluate, "load_or_train_classifier", lambda **kwargs: None)
+    args = run_benchmark.parse_args(["--output_dir", str(tmp_path), "--arms", "standard", "difftuning", "psi_only",
+                                     "bank_only", "--seeds", "0", "1", "--jobs", "1"])
+    run_benchmark.run_arms(args, str(tmp_path))
+    assert calls[:6] == [("difftuning", 0), ("difftuning", 1), ("standard", 0), ("standard", 1), ("psi_only", 0),
+                         ("psi_only", 1)]
+    assert sorted(calls[6:]) == sorted((arm, seed) for arm in ("standard", "difftuning", "psi_only", "bank_only")
+                                       for seed in (0, 1))
