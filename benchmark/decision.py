@@ -209,8 +209,9 @@ def plot_curves(arms: dict[str, dict[int, dict]], path: str) -> None:
             ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], alpha=0.15)
         ax.set_title(f"{space} feature space (validation split)")
         ax.set_xlabel("training step")
-        ax.set_ylabel("FID ↓")
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("FID ↓ (log scale)")
+        ax.set_yscale("log")  # the first steps' FIDs are ten times the plateau, where the arms differ
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{path}.tmp.png", dpi=120)
