@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The demo: the pair where Diff-Tuning's win is clearest, both arms end to end, in minutes on 2 cores.
+"""The demo: the pair where Diff-Tuning did best, both arms end to end, in minutes on 2 cores.
 
 Fine-tunes the shipped DiT pre-trained on five Fashion-MNIST classes (benchmark/fashion_b_source_model:
 pullover, dress, shirt, sneaker, bag) on 10 images of each of the other five (t-shirt/top, trouser, coat,
