@@ -158,7 +158,9 @@ def fashion_mnist_dir(root: Path | None = None) -> Path | None:
         debs = list(Path(tmp).glob("*.deb"))
         if done.returncode != 0 or not debs:
             return None
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "unpacked")], check=True)
+        unpacked = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "unpacked")], capture_output=True)
+        if unpacked.returncode != 0:
+            return None
         try:
             os.replace(Path(tmp) / "unpacked", target)
         except OSError:  # another process (a parallel test worker) unpacked it first
