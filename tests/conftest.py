@@ -88,7 +88,10 @@ def run_script(script: str, args: list[str], launcher: list[str] | None = None, 
     if not isinstance(result, subprocess.CompletedProcess):
         raise AssertionError(result)
     if ok and result.returncode != 0:
-        raise AssertionError(f"script failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        # A native crash's faulthandler dump ends with a long "Extension modules: ..." line; drop it so the
+        # tail shown keeps the stacks and the error that matter.
+        stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("Extension modules:"))
+        raise AssertionError(f"script failed ({result.returncode}):\n{stderr[-12000:]}")
     return result
 
 
