@@ -119,9 +119,9 @@ def side_metrics(arms: dict[str, dict[int, dict]], baseline: str) -> tuple[str, 
                 a = [side_metric(runs[s], metric, space) for s in seeds]
                 b = [side_metric(arms[baseline][s], metric, space) for s in seeds]
                 tests[space] = {"difference": statistics.mean(a) - statistics.mean(b),
-                                "p": float(stats.ttest_rel(a, b).pvalue) if len(seeds) > 1 else float("nan")}
+                                "p": float(stats.ttest_rel(a, b).pvalue) if len(seeds) > 1 else None}
             report[name][metric] = tests
-            cells.append(" / ".join(f"{t['difference']:+.3f} (p {t['p']:.3f})" for t in tests.values()))
+            cells.append(" / ".join(f"{t['difference']:+.3f} ({format_p(t['p'])})" for t in tests.values()))
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("\nAt the validation-chosen checkpoint. Accuracy: the share of samples the space's classifier assigns to "
              "their class. Copy rate: the share of samples closer to a few-shot training image than 95% of unseen "
@@ -148,12 +148,18 @@ def paired_test(arm: dict[int, dict], base: dict[int, dict], when: str, space: s
     seeds = sorted(set(arm) & set(base))
     a, b = [fid(arm[s], when, space) for s in seeds], [fid(base[s], when, space) for s in seeds]
     change = [100 * (x - y) / y for x, y in zip(a, b, strict=True)]
-    p = float(stats.ttest_rel(a, b).pvalue) if len(seeds) > 1 else float("nan")
+    p = float(stats.ttest_rel(a, b).pvalue) if len(seeds) > 1 else None  # one pair has no spread to test
     return {"seeds": seeds, "change_percent": change, "mean_change_percent": statistics.mean(change), "p": p}
+
+
+def format_p(p: float | None) -> str:
+    return f"p {p:.3f}" if p is not None else "one seed, no test"
 
 
 def verdict(tests: dict[str, dict], alpha: float) -> str:
     """better / worse only where both spaces agree in sign and both are significant."""
+    if any(t["p"] is None for t in tests.values()):
+        return "one seed: no verdict"
     signs = {t["mean_change_percent"] < 0 for t in tests.values()}
     if len(signs) == 1 and all(t["p"] < alpha for t in tests.values()):
         return "**better**" if signs.pop() else "**worse**"
@@ -182,7 +188,7 @@ def summarize(arms: dict[str, dict[int, dict]], baseline: str, alpha: float) -> 
                 continue
             tests = {space: paired_test(runs, arms[baseline], when, space) for space in SPACES}
             report[name]["tests"][when] = tests
-            cells.append(" / ".join(f"{t['mean_change_percent']:+.1f}% (p {t['p']:.3f})" for t in tests.values()))
+            cells.append(" / ".join(f"{t['mean_change_percent']:+.1f}% ({format_p(t['p'])})" for t in tests.values()))
             cells.append(verdict(tests, alpha))
         lines.append("| " + " | ".join(cells) + " |")
     scored = next(iter(arms[baseline].values()))  # every arm is scored alike; the baseline's counts say how

@@ -622,6 +622,24 @@ def test_score_steps_must_be_kept_checkpoints(capsys) -> None:
         assert "--score_steps" in capsys.readouterr().err
 
 
+def test_decision_gives_no_verdict_on_one_seed(tmp_path) -> None:
+    """An arm sharing one seed with the baseline has no paired test: the table says so and the JSON holds null,
+    not NaN (which strict JSON readers reject)."""
+    from benchmark import decision
+
+    _fake_runs(tmp_path, "standard", [(20.0, 40.0), (21.0, 41.0)])
+    _fake_runs(tmp_path, "single", [(10.0, 20.0)])
+    out = tmp_path / "decision"
+    decision.main(decision.parse_args([
+        "--baseline", "plain", "--arm", f"plain={tmp_path}:standard", "--arm", f"single={tmp_path}:single",
+        "--table", f"{out}.md", "--output_json", f"{out}.json"]))
+    row = next(line for line in open(f"{out}.md") if line.startswith("| single |"))
+    assert "one seed: no verdict" in row and "nan" not in row and "**" not in row
+    report = json.loads(open(f"{out}.json").read(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert report["arms"]["single"]["tests"]["chosen"]["first"]["p"] is None
+    assert report["arms"]["single"]["side_metrics"]["accuracy"]["second"]["p"] is None
+
+
 def test_decision_refuses_runs_without_a_curve(tmp_path) -> None:
     from benchmark import decision
 
