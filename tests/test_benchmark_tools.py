@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from benchmark import evaluate as ev
 from benchmark import overhead, run_benchmark
@@ -760,3 +762,39 @@ def test_bank_builders_run_beside_the_arms_that_need_no_bank(tmp_path, monkeypat
                          ("psi_only", 1)]
     assert sorted(calls[6:]) == sorted((arm, seed) for arm in ("standard", "difftuning", "psi_only", "bank_only")
                                        for seed in (0, 1))
+
+
+@pytest.mark.parametrize("report_name", sorted(
+    os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "docs", "measurements", "decision_*.json"))
+    if json.load(open(path))["arms"] and all(
+        os.path.isdir(os.path.join(ROOT, arm["source"].split(":")[0]))
+        for arm in json.load(open(path))["arms"].values())))
+def test_committed_decision_reports_follow_from_the_committed_run_records(report_name, tmp_path) -> None:
+    """Every decision report in docs/ whose runs are committed is what benchmark.decision computes from them today:
+    the tables in results.md cannot drift from the per-run records (or from a change to the statistics)."""
+    from benchmark import decision
+
+    committed = json.load(open(os.path.join(ROOT, "docs", "measurements", report_name)))
+    argv = ["--baseline", *committed["baseline_candidates"], "--output_json", str(tmp_path / "report.json")]
+    for name, arm in committed["arms"].items():
+        argv += ["--arm", f"{name}={arm['source']}"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the reports name their sources relative to the repository
+    try:
+        decision.main(decision.parse_args(argv))
+    finally:
+        os.chdir(cwd)
+    recomputed = json.load(open(tmp_path / "report.json"))
+    assert recomputed["baseline"] == committed["baseline"]
+    assert _approx_equal(recomputed, committed)
+
+
+def _approx_equal(left, right) -> bool:
+    """Nested equality with floats compared to 1e-9 relative (JSON round trips can differ in the last bit)."""
+    if isinstance(left, dict):
+        return left.keys() == right.keys() and all(_approx_equal(left[k], right[k]) for k in left)
+    if isinstance(left, list):
+        return len(left) == len(right) and all(_approx_equal(a, b) for a, b in zip(left, right, strict=True))
+    if isinstance(left, float) or isinstance(right, float):
+        return left == pytest.approx(right, rel=1e-9, abs=1e-12)
+    return left == right
