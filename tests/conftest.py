@@ -64,12 +64,22 @@ def run_command(cmd: list[str], timeout: float, env: dict | None = None) -> subp
         stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     except subprocess.TimeoutExpired:
-        tree = psutil.Process(proc.pid).children(recursive=True)[::-1] + [psutil.Process(proc.pid)]
-        for signum in (signal.SIGABRT, signal.SIGKILL):  # workers first, so the launcher cannot respawn them
-            for process in tree:
-                with contextlib.suppress(psutil.Error):
-                    process.send_signal(signum)
-            psutil.wait_procs(tree, timeout=20)
+        launcher = psutil.Process(proc.pid)
+        tree = launcher.children(recursive=True)[::-1] + [launcher]
+        # Freeze the launcher so it can neither respawn nor terminate (without stacks) the workers, then abort
+        # one process at a time: faulthandler's dumps of processes sharing a stderr would interleave mid-line.
+        with contextlib.suppress(psutil.Error):
+            launcher.suspend()
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGABRT)
+                if process is launcher:
+                    process.resume()
+            psutil.wait_procs([process], timeout=10)
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(tree, timeout=20)
         stderr = proc.communicate()[1]
         return f"{' '.join(cmd[:6])} ... hung for {timeout:.0f} s; the end of its stderr, stacks included:\n" \
                f"{stderr[-12000:]}"
