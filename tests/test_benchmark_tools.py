@@ -764,12 +764,20 @@ def test_bank_builders_run_beside_the_arms_that_need_no_bank(tmp_path, monkeypat
                                        for seed in (0, 1))
 
 
-@pytest.mark.parametrize("report_name", sorted(
-    os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "docs", "measurements", "decision_*.json"))
-    if json.load(open(path))["arms"] and all(
-        os.path.isdir(os.path.join(ROOT, arm["source"].split(":")[0]))
-        for arm in json.load(open(path))["arms"].values())))
-def test_committed_decision_reports_follow_from_the_committed_run_records(report_name, tmp_path) -> None:
+
+def _reports_with_committed_runs() -> list[str]:
+    """The decision reports in docs/measurements whose every arm points at run records committed beside them."""
+    names = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "measurements", "decision_*.json"))):
+        arms = json.load(open(path))["arms"].values()
+        if arms and all(os.path.isdir(os.path.join(ROOT, arm["source"].split(":")[0])) for arm in arms):
+            names.append(os.path.basename(path))
+    return names
+
+
+@pytest.mark.parametrize("report_name", _reports_with_committed_runs())
+def test_committed_decision_reports_follow_from_the_committed_run_records(report_name, tmp_path,
+                                                                          monkeypatch) -> None:
     """Every decision report in docs/ whose runs are committed is what benchmark.decision computes from them today:
     the tables in results.md cannot drift from the per-run records (or from a change to the statistics)."""
     from benchmark import decision
@@ -778,23 +786,25 @@ def test_committed_decision_reports_follow_from_the_committed_run_records(report
     argv = ["--baseline", *committed["baseline_candidates"], "--output_json", str(tmp_path / "report.json")]
     for name, arm in committed["arms"].items():
         argv += ["--arm", f"{name}={arm['source']}"]
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the reports name their sources relative to the repository
-    try:
-        decision.main(decision.parse_args(argv))
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)  # the reports name their sources relative to the repository
+    decision.main(decision.parse_args(argv))
     recomputed = json.load(open(tmp_path / "report.json"))
     assert recomputed["baseline"] == committed["baseline"]
-    assert _approx_equal(recomputed, committed)
+    assert _first_difference(recomputed, committed) is None
 
 
-def _approx_equal(left, right) -> bool:
-    """Nested equality with floats compared to 1e-9 relative (JSON round trips can differ in the last bit)."""
-    if isinstance(left, dict):
-        return left.keys() == right.keys() and all(_approx_equal(left[k], right[k]) for k in left)
-    if isinstance(left, list):
-        return len(left) == len(right) and all(_approx_equal(a, b) for a, b in zip(left, right, strict=True))
+def _first_difference(left, right, where: str = "") -> str | None:
+    """The path of the first value that differs (floats to 1e-9 relative: JSON round trips can move the last
+    bit), or None."""
+    if isinstance(left, dict) and isinstance(right, dict):
+        if left.keys() != right.keys():
+            return f"{where} keys"
+        return next((d for k in left if (d := _first_difference(left[k], right[k], f"{where}/{k}"))), None)
+    if isinstance(left, list) and isinstance(right, list):
+        if len(left) != len(right):
+            return f"{where} length"
+        return next((d for i, (a, b) in enumerate(zip(left, right, strict=True))
+                     if (d := _first_difference(a, b, f"{where}/{i}"))), None)
     if isinstance(left, float) or isinstance(right, float):
-        return left == pytest.approx(right, rel=1e-9, abs=1e-12)
-    return left == right
+        return None if left == pytest.approx(right, rel=1e-9, abs=1e-12) else f"{where}: {left} != {right}"
+    return None if left == right else f"{where}: {left!r} != {right!r}"
