@@ -13,6 +13,8 @@ use only; it is no part of the scripts.
 
 from __future__ import annotations
 
+import logging
+import os
 import runpy
 import sys
 
@@ -55,4 +57,18 @@ if __name__ == "__main__":
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         _deepspeed_on_cpu()
     script, sys.argv = sys.argv[1], sys.argv[1:]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+        exit_code = 0
+    except SystemExit as stop:
+        exit_code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    # Skip the interpreter's teardown. FSDP2 over gloo (possible only through this launcher) can leave collective
+    # work held by gloo's worker threads; destroying it during finalisation aborts a process that has finished
+    # ("terminate called without an active exception"; seen once in CI), and torchrun then kills the other rank
+    # mid-save. GPU runs use NCCL and never come here.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
