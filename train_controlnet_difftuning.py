@@ -501,9 +501,7 @@ def main(args: argparse.Namespace) -> None:
     per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
     identity = tp.checkpoint_identity(args, __file__)
     global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
-    if accelerator.is_main_process:
-        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=tracked)
+    tp.start_trackers(accelerator, args, "controlnet-difftuning")
 
     num_timesteps = noise_scheduler.config.num_train_timesteps
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)

@@ -435,9 +435,7 @@ def main(args: argparse.Namespace) -> None:
         tp.checkpoint_ema(accelerator, ema, per_process_state)
     identity = tp.checkpoint_identity(args, __file__)
     global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
-    if accelerator.is_main_process:
-        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name or "dit-difftuning", config=tracked)
+    tp.start_trackers(accelerator, args, "dit-difftuning")
 
     num_timesteps = noise_scheduler.config.num_train_timesteps
     step = DiTStep(

@@ -597,9 +597,7 @@ def main(args: argparse.Namespace) -> None:
     per_process_state = {"step_rng": step_rng, **({"replay": bank} if bank is not None else {})}
     identity = tp.checkpoint_identity(args, __file__)
     global_step, resume_path = tp.resume(accelerator, args, per_process_state, identity)
-    if accelerator.is_main_process:
-        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name or "dreambooth-lora-difftuning", config=tracked)
+    tp.start_trackers(accelerator, args, "dreambooth-lora-difftuning")
 
     psi_tau, xi_tau = (args.difftuning_tau, args.retention_tau) if args.difftuning else (0.0, 0.0)
     if family.flow_matching:  # psi and xi reweight upstream's density over the scheduler's sigma table

@@ -35,6 +35,8 @@ logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Never uploaded: resumable checkpoints, the knowledge bank, half-written files.
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "*.tmp*", "step_*", "epoch_*"]
+# Flags whose values are secrets: never sent to a tracker, written to a card or a log, or uploaded.
+SECRET_FLAGS = ("hub_token",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +137,9 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
     log.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
     log.add_argument("--tracker_project_name", type=str, default=None, help="Project name passed to the trackers.")
     log.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
-    log.add_argument("--hub_token", type=str, default=None, help="Token for the Hub.")
+    log.add_argument("--hub_token", type=str, default=None,
+                     help="Token for the Hub, used only to authenticate: never tracked, logged or written (`hf auth "
+                          "login` keeps it off the command line too).")
     log.add_argument("--hub_model_id", type=str, default=None, help="Hub repository; default: output_dir's name.")
 
 
@@ -186,6 +190,9 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
             import bitsandbytes  # noqa: F401
         except ImportError as err:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from err
+    if args.hub_token and args.report_to in ("wandb", "all"):
+        raise ConfigError(f"--report_to {args.report_to} with --hub_token would expose the token to wandb (as "
+                          "upstream, refused); log in with `hf auth login` instead of passing --hub_token.")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not os.path.isdir(args.resume_from_checkpoint):
             raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
@@ -1327,6 +1334,22 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> list[Image.Im
     return VaeImageProcessor.numpy_to_pil(images)
 
 
+def public_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as trackers, logs and cards may show them: every flag but the secrets, and no value that holds a
+    secret (a token pasted into another flag by mistake)."""
+    secrets = [getattr(args, flag) for flag in SECRET_FLAGS if getattr(args, flag, None)]
+    return {k: v for k, v in vars(args).items()
+            if k not in SECRET_FLAGS and not (isinstance(v, str) and any(s in v for s in secrets))}
+
+
+def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_project: str) -> None:
+    """``init_trackers`` on the main process with the scalar flags as the run's config (TensorBoard writes them to
+    ``hparams.yml`` and its event files, which ``--push_to_hub`` uploads with ``logs/``): secrets left out."""
+    if accelerator.is_main_process:
+        tracked = {k: v for k, v in public_flags(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name or default_project, config=tracked)
+
+
 def log_images(accelerator: Accelerator, images: Sequence[Image.Image], captions: Sequence[str], step: int,
                tag: str = "validation") -> None:
     """Send images to whichever trackers are active (TensorBoard and/or wandb)."""
@@ -1381,7 +1404,7 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
         images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
         make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
         description += "\n\n## Samples\n\n![samples](./samples.png)\n"
-    flags = {k: display_path(v) for k, v in sorted(vars(args).items()) if k != "hub_token" and v not in (None, False)}
+    flags = {k: display_path(v) for k, v in sorted(public_flags(args).items()) if v not in (None, False)}
     description += ("\n\n## Training flags\n\n" + "\n".join(f"- `--{k}`: `{v}`" for k, v in flags.items()) + "\n")
     # Built locally (never fetched): the Hub may be unreachable, and a stale card must not win.
     is_hub_id = not os.path.exists(base_model)

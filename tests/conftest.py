@@ -138,3 +138,17 @@ def files_uploaded(upload: dict) -> list[str]:
     root = upload["folder_path"]
     paths = [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files]
     return [p for p in paths if not any(fnmatch.fnmatch(p, pat) for pat in upload["ignore_patterns"])]
+
+
+TOKEN = "hf_NotARealTokenButSecret0123456789"
+
+
+def assert_no_token(folder: str, *texts: str) -> None:
+    """No file under ``folder`` (logs, TensorBoard events, card, weights, checkpoints) and no text (captured
+    console output) holds :data:`TOKEN`."""
+    for text in texts:
+        assert TOKEN not in text
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                assert TOKEN.encode() not in f.read(), os.path.join(directory, name)

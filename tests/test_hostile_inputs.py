@@ -58,6 +58,8 @@ EARLY = [
     ("unknown validation class", ["--validation_class_labels", "triangle"],
      "--validation_class_labels: 'triangle' is not a class of the dataset"),
     ("push offline", ["--push_to_hub"], "--push_to_hub: the Hub repository 'out' could not be created"),
+    ("token to wandb", ["--report_to", "wandb", "--hub_token", "hf_x"], "--report_to wandb with --hub_token would "
+     "expose the token"),
 ]
 
 

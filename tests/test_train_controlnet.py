@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
+from conftest import ROOT, TOKEN, TWO_PROCESSES, assert_no_token, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 
 import training_plumbing as tp
@@ -152,7 +152,7 @@ def test_two_processes_on_cpu(tiny_sd, circles, tmp_path):
     assert manifest["count"] == 6 and len(manifest["shards"]) == 2  # one shard built by each process
 
 
-def test_push_to_hub_uploads_without_checkpoints(tiny_sd, circles, tmp_path, captured_hub):
+def test_push_to_hub_uploads_without_checkpoints(tiny_sd, circles, tmp_path, captured_hub, capfd):
     """The Hub is unreachable: capture create_repo/upload_folder and check what would be sent.
     Also the run (in-process, for speed) of the adaptation-only mode, --retention none."""
     import train_controlnet_difftuning as script
@@ -160,7 +160,8 @@ def test_push_to_hub_uploads_without_checkpoints(tiny_sd, circles, tmp_path, cap
     out = str(tmp_path / "out")
     script.main(script.parse_args(base_args(tiny_sd, circles, out) + [
         "--difftuning", "--retention", "none", "--push_to_hub", "--hub_model_id", "me/controlnet-circles",
-        "--checkpointing_steps", "1"]))
+        "--checkpointing_steps", "1", "--report_to", "tensorboard", "--hub_token", TOKEN]))
+    assert_no_token(out, *capfd.readouterr())
     assert_trained(out)
     generate(tiny_sd, out, circles)
     assert not os.path.exists(os.path.join(out, "knowledge_bank"))

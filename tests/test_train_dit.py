@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, TWO_PROCESSES, error_line, files_uploaded, run_script
+from conftest import ROOT, TOKEN, TWO_PROCESSES, assert_no_token, error_line, files_uploaded, run_script
 from safetensors.torch import load_file
 
 import difftuning_utils as dt
@@ -230,14 +230,16 @@ def test_two_processes_on_cpu(tiny_dit, image_folder, tmp_path):
     assert manifest["count"] == 6 and len(manifest["shards"]) == 2  # one shard built by each process
 
 
-def test_push_to_hub_uploads_without_checkpoints(tiny_dit, image_folder, tmp_path, captured_hub):
+def test_push_to_hub_uploads_without_checkpoints(tiny_dit, image_folder, tmp_path, captured_hub, capfd):
     """The Hub is unreachable: capture create_repo/upload_folder and check what would be sent."""
     import train_dit_difftuning as script
 
     out = str(tmp_path / "out")
     args = script.parse_args(base_args(tiny_dit, image_folder, out, steps=2) + [
-        "--difftuning", "--push_to_hub", "--hub_model_id", "me/dit-shapes", "--checkpointing_steps", "1"])
+        "--difftuning", "--push_to_hub", "--hub_model_id", "me/dit-shapes", "--checkpointing_steps", "1",
+        "--report_to", "tensorboard", "--hub_token", TOKEN])
     script.main(args)
+    assert_no_token(out, *capfd.readouterr())
     assert captured_hub["create"]["repo_id"] == "me/dit-shapes"
     upload = captured_hub["upload"]
     assert upload["repo_id"] == "me/dit-shapes" and upload["folder_path"] == out

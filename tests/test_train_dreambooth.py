@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, error_line, files_uploaded, run_script
+from conftest import ROOT, TOKEN, assert_no_token, error_line, files_uploaded, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -155,15 +155,18 @@ def test_resume_equals_straight_run(tiny_sd, tiny_sd3, tiny_flux, subject, tmp_p
     assert not all(torch.equal(a[k], halfway[k]) for k in a)  # the last two steps did train
 
 
-def test_push_to_hub_uploads_the_lora_and_card_only(tiny_sd, subject, tmp_path, captured_hub):
+def test_push_to_hub_uploads_the_lora_and_card_only(tiny_sd, subject, tmp_path, captured_hub, capfd):
     """The Hub is unreachable: capture create_repo/upload_folder; the LoRA and the card go, the checkpoints and
-    the class-sample bank stay; the card's snippet names the Hub repo."""
+    the class-sample bank stay; the card's snippet names the Hub repo; the token is in no file and no log."""
     import train_dreambooth_lora_difftuning as script
 
     out = str(tmp_path / "out")
     script.main(script.parse_args(base_args(tiny_sd, subject, out, steps=2) + [
         "--difftuning", "--with_prior_preservation", "--class_prompt", "a circle", "--push_to_hub",
-        "--hub_model_id", "me/sks-square"]))
+        "--hub_model_id", "me/sks-square", "--report_to", "tensorboard", "--hub_token", TOKEN]))
+    assert captured_hub["upload"]["token"] == TOKEN  # used to authenticate, and only there
+    assert any(p.startswith("logs/") for p in files_uploaded(captured_hub["upload"]))
+    assert_no_token(out, *capfd.readouterr())
     assert captured_hub["create"]["repo_id"] == "me/sks-square"
     sent = files_uploaded(captured_hub["upload"])
     assert LORA_FILE in sent and "README.md" in sent
