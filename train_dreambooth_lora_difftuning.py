@@ -89,7 +89,7 @@ def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Mo
     denoiser.add_adapter(tp.lora_config(args))
     models = [denoiser]
     if args.train_text_encoder:
-        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+        config = LoraConfig(r=args.rank, lora_alpha=tp.lora_alpha(args), init_lora_weights="gaussian",
                             target_modules=mf.TEXT_ENCODER_LORA_MODULES)
         for encoder in text_encoders:  # peft directly: transformers' add_adapter may ask for a newer peft
             inject_adapter_in_model(config, encoder)
@@ -110,6 +110,13 @@ def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily,
     return state if family.flow_matching else convert_state_dict_to_diffusers(state)
 
 
+def lora_metadata(model: torch.nn.Module | None) -> dict | None:
+    """The adapter metadata upstream saves beside a model's LoRA weights (diffusers' ``_collate_lora_metadata``):
+    the LoraConfig the model was trained with, so that ``load_lora_weights`` rebuilds the same adapter (alpha,
+    rank, DoRA, dropout, targets)."""
+    return None if model is None else model.peft_config["default"].to_dict()
+
+
 def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
                               text_encoders: list[torch.nn.Module]) -> None:
     """Checkpoints hold only the LoRA weights, in diffusers' format (``checkpoint-N`` loads with
@@ -126,9 +133,12 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
         states = [tp.full_state_dict(accelerator, model) for model in models]  # every process: gathers shards
         if accelerator.is_main_process:
             layers: list[dict | None] = [None] * (1 + len(text_encoders))
+            metadata: list[dict | None] = [None] * (1 + len(text_encoders))
             for model, state in zip(models, states, strict=True):
-                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model), family, state)
-            family.save_lora_weights(output_dir, layers[0], layers[1:])
+                plain = tp.unwrap(accelerator, model)
+                layers[role(model)] = lora_layers(plain, family, state)
+                metadata[role(model)] = lora_metadata(plain)
+            family.save_lora_weights(output_dir, layers[0], layers[1:], metadata)
         while weights:
             weights.pop()
 
@@ -404,6 +414,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for flag in ("num_class_images", "sample_batch_size", "rank"):
         if getattr(args, flag) < 1:
             raise dt.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    tp.lora_alpha(args)  # 0 refused before any model loads
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise dt.ConfigError(f"--validation_epochs must be >= 1, got {args.validation_epochs}.")
     if not args.prior_loss_weight >= 0:
@@ -663,9 +674,10 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
         with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
-            family.save_lora_weights(args.output_dir,
-                                     lora_layers(tp.unwrap(accelerator, denoiser), family, denoiser_state),
-                                     [lora_layers(e, family) if e is not None else None for e in encoders])
+            trained_denoiser = tp.unwrap(accelerator, denoiser)
+            family.save_lora_weights(args.output_dir, lora_layers(trained_denoiser, family, denoiser_state),
+                                     [lora_layers(e, family) if e is not None else None for e in encoders],
+                                     [lora_metadata(m) for m in (trained_denoiser, *encoders)])
         del pipeline, denoiser, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.

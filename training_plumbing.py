@@ -228,8 +228,17 @@ def lora_config(args: argparse.Namespace) -> Any:
 
     if args.rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {args.rank}.")
-    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+    return LoraConfig(r=args.rank, lora_alpha=lora_alpha(args), init_lora_weights="gaussian",
                       target_modules=[m.strip() for m in args.lora_target_modules.split(",")])
+
+
+def lora_alpha(args: argparse.Namespace) -> int:
+    """--lora_alpha, the rank when not given (the LoRA's output is scaled by alpha / rank; a negative alpha flips
+    it, as in upstream's scripts); 0, which would silence the adapter, is refused."""
+    if args.lora_alpha == 0:
+        raise ConfigError("--lora_alpha must not be 0 (the LoRA's output is scaled by alpha / rank); leave it out "
+                          "for alpha = rank.")
+    return args.rank if args.lora_alpha is None else args.lora_alpha
 
 
 def run_cli(main: Any, parse_args: Any) -> None:
@@ -1066,7 +1075,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 CHECKPOINT_INFO = "checkpoint_info.json"
 # The flags that decide what a checkpoint holds: resuming across a change in any of them cannot work.
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "finetune", "controlnet_lora",
-                  "rank", "lora_target_modules", "use_ema", "train_text_encoder")
+                  "rank", "lora_alpha", "lora_target_modules", "use_ema", "train_text_encoder")
 
 
 def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
@@ -1076,6 +1085,8 @@ def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
     for flag in IDENTITY_FLAGS:
         if hasattr(args, flag):
             identity[flag] = display_path(getattr(args, flag))
+    if hasattr(args, "lora_alpha") and args.lora_alpha is None:  # not given: the alpha trained with is the rank
+        identity["lora_alpha"] = args.rank
     return identity
 
 
@@ -1099,7 +1110,7 @@ def _check_checkpoint(path: str, identity: dict, accelerator: Accelerator) -> No
     info_path = os.path.join(path, CHECKPOINT_INFO)
     if os.path.exists(info_path):
         saved = json.load(open(info_path))
-        differ = [k for k in identity if saved.get(k) != identity[k]]
+        differ = [k for k in identity if k in saved and saved[k] != identity[k]]  # (keys older ones lack: skipped)
         if differ:
             raise ConfigError(f"--resume_from_checkpoint {path} was saved by another set-up ("
                               + ", ".join(f"{'' if k == 'script' else '--'}{k} {saved.get(k)!r} there, "

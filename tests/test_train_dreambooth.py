@@ -126,6 +126,57 @@ def test_train_save_load_lora(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, subject, 
     assert manifest["settings"].get("max_sequence_length") == {"sd3": 77, "flux": 512}.get(model)
 
 
+FAMILY_CLASSES = {"sd": mf.StableDiffusionFamily, "sdxl": mf.StableDiffusionXLFamily,
+                  "sd3": mf.StableDiffusion3Family, "flux": mf.FluxFamily}
+
+
+@pytest.mark.parametrize("model, alpha", [("sd", "8"), ("sd", "-4"), ("sdxl", "8"), ("sd3", "-4"), ("flux", "8")])
+def test_reloaded_lora_is_the_trained_model(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, subject, tmp_path, monkeypatch,
+                                            model, alpha):
+    """--rank 4 --lora_alpha 8 trains at scale 2 (a negative alpha at a negative scale): the saved file carries the
+    adapter metadata, so load_lora_weights (the user's load, and the model card's) rebuilds the model as trained,
+    denoiser and text encoders, from the final LoRA and from a checkpoint's."""
+    import train_dreambooth_lora_difftuning as script
+
+    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[model]
+    family_class, trained = FAMILY_CLASSES[model], {}
+    save = family_class.save_lora_weights
+
+    def save_recording_output(self, folder, *args):  # the in-memory trained model's prediction at each save
+        name = os.path.basename(folder)
+        trained[name.split(".")[0] if name.startswith("checkpoint-") else name] = unet_output(self.pipeline)
+        save(self, folder, *args)
+
+    monkeypatch.setattr(family_class, "save_lora_weights", save_recording_output)
+    out = str(tmp_path / "out")
+    script.main(script.parse_args(base_args(base_model, subject, out, steps=2) + [
+        "--rank", "4", "--lora_alpha", alpha, "--train_text_encoder", "--learning_rate", "1e-2"]))
+    for folder, name in ((out, "out"), (os.path.join(out, "checkpoint-2"), "checkpoint-2")):
+        pipe, base = load_with_lora(base_model, folder)
+        change = (trained[name] - base).abs().max()
+        assert change > 1e-4  # the LoRA did change the prediction
+        assert (unet_output(pipe) - trained[name]).abs().max() < 1e-3 * change, name
+
+
+def test_resume_with_another_lora_alpha_refused(tiny_sd, subject, tmp_path):
+    """The alpha is part of what a checkpoint holds: resuming with another one is refused in one sentence, and the
+    checkpoint and the saved LoRA are left as they were."""
+    import train_dreambooth_lora_difftuning as script
+
+    out = str(tmp_path / "out")
+    script.main(script.parse_args(base_args(tiny_sd, subject, out, steps=2) + ["--lora_alpha", "8"]))
+    before = {f: open(os.path.join(d, f), "rb").read() for d in (out, os.path.join(out, "checkpoint-2"))
+              for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+    for alpha in (["--lora_alpha", "4"], []):  # another alpha, or none (alpha = --rank 2)
+        with pytest.raises(dt.ConfigError, match=r"--lora_alpha 8 there, [24] now\); resume with the same"):
+            script.main(script.parse_args(base_args(tiny_sd, subject, out, steps=4) + alpha + [
+                "--resume_from_checkpoint", "latest"]))
+    assert before == {f: open(os.path.join(d, f), "rb").read() for d in (out, os.path.join(out, "checkpoint-2"))
+                      for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+    with pytest.raises(dt.ConfigError, match="--lora_alpha must not be 0"):
+        script.parse_args(base_args(tiny_sd, subject, out) + ["--lora_alpha", "0"])
+
+
 def test_half_precision_base_model(tiny_sdxl, subject, tmp_path):
     """A base pipeline saved in bf16 (like an fp16 --variant): transformers loads its text encoders in bf16 and
     diffusers its UNet in float32; training and the final samples still run, every part in one dtype."""
