@@ -65,10 +65,6 @@ class StableDiffusionFamily:
         """The denoiser's output for a batch."""
         return denoiser(noisy.to(dtype), timesteps, **self.unet_kwargs(prompts, time_ids, dtype)).sample
 
-    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-        """The pipeline's ``output_type="latent"`` output as [B, C, h, w] latents (the knowledge bank's layout)."""
-        return latents
-
     @property
     def call_kwargs(self) -> dict[str, Any]:
         """Arguments of the pipeline's ``__call__`` that make it encode prompts as the loop does (the class
@@ -275,11 +271,6 @@ class FluxFamily(StableDiffusionFamily):
                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         scale = self.vae_scale_factor
         return FluxPipeline._unpack_latents(out, height * scale, width * scale, scale)
-
-    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
-        return FluxPipeline._unpack_latents(latents, resolution, resolution, self.vae_scale_factor)
 
     def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
                           metadata: list[dict | None]) -> None:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import create_repo, upload_folder
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from difftuning_common import ConfigError, atomic_write_json, derive_seed, disk_space_guard
@@ -34,7 +34,8 @@ from difftuning_common import ConfigError, atomic_write_json, derive_seed, disk_
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Never uploaded: resumable checkpoints, the knowledge bank, half-written files.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "*.tmp*", "step_*", "epoch_*"]
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "class_images/**",
+                       "class_images.knowledge_bank/**", "*.tmp*", "step_*", "epoch_*"]
 # Flags whose values are secrets: never sent to a tracker, written to a card or a log, or uploaded.
 SECRET_FLAGS = ("hub_token",)
 
@@ -905,14 +906,42 @@ def cache_posteriors(vae: torch.nn.Module, images: torch.utils.data.Dataset, fli
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     means, stds = [], []
     for pixels in tqdm(loader, desc="Caching latents", disable=not is_main_process()):
-        pixels = pixels.to(device, vae.dtype)
-        views = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1) if flips else pixels
-        posterior = vae.encode(views).latent_dist
-        num_views = 2 if flips else 1
-        means.append(((posterior.mean.float() - latent_shift(vae)) * vae.config.scaling_factor).unflatten(
-            0, (-1, num_views)).cpu())
-        stds.append((posterior.std.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu())
+        mean, std = scaled_posterior(vae, pixels.to(device), flips)
+        means.append(mean)
+        stds.append(std)
     return torch.cat(means), torch.cat(stds)
+
+
+def scaled_posterior(vae: torch.nn.Module, pixels: torch.Tensor, flips: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled VAE posterior (mean, std) of ``pixels`` [B, C, H, W], each [B, V, C, h, w] float32 on the CPU,
+    V = 2 (the image and its mirror) with ``flips``, else 1."""
+    pixels = pixels.to(vae.dtype)
+    views = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1) if flips else pixels
+    posterior = vae.encode(views).latent_dist
+    num_views = 2 if flips else 1
+    mean = ((posterior.mean.float() - latent_shift(vae)) * vae.config.scaling_factor).unflatten(0, (-1, num_views))
+    return mean.cpu(), (posterior.std.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu()
+
+
+@torch.no_grad()
+def encode_image_files(vae: torch.nn.Module, paths: list[str], resolution: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Class images as upstream's DreamBooth reads them (EXIF rotation applied, RGB), the short side resized to
+    ``resolution`` and centre-cropped (as --cache_latents does), encoded with their mirror images: the scaled
+    posterior (mean, std), each [B, 2, C, h, w], and each image's (height, width). What dt.class_image_bank
+    caches."""
+    pixels, sizes = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as file:
+                file.load()
+                image = convert_image(ImageOps.exif_transpose(file), "RGB")
+        except (OSError, ValueError) as err:  # (PIL's UnidentifiedImageError is an OSError)
+            raise ConfigError(f"--class_data_dir: {path} is not a readable image ({err}).") from err
+        sizes.append((image.height, image.width))
+        pixels.append(to_model_tensor(resize_crop_flip(image, resolution, True, False, None)[0]))
+    mean, std = scaled_posterior(vae, torch.stack(pixels).to(device), flips=True)
+    return mean, std, sizes
 
 
 def is_main_process() -> bool:
