@@ -656,6 +656,12 @@ def class_image_bank(image_dir: str, cache_dir: str, num_images: int, generate_f
     state = state or PartialState()
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     bank_dir = os.path.join(cache_dir, f"encoded-{key}")
+    try:
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"Cannot create {err.filename} for the class images and their encodings "
+                          f"({err.strerror}); pass a --class_data_dir whose parent folder is writable.") from err
     with _build_lock(cache_dir, state.is_main_process):
         state.wait_for_everyone()
         paths = image_files(image_dir)

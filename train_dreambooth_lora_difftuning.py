@@ -249,12 +249,30 @@ def class_image_writer(args: argparse.Namespace, pipeline: Any, family: mf.Stabl
         for index, image in zip(indices, images, strict=True):
             path = os.path.join(args.class_data_dir, f"{index}-{hashlib.sha1(image.tobytes()).hexdigest()}.jpg")
             tmp = f"{path}.tmp{os.getpid()}"
-            with dt.disk_space_guard(args.class_data_dir, "a class image", tmp):
-                image.save(tmp, format="JPEG")
+            try:
+                with dt.disk_space_guard(args.class_data_dir, "a class image", tmp):
+                    image.save(tmp, format="JPEG")
+            except PermissionError as err:
+                raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} is not writable ({err.strerror}), and "
+                                     "class images are missing there: make it writable or lower "
+                                     "--num_class_images.") from err
             os.replace(tmp, path)
 
-    os.makedirs(args.class_data_dir, exist_ok=True)
     return write
+
+
+def check_class_images(folder: str) -> None:
+    """Every image already in --class_data_dir decodes: checked before any model loads, since a damaged one
+    found while encoding would come after the missing images were generated (hours on a real model)."""
+    from PIL import Image
+
+    for path in dt.image_files(folder):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as err:  # noqa: BLE001 - whatever PIL raises for a damaged file
+            raise dt.ConfigError(f"--class_data_dir: {path} is not a readable image ({type(err).__name__}: "
+                                 f"{err}); remove it or pass another folder.") from err
 
 
 @dataclass(kw_only=True)
@@ -467,6 +485,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} holds class samples as latents, written by "
                                  "an earlier version of this script, which now keeps class images there as upstream "
                                  "does: pass another folder, or delete that one.")
+        check_class_images(args.class_data_dir)
     dt.validate_difftuning_args(args, bank_num_inference_steps=50)
     return args
 

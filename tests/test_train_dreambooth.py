@@ -469,9 +469,9 @@ def test_class_image_cache_keyed_on_images_and_vae(tiny_sd, subject, tmp_path):
         k: v for k, v in grown.items() if k != ".lock"}
 
 
-def test_class_folder_of_an_earlier_version_refused(subject, tmp_path):
-    """A --class_data_dir holding this script's former latent bank is refused in one sentence before any model loads,
-    and left as it was."""
+def test_bad_class_folders_refused_before_any_model_loads(subject, tmp_path):
+    """A --class_data_dir holding this script's former latent bank, or a damaged image, is refused in one sentence
+    before any model loads (not after hours of generating the missing images), and left as it was."""
     from train_dreambooth_lora_difftuning import parse_args
 
     old = tmp_path / "bank"
@@ -480,6 +480,14 @@ def test_class_folder_of_an_earlier_version_refused(subject, tmp_path):
     with pytest.raises(dt.ConfigError, match="holds class samples as latents, written by an earlier version"):
         parse_args(prior_args("unused-model", subject, str(tmp_path / "out"), str(old)))
     assert os.listdir(old) == ["manifest.json"]
+    damaged = str(tmp_path / "damaged")
+    before = write_class_images(damaged, ["0.png", "1.png"])
+    with open(os.path.join(damaged, "1.png"), "r+b") as f:
+        f.truncate(100)
+    before["1.png"] = before["1.png"][:100]
+    with pytest.raises(dt.ConfigError, match=r"--class_data_dir: .*1\.png is not a readable image"):
+        parse_args(prior_args("unused-model", subject, str(tmp_path / "out"), damaged))
+    assert folder_bytes(damaged) == before and not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("flags, message", [
