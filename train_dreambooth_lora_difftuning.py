@@ -791,8 +791,8 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, gl
 def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str,
                       repo_id: str | None) -> str:
     if args.with_prior_preservation:
-        prior = (f"prior preservation on {args.num_class_images} base-model samples of "
-                 f"'{args.class_prompt}' (weight {args.prior_loss_weight})")
+        prior = (f"prior preservation on {args.num_class_images} class images of '{args.class_prompt}' "
+                 f"(weight {args.prior_loss_weight})")
     else:
         prior = "no prior preservation"
     method = (f"Diff-Tuning (subject at psi timesteps, tau {args.difftuning_tau}; class samples at xi timesteps, "

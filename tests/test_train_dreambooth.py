@@ -428,6 +428,7 @@ def test_class_image_writer_names_files_as_upstream(tmp_path):
     args = argparse.Namespace(class_data_dir=str(tmp_path / "class"), class_prompt="a circle", resolution=32,
                               knowledge_bank_seed=0, knowledge_bank_num_inference_steps=3)
     family = argparse.Namespace(call_kwargs={"max_sequence_length": 77})
+    os.makedirs(args.class_data_dir)  # (dt.class_image_bank makes it before it writes)
     script.class_image_writer(args, pipeline, family, 5.0)([7, 8])
     prompts, kwargs = calls[0]
     assert prompts == ["a circle"] * 2 and kwargs["max_sequence_length"] == 77 and kwargs["height"] == 32
@@ -514,7 +515,8 @@ def test_help_has_no_bank_mix_flags():
 
     flags = {a for action in build_parser()._actions for a in action.option_strings}
     assert {"--with_prior_preservation", "--prior_loss_weight", "--num_class_images", "--difftuning"} <= flags
-    assert not flags & {"--retention_ratio", "--retention_weight", "--knowledge_bank_size", "--knowledge_bank_dir"}
+    assert not flags & {"--retention_ratio", "--retention_weight", "--knowledge_bank_size", "--knowledge_bank_dir",
+                        "--knowledge_bank_replay"}  # (class images are replayed as their encodings)
 
 
 def test_diverging_run_stops_in_one_sentence_before_saving(tiny_sd, subject, tmp_path):
