@@ -615,6 +615,117 @@ def load_knowledge_bank(bank_dir: str, fingerprint: str | None = None,
                          torch.cat(stds) if reencoded else None)
 
 
+# ----------------------------------------------------------------------------------------------
+# Knowledge bank of images (the DreamBooth script's class images): each image encoded once
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ENCODED_FORMAT_VERSION = 1
+# encode_fn(paths) -> (posterior mean, std), each [b, 2, C, H, W] (the image and its mirror), and each image's
+# (height, width) as loaded.
+EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]]
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files in ``folder`` in index order: upstream names its class images "<index>-<sha1>.jpg", so
+    "10-..." comes after "9-..."; other names follow, alphabetically. Anything else in the folder is ignored."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+
+    def order(name: str) -> tuple[int, int, str]:
+        index = name.split("-", 1)[0]
+        return (0, int(index), name) if index.isdigit() else (1, 0, name)
+
+    return [os.path.join(folder, n) for n in sorted(names, key=order)]
+
+
+def class_image_bank(image_dir: str, cache_dir: str, num_images: int, generate_fn: Callable[[list[int]], None],
+                     encode_fn: EncodeFn, settings: dict[str, Any], batch_size: int, condition: str,
+                     state: PartialState | None = None) -> tuple[KnowledgeBank, list[tuple[int, int]]]:
+    """The knowledge bank of a folder of images, as diffusers' DreamBooth scripts treat their class images: the
+    images there are used (the first ``num_images`` in index order), the missing ones are generated first
+    (``generate_fn(indices)`` writes images ``indices`` into ``image_dir``, ``batch_size`` a call, the calls shared
+    round-robin between the processes), and every image is encoded once (``encode_fn``).
+
+    The encodings are cached in ``cache_dir`` (beside the images, which keep the folder upstream's: images only),
+    keyed on each file's sha256 and on ``settings`` (the VAE and the resolution; one subfolder per setting): a run
+    with another seed, count or batch size reuses them and encodes only images it has not seen. Generation and
+    encoding run under the cache's lock, so two runs sharing the folder do not both fill it. Returns the bank
+    (``condition`` as every sample's prompt) and each image's (height, width)."""
+    state = state or PartialState()
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    bank_dir = os.path.join(cache_dir, f"encoded-{key}")
+    try:
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"Cannot create {err.filename} for the class images and their encodings "
+                          f"({err.strerror}); pass a --class_data_dir whose parent folder is writable.") from err
+    with _build_lock(cache_dir, state.is_main_process):
+        state.wait_for_everyone()
+        paths = image_files(image_dir)
+        if len(paths) < num_images:
+            missing = list(range(len(paths), num_images))
+            batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
+            if state.is_main_process:
+                logger.info(f"Generating {len(missing)} class images into {image_dir} ({len(paths)} there, "
+                            f"--num_class_images {num_images}); later runs use them as they are.")
+            for batch in tqdm(batches[state.process_index::state.num_processes], desc="Generating class images",
+                              disable=not state.is_local_main_process):
+                generate_fn(batch)
+            state.wait_for_everyone()
+            paths = image_files(image_dir)
+        paths = paths[:num_images]
+        hashes = [_sha256_file(path) for path in paths]
+        manifest = _read_manifest(bank_dir) or {"format_version": ENCODED_FORMAT_VERSION, "settings": settings,
+                                                "images": {}, "shards": {}}
+        new = {h: p for h, p in zip(hashes, paths, strict=True) if h not in manifest["images"]}  # once per content
+        batches = [list(new)[i:i + batch_size] for i in range(0, len(new), batch_size)]
+        shard_names = [f"shard-{hashlib.sha256(''.join(b).encode()).hexdigest()[:16]}.safetensors" for b in batches]
+        if new and state.is_main_process:
+            logger.info(f"Encoding {len(new)} class images into {bank_dir} (once: later runs read them back).")
+        for batch, name in list(zip(batches, shard_names, strict=True))[state.process_index::state.num_processes]:
+            mean, std, sizes = encode_fn([new[h] for h in batch])
+            path = os.path.join(bank_dir, name)
+            tmp = f"{path}.tmp{os.getpid()}"
+            os.makedirs(bank_dir, exist_ok=True)
+            with disk_space_guard(bank_dir, "the class images' encodings", tmp):
+                save_file({"posterior_mean": mean.to("cpu", torch.float32).contiguous(),
+                           "posterior_std": std.to("cpu", torch.float32).contiguous()}, tmp,
+                          metadata={"images": json.dumps(batch), "sizes": json.dumps(sizes)})
+            os.replace(tmp, path)
+        state.wait_for_everyone()
+        if new and state.is_main_process:
+            for name in shard_names:
+                path = os.path.join(bank_dir, name)
+                manifest["shards"][name] = _sha256_file(path)
+                with safe_open(path, framework="pt") as f:
+                    meta = f.metadata()
+                for row, (image, size) in enumerate(zip(json.loads(meta["images"]), json.loads(meta["sizes"]),
+                                                        strict=True)):
+                    manifest["images"][image] = {"shard": name, "row": row, "size": size}
+            atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
+        state.wait_for_everyone()
+        manifest = _read_manifest(bank_dir)
+    if manifest.get("format_version") != ENCODED_FORMAT_VERSION or manifest.get("settings") != json.loads(
+            json.dumps(settings)):
+        raise ConfigError(f"{bank_dir} holds encodings of other settings or of another version of this script; "
+                          "delete it to encode the class images again.")
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name in dict.fromkeys(manifest["images"][h]["shard"] for h in hashes):
+        path = os.path.join(bank_dir, name)
+        if not os.path.exists(path) or _sha256_file(path) != manifest["shards"][name]:
+            raise ConfigError(f"{path} is missing or corrupt (sha256 mismatch); delete {bank_dir} to encode the "
+                              "class images again.")
+        shards[name] = load_file(path)
+    entries = [manifest["images"][h] for h in hashes]
+    mean = torch.stack([shards[e["shard"]]["posterior_mean"][e["row"]] for e in entries])
+    std = torch.stack([shards[e["shard"]]["posterior_std"][e["row"]] for e in entries])
+    return (KnowledgeBank(mean[:, 0], [condition] * len(entries), manifest, mean, std),
+            [tuple(e["size"]) for e in entries])
+
+
 def replay_tensors(bank: KnowledgeBank, mode: str, random_flip: bool,
                    bank_dir: str = "") -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """What replay draws from: (means [N*V, C, H, W], stds or None, V views per sample).
@@ -778,12 +889,16 @@ def add_difftuning_args(parser: argparse.ArgumentParser, class_prior: bool = Fal
                        help="Classifier-free guidance for the bank. Default: DiT 1.5 (DiT's FID setting); "
                             "Stable Diffusion 7.5.")
     group.add_argument("--knowledge_bank_seed", type=int, default=None,
-                       help="Seed of the bank's samples (and of which classes or captions they show), part of its "
+                       help="Seed of the class images generated into --class_data_dir (images already there are used "
+                            "as they are). Default: --seed." if class_prior else
+                            "Seed of the bank's samples (and of which classes or captions they show), part of its "
                             "identity. Default: --seed. Give one fixed value to let runs with different --seed "
                             "share one bank instead of each building its own.")
     if not class_prior:
         group.add_argument("--knowledge_bank_batch_size", type=int, default=16,
                            help="Samples generated per sampler call (and per bank shard).")
+    if class_prior:  # the class images are images: replayed as their encodings, there are no sampler latents
+        return group
     group.add_argument("--knowledge_bank_replay", choices=REPLAY_MODES, default="images",
                        help="'images' (the authors' recipe): replay each bank sample as its 8-bit image would be, "
                             "re-encoded with a fresh VAE posterior sample each step (and a random flip with "
@@ -799,7 +914,7 @@ def validate_difftuning_args(args: argparse.Namespace, bank_num_inference_steps:
     that depend on the script (its sampler's steps and guidance) or on ``--output_dir``."""
     if args.retention_tau is None:
         args.retention_tau = args.difftuning_tau
-    if args.knowledge_bank_dir is None and getattr(args, "output_dir", None):
+    if getattr(args, "knowledge_bank_dir", "") is None and getattr(args, "output_dir", None):
         args.knowledge_bank_dir = os.path.join(args.output_dir, "knowledge_bank")
     if args.knowledge_bank_seed is None:
         args.knowledge_bank_seed = getattr(args, "seed", 0)  # a parser without --seed (tests, tools)

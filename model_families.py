@@ -65,10 +65,6 @@ class StableDiffusionFamily:
         """The denoiser's output for a batch."""
         return denoiser(noisy.to(dtype), timesteps, **self.unet_kwargs(prompts, time_ids, dtype)).sample
 
-    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-        """The pipeline's ``output_type="latent"`` output as [B, C, h, w] latents (the knowledge bank's layout)."""
-        return latents
-
     @property
     def call_kwargs(self) -> dict[str, Any]:
         """Arguments of the pipeline's ``__call__`` that make it encode prompts as the loop does (the class
@@ -87,9 +83,15 @@ class StableDiffusionFamily:
     def unet_kwargs(self, prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": prompts.hidden.to(dtype)}
 
-    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None]) -> None:
+    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
+                          metadata: list[dict | None]) -> None:
+        """Save the LoRA as upstream does, with each model's adapter metadata (its LoraConfig: alpha, rank, DoRA,
+        targets; ``metadata[0]`` the denoiser's, then the text encoders'), without which ``load_lora_weights``
+        assumes alpha = rank and reloads another model than the one trained."""
         type(self.pipeline).save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=text_encoder_layers[0], safe_serialization=True)
+                                              text_encoder_lora_layers=text_encoder_layers[0], safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata[0],
+                                              text_encoder_lora_adapter_metadata=metadata[1])
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
@@ -119,11 +121,14 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return {"encoder_hidden_states": prompts.hidden.to(dtype),
                 "added_cond_kwargs": {"text_embeds": prompts.pooled.to(dtype), "time_ids": time_ids.to(dtype)}}
 
-    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None]) -> None:
+    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
+                          metadata: list[dict | None]) -> None:
         type(self.pipeline).save_lora_weights(folder, unet_lora_layers=unet_layers,
                                               text_encoder_lora_layers=text_encoder_layers[0],
                                               text_encoder_2_lora_layers=text_encoder_layers[1],
-                                              safe_serialization=True)
+                                              safe_serialization=True, unet_lora_adapter_metadata=metadata[0],
+                                              text_encoder_lora_adapter_metadata=metadata[1],
+                                              text_encoder_2_lora_adapter_metadata=metadata[2])
 
 
 class StableDiffusion3Family(StableDiffusionFamily):
@@ -188,11 +193,14 @@ class StableDiffusion3Family(StableDiffusionFamily):
                         encoder_hidden_states=prompts.hidden.to(dtype), pooled_projections=prompts.pooled.to(dtype),
                         return_dict=False)[0]
 
-    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None]) -> None:
-        layers = list(text_encoder_layers) + [None, None]
+    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
+                          metadata: list[dict | None]) -> None:
+        layers, metadata = list(text_encoder_layers) + [None, None], list(metadata) + [None, None]
         type(self.pipeline).save_lora_weights(folder, transformer_lora_layers=unet_layers,
                                               text_encoder_lora_layers=layers[0], text_encoder_2_lora_layers=layers[1],
-                                              safe_serialization=True)
+                                              safe_serialization=True, transformer_lora_adapter_metadata=metadata[0],
+                                              text_encoder_lora_adapter_metadata=metadata[1],
+                                              text_encoder_2_lora_adapter_metadata=metadata[2])
 
 
 class FluxFamily(StableDiffusionFamily):
@@ -264,15 +272,12 @@ class FluxFamily(StableDiffusionFamily):
         scale = self.vae_scale_factor
         return FluxPipeline._unpack_latents(out, height * scale, width * scale, scale)
 
-    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-        from diffusers import FluxPipeline
-
-        return FluxPipeline._unpack_latents(latents, resolution, resolution, self.vae_scale_factor)
-
-    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None]) -> None:
+    def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
+                          metadata: list[dict | None]) -> None:
         type(self.pipeline).save_lora_weights(folder, transformer_lora_layers=unet_layers,
                                               text_encoder_lora_layers=text_encoder_layers[0],
-                                              safe_serialization=True)
+                                              safe_serialization=True, transformer_lora_adapter_metadata=metadata[0],
+                                              text_encoder_lora_adapter_metadata=metadata[1])
 
 
 def _device(module: torch.nn.Module) -> torch.device:

@@ -20,6 +20,7 @@ plumbing in training_plumbing.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import math
 import os
@@ -89,7 +90,7 @@ def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Mo
     denoiser.add_adapter(tp.lora_config(args))
     models = [denoiser]
     if args.train_text_encoder:
-        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+        config = LoraConfig(r=args.rank, lora_alpha=tp.lora_alpha(args), init_lora_weights="gaussian",
                             target_modules=mf.TEXT_ENCODER_LORA_MODULES)
         for encoder in text_encoders:  # peft directly: transformers' add_adapter may ask for a newer peft
             inject_adapter_in_model(config, encoder)
@@ -110,6 +111,13 @@ def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily,
     return state if family.flow_matching else convert_state_dict_to_diffusers(state)
 
 
+def lora_metadata(model: torch.nn.Module | None) -> dict | None:
+    """The adapter metadata upstream saves beside a model's LoRA weights (diffusers' ``_collate_lora_metadata``):
+    the LoraConfig the model was trained with, so that ``load_lora_weights`` rebuilds the same adapter (alpha,
+    rank, DoRA, dropout, targets)."""
+    return None if model is None else model.peft_config["default"].to_dict()
+
+
 def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
                               text_encoders: list[torch.nn.Module]) -> None:
     """Checkpoints hold only the LoRA weights, in diffusers' format (``checkpoint-N`` loads with
@@ -126,9 +134,12 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
         states = [tp.full_state_dict(accelerator, model) for model in models]  # every process: gathers shards
         if accelerator.is_main_process:
             layers: list[dict | None] = [None] * (1 + len(text_encoders))
+            metadata: list[dict | None] = [None] * (1 + len(text_encoders))
             for model, state in zip(models, states, strict=True):
-                layers[role(model)] = lora_layers(tp.unwrap(accelerator, model), family, state)
-            family.save_lora_weights(output_dir, layers[0], layers[1:])
+                plain = tp.unwrap(accelerator, model)
+                layers[role(model)] = lora_layers(plain, family, state)
+                metadata[role(model)] = lora_metadata(plain)
+            family.save_lora_weights(output_dir, layers[0], layers[1:], metadata)
         while weights:
             weights.pop()
 
@@ -205,14 +216,63 @@ class CenteredImages(torch.utils.data.Dataset):
 
 def centre_crop_time_ids(dataset: Any, column: str, resolution: int) -> torch.Tensor:
     """SDXL ids [N, 6] of every image centre-cropped (--cache_latents)."""
-    ids = []
-    for i in range(len(dataset)):
-        height, width = dataset[i][column].height, dataset[i][column].width
-        scale = resolution / min(height, width)
-        resized = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
-        ids.append(mf.time_ids((height, width), ((resized[0] - resolution) // 2, (resized[1] - resolution) // 2),
-                               resolution))
-    return torch.stack(ids)
+    return torch.stack([centre_crop_ids((dataset[i][column].height, dataset[i][column].width), resolution)
+                        for i in range(len(dataset))])
+
+
+def centre_crop_ids(size: tuple[int, int], resolution: int) -> torch.Tensor:
+    """SDXL ids [6] of an image of (height, width) ``size`` resized and centre-cropped to ``resolution``."""
+    height, width = size
+    scale = resolution / min(height, width)
+    resized = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+    return mf.time_ids(size, ((resized[0] - resolution) // 2, (resized[1] - resolution) // 2), resolution)
+
+
+def class_bank_dir(class_data_dir: str) -> str:
+    """Where the class images' encodings are kept: beside the folder, not in it, so the folder stays upstream's
+    (images only: upstream's DreamBooth reads every file in it as an image)."""
+    return os.path.normpath(os.path.abspath(class_data_dir)) + ".knowledge_bank"
+
+
+def class_image_writer(args: argparse.Namespace, pipeline: Any, family: mf.StableDiffusionFamily,
+                       guidance: float) -> Any:
+    """``write(indices)``: the base pipeline's images of --class_prompt, saved into --class_data_dir as upstream
+    names them ("<index>-<sha1 of the pixels>.jpg"), at --resolution, with the family's prompt encoding (T5's
+    length as trained), seeded by --knowledge_bank_seed and the first index; each file written whole (temporary
+    name, then renamed)."""
+    def write(indices: list[int]) -> None:
+        generator = torch.Generator().manual_seed(dt.derive_seed(args.knowledge_bank_seed, "class image", indices[0]))
+        with torch.no_grad():
+            images = pipeline([args.class_prompt] * len(indices), height=args.resolution, width=args.resolution,
+                              generator=generator, num_inference_steps=args.knowledge_bank_num_inference_steps,
+                              guidance_scale=guidance, **family.call_kwargs).images
+        for index, image in zip(indices, images, strict=True):
+            path = os.path.join(args.class_data_dir, f"{index}-{hashlib.sha1(image.tobytes()).hexdigest()}.jpg")
+            tmp = f"{path}.tmp{os.getpid()}"
+            try:
+                with dt.disk_space_guard(args.class_data_dir, "a class image", tmp):
+                    image.save(tmp, format="JPEG")
+            except PermissionError as err:
+                raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} is not writable ({err.strerror}), and "
+                                     "class images are missing there: make it writable or lower "
+                                     "--num_class_images.") from err
+            os.replace(tmp, path)
+
+    return write
+
+
+def check_class_images(folder: str) -> None:
+    """Every image already in --class_data_dir decodes: checked before any model loads, since a damaged one
+    found while encoding would come after the missing images were generated (hours on a real model)."""
+    from PIL import Image
+
+    for path in dt.image_files(folder):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as err:  # noqa: BLE001 - whatever PIL raises for a damaged file
+            raise dt.ConfigError(f"--class_data_dir: {path} is not a readable image ({type(err).__name__}: "
+                                 f"{err}); remove it or pass another folder.") from err
 
 
 @dataclass(kw_only=True)
@@ -237,7 +297,7 @@ class DreamBoothStep:
     weight_dtype: torch.dtype
     bank: dt.BankReplay | None = None
     bank_prompt_row: int = -1
-    bank_time_ids: torch.Tensor | None = None  # [6]
+    bank_time_ids: torch.Tensor | None = None  # [N, 6]: SDXL's ids of each class image (centre-cropped)
 
     def __post_init__(self) -> None:
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # flow matching: (sigmas, timesteps) on device
@@ -254,11 +314,11 @@ class DreamBoothStep:
         rows, time_ids = batch["prompt_rows"], batch["time_ids"]
         timesteps, weights = self.psi.sample(num_instance, step_rng.generator, device)
         if self.bank is not None:
-            bank_latents, _ = self.bank.next(step_rng.generator, lambda shape: step_rng.randn(shape, device))
+            bank_latents, bank_rows = self.bank.next(step_rng.generator, lambda shape: step_rng.randn(shape, device))
             bank_t, bank_w = self.xi.sample(bank_latents.shape[0], step_rng.generator, device)
             latents = torch.cat([latents, bank_latents])
             rows = torch.cat([rows, torch.full_like(bank_t, self.bank_prompt_row)])
-            time_ids = torch.cat([time_ids, self.bank_time_ids.expand(bank_latents.shape[0], -1)])
+            time_ids = torch.cat([time_ids, self.bank_time_ids[bank_rows]])
             timesteps, weights = torch.cat([timesteps, bank_t]), torch.cat([weights, bank_w])
         if self.snr_gamma is not None:  # upstream weights the subject rows only
             snr_w = dt.min_snr_weights(self.noise_scheduler, timesteps[:num_instance], self.snr_gamma)
@@ -340,12 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="The prompt of the class samples, e.g. 'a photo of dog'; '' gives an empty-prompt bank "
                          "(unconditional samples, replayed on the empty prompt).")
     db.add_argument("--class_data_dir", type=str, default=None,
-                    help="Where the class samples are generated and kept (a knowledge bank: latents + manifest); "
-                         "reused by later runs with the same settings. Default: <output_dir>/knowledge_bank.")
-    db.add_argument("--num_class_images", type=int, default=100, help="Number of class samples.")
+                    help="A folder of class images, as upstream's: those there (e.g. a regularisation set) are used "
+                         "as they are and the missing ones, up to --num_class_images, generated by the base model. "
+                         "Each image is encoded once, into <class_data_dir>.knowledge_bank beside it. Default: "
+                         "<output_dir>/class_images.")
+    db.add_argument("--num_class_images", type=int, default=100,
+                    help="Number of class images used; fewer in --class_data_dir are completed by generation.")
     db.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     db.add_argument("--sample_batch_size", type=int, default=4,
-                    help="Class samples generated per pipeline call (one bank shard each).")
+                    help="Class images generated (and encoded) per pipeline call.")
     db.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
                     help="Precision of the frozen model while it generates the class samples; default: the "
                          "training's mixed precision.")
@@ -404,6 +467,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for flag in ("num_class_images", "sample_batch_size", "rank"):
         if getattr(args, flag) < 1:
             raise dt.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    tp.lora_alpha(args)  # 0 refused before any model loads
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise dt.ConfigError(f"--validation_epochs must be >= 1, got {args.validation_epochs}.")
     if not args.prior_loss_weight >= 0:
@@ -415,7 +479,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                              "since random crops would differ every epoch, or leave --cache_latents out.")
     if args.class_data_dir and os.path.isfile(args.class_data_dir):
         raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
-    args.knowledge_bank_dir = args.class_data_dir or os.path.join(args.output_dir, "knowledge_bank")
+    if args.with_prior_preservation:
+        args.class_data_dir = args.class_data_dir or os.path.join(args.output_dir, "class_images")
+        if os.path.exists(os.path.join(args.class_data_dir, dt.MANIFEST_NAME)):
+            raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} holds class samples as latents, written by "
+                                 "an earlier version of this script, which now keeps class images there as upstream "
+                                 "does: pass another folder, or delete that one.")
+        check_class_images(args.class_data_dir)
     dt.validate_difftuning_args(args, bank_num_inference_steps=50)
     return args
 
@@ -490,8 +560,7 @@ def main(args: argparse.Namespace) -> None:
             why += f" times {family.name}'s {family.latent_patch}x{family.latent_patch} latent packing"
         raise dt.ConfigError(f"--resolution {args.resolution} is not a multiple of {vae_scale * family.latent_patch}: "
                              f"{why}.")
-    # The bank's identity: the weights as loaded (before any cast, so every precision shares one bank).
-    fingerprint = dt.model_fingerprint(denoiser) if args.with_prior_preservation else None
+    # The class images' encodings are kept per VAE, as loaded (before any cast, so every precision shares them).
     vae_fingerprint = dt.model_fingerprint(vae) if args.with_prior_preservation else None
     for frozen in (denoiser, vae, *text_encoders):
         frozen.requires_grad_(False)
@@ -521,28 +590,22 @@ def main(args: argparse.Namespace) -> None:
     prompts = list(dict.fromkeys(captions)) + ([args.class_prompt] if args.with_prior_preservation else [])
     prompt_rows = [prompts.index(c) for c in captions]
 
-    # --- Class samples: the knowledge bank (the frozen base model's own samples of --class_prompt) ------
-    bank, bank_dir = None, args.knowledge_bank_dir
+    # --- Class images: upstream's folder, encoded once into the knowledge bank -------------------------
+    bank, bank_time_ids = None, None
     latent_shape = [vae.config.latent_channels] + [args.resolution // vae_scale] * 2  # unpacked (Flux packs 2x2)
     if args.with_prior_preservation:
-        if os.path.isdir(bank_dir) and not os.path.exists(os.path.join(bank_dir, dt.MANIFEST_NAME)) and any(
-                f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) for f in os.listdir(bank_dir)):
-            raise dt.ConfigError(f"--class_data_dir {bank_dir} holds images but no knowledge bank: this script "
-                                 "generates its class samples with the base model and keeps them as latents; pass "
-                                 "a new folder.")
         call_defaults = inspect.signature(type(pipeline).__call__).parameters
         guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
-        sample_fn = lambda batch, gen: family.sampled_latents(pipeline(  # noqa: E731
-            batch, height=args.resolution, width=args.resolution, generator=gen, output_type="latent",
-            num_inference_steps=args.knowledge_bank_num_inference_steps, guidance_scale=guidance,
-            **family.call_kwargs).images, args.resolution)
-        _, bank = tp.set_up_knowledge_bank(
-            args, accelerator, bank_dir=bank_dir, sample_fn=sample_fn, conditions=[args.class_prompt] *
-            args.num_class_images, build_batch_size=args.sample_batch_size, vae=vae, fingerprint=fingerprint,
-            vae_fingerprint=vae_fingerprint, scheduler_name=type(pipeline.scheduler).__name__, guidance_scale=guidance,
-            latent_shape=latent_shape, rows_per_step=args.train_batch_size, random_flip=args.random_flip,
-            extra_identity={"resolution": args.resolution, "prompt": args.class_prompt, **family.call_kwargs},
-            autocast=False)
+        settings = {"vae_fingerprint": vae_fingerprint, "scaling_factor": vae.config.scaling_factor,
+                    "shift_factor": tp.latent_shift(vae), "resolution": args.resolution, "crop": "centre"}
+        class_bank, sizes = dt.class_image_bank(
+            args.class_data_dir, class_bank_dir(args.class_data_dir), args.num_class_images,
+            class_image_writer(args, pipeline, family, guidance),
+            lambda paths: tp.encode_image_files(vae, paths, args.resolution, accelerator.device), settings,
+            args.sample_batch_size, args.class_prompt)
+        bank = dt.BankReplay(class_bank, "images", args.random_flip, args.train_batch_size, args.seed,
+                             accelerator.process_index, accelerator.device, args.class_data_dir)
+        bank_time_ids = torch.stack([centre_crop_ids(size, args.resolution) for size in sizes]).to(accelerator.device)
         for module in (denoiser, *text_encoders):
             tp.cast(module, accelerator.device, weight_dtype)
 
@@ -614,7 +677,7 @@ def main(args: argparse.Namespace) -> None:
         psi=psi, xi=xi, weighting_scheme=args.weighting_scheme, precondition_outputs=bool(args.precondition_outputs),
         prompt_ids=prompt_ids, prompt_table=prompt_table, prior_loss_weight=args.prior_loss_weight,
         snr_gamma=args.snr_gamma, weight_dtype=weight_dtype, bank=bank, bank_prompt_row=len(prompts) - 1,
-        bank_time_ids=mf.time_ids((args.resolution,) * 2, (0, 0), args.resolution).to(accelerator.device))
+        bank_time_ids=bank_time_ids)
     rows_per_step = args.train_batch_size * (2 if bank is not None else 1)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          rows_per_step * accelerator.num_processes * args.gradient_accumulation_steps,
@@ -663,9 +726,10 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
         with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
-            family.save_lora_weights(args.output_dir,
-                                     lora_layers(tp.unwrap(accelerator, denoiser), family, denoiser_state),
-                                     [lora_layers(e, family) if e is not None else None for e in encoders])
+            trained_denoiser = tp.unwrap(accelerator, denoiser)
+            family.save_lora_weights(args.output_dir, lora_layers(trained_denoiser, family, denoiser_state),
+                                     [lora_layers(e, family) if e is not None else None for e in encoders],
+                                     [lora_metadata(m) for m in (trained_denoiser, *encoders)])
         del pipeline, denoiser, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.
@@ -727,8 +791,8 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, gl
 def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str,
                       repo_id: str | None) -> str:
     if args.with_prior_preservation:
-        prior = (f"prior preservation on {args.num_class_images} base-model samples of "
-                 f"'{args.class_prompt}' (weight {args.prior_loss_weight})")
+        prior = (f"prior preservation on {args.num_class_images} class images of '{args.class_prompt}' "
+                 f"(weight {args.prior_loss_weight})")
     else:
         prior = "no prior preservation"
     method = (f"Diff-Tuning (subject at psi timesteps, tau {args.difftuning_tau}; class samples at xi timesteps, "

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import create_repo, upload_folder
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from difftuning_common import ConfigError, atomic_write_json, derive_seed, disk_space_guard
@@ -34,7 +34,8 @@ from difftuning_common import ConfigError, atomic_write_json, derive_seed, disk_
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Never uploaded: resumable checkpoints, the knowledge bank, half-written files.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "*.tmp*", "step_*", "epoch_*"]
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "knowledge_bank/**", "class_images/**",
+                       "class_images.knowledge_bank/**", "*.tmp*", "step_*", "epoch_*"]
 # Flags whose values are secrets: never sent to a tracker, written to a card or a log, or uploaded.
 SECRET_FLAGS = ("hub_token",)
 
@@ -228,8 +229,17 @@ def lora_config(args: argparse.Namespace) -> Any:
 
     if args.rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {args.rank}.")
-    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+    return LoraConfig(r=args.rank, lora_alpha=lora_alpha(args), init_lora_weights="gaussian",
                       target_modules=[m.strip() for m in args.lora_target_modules.split(",")])
+
+
+def lora_alpha(args: argparse.Namespace) -> int:
+    """--lora_alpha, the rank when not given (the LoRA's output is scaled by alpha / rank; a negative alpha flips
+    it, as in upstream's scripts); 0, which would silence the adapter, is refused."""
+    if args.lora_alpha == 0:
+        raise ConfigError("--lora_alpha must not be 0 (the LoRA's output is scaled by alpha / rank); leave it out "
+                          "for alpha = rank.")
+    return args.rank if args.lora_alpha is None else args.lora_alpha
 
 
 def run_cli(main: Any, parse_args: Any) -> None:
@@ -896,14 +906,42 @@ def cache_posteriors(vae: torch.nn.Module, images: torch.utils.data.Dataset, fli
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     means, stds = [], []
     for pixels in tqdm(loader, desc="Caching latents", disable=not is_main_process()):
-        pixels = pixels.to(device, vae.dtype)
-        views = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1) if flips else pixels
-        posterior = vae.encode(views).latent_dist
-        num_views = 2 if flips else 1
-        means.append(((posterior.mean.float() - latent_shift(vae)) * vae.config.scaling_factor).unflatten(
-            0, (-1, num_views)).cpu())
-        stds.append((posterior.std.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu())
+        mean, std = scaled_posterior(vae, pixels.to(device), flips)
+        means.append(mean)
+        stds.append(std)
     return torch.cat(means), torch.cat(stds)
+
+
+def scaled_posterior(vae: torch.nn.Module, pixels: torch.Tensor, flips: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled VAE posterior (mean, std) of ``pixels`` [B, C, H, W], each [B, V, C, h, w] float32 on the CPU,
+    V = 2 (the image and its mirror) with ``flips``, else 1."""
+    pixels = pixels.to(vae.dtype)
+    views = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1) if flips else pixels
+    posterior = vae.encode(views).latent_dist
+    num_views = 2 if flips else 1
+    mean = ((posterior.mean.float() - latent_shift(vae)) * vae.config.scaling_factor).unflatten(0, (-1, num_views))
+    return mean.cpu(), (posterior.std.float() * vae.config.scaling_factor).unflatten(0, (-1, num_views)).cpu()
+
+
+@torch.no_grad()
+def encode_image_files(vae: torch.nn.Module, paths: list[str], resolution: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Class images as upstream's DreamBooth reads them (EXIF rotation applied, RGB), the short side resized to
+    ``resolution`` and centre-cropped (as --cache_latents does), encoded with their mirror images: the scaled
+    posterior (mean, std), each [B, 2, C, h, w], and each image's (height, width). What dt.class_image_bank
+    caches."""
+    pixels, sizes = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as file:
+                file.load()
+                image = convert_image(ImageOps.exif_transpose(file), "RGB")
+        except (OSError, ValueError) as err:  # (PIL's UnidentifiedImageError is an OSError)
+            raise ConfigError(f"--class_data_dir: {path} is not a readable image ({err}).") from err
+        sizes.append((image.height, image.width))
+        pixels.append(to_model_tensor(resize_crop_flip(image, resolution, True, False, None)[0]))
+    mean, std = scaled_posterior(vae, torch.stack(pixels).to(device), flips=True)
+    return mean, std, sizes
 
 
 def is_main_process() -> bool:
@@ -1066,7 +1104,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 CHECKPOINT_INFO = "checkpoint_info.json"
 # The flags that decide what a checkpoint holds: resuming across a change in any of them cannot work.
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "finetune", "controlnet_lora",
-                  "rank", "lora_target_modules", "use_ema", "train_text_encoder")
+                  "rank", "lora_alpha", "lora_target_modules", "use_ema", "train_text_encoder")
 
 
 def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
@@ -1076,6 +1114,8 @@ def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
     for flag in IDENTITY_FLAGS:
         if hasattr(args, flag):
             identity[flag] = display_path(getattr(args, flag))
+    if hasattr(args, "lora_alpha") and args.lora_alpha is None:  # not given: the alpha trained with is the rank
+        identity["lora_alpha"] = args.rank
     return identity
 
 
@@ -1099,7 +1139,7 @@ def _check_checkpoint(path: str, identity: dict, accelerator: Accelerator) -> No
     info_path = os.path.join(path, CHECKPOINT_INFO)
     if os.path.exists(info_path):
         saved = json.load(open(info_path))
-        differ = [k for k in identity if saved.get(k) != identity[k]]
+        differ = [k for k in identity if k in saved and saved[k] != identity[k]]  # (keys older ones lack: skipped)
         if differ:
             raise ConfigError(f"--resume_from_checkpoint {path} was saved by another set-up ("
                               + ", ".join(f"{'' if k == 'script' else '--'}{k} {saved.get(k)!r} there, "

@@ -3,11 +3,12 @@ offline."""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TOKEN, assert_no_token, error_line, files_uploaded, run_script
@@ -121,9 +122,61 @@ def test_train_save_load_lora(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, subject, 
     card = open(os.path.join(out, "README.md")).read()
     assert "a red square" in card and str(tmp_path) not in card and os.path.dirname(base_model) not in card
     assert ("psi timesteps" in card) == ("--difftuning" in extra)
-    # The class samples are drawn with the T5 length the rows train with (the pipelines' defaults are 256 and 512).
-    manifest = json.load(open(os.path.join(out, "knowledge_bank", "manifest.json")))
-    assert manifest["settings"].get("max_sequence_length") == {"sd3": 77, "flux": 512}.get(model)
+    # The class images, generated into <output_dir>/class_images as upstream names them.
+    names = os.listdir(os.path.join(out, "class_images"))
+    assert sorted(int(n.split("-")[0]) for n in names) == [0, 1, 2, 3]
+    assert all(re.fullmatch(r"\d+-[0-9a-f]{40}\.jpg", n) for n in names)
+
+
+FAMILY_CLASSES = {"sd": mf.StableDiffusionFamily, "sdxl": mf.StableDiffusionXLFamily,
+                  "sd3": mf.StableDiffusion3Family, "flux": mf.FluxFamily}
+
+
+@pytest.mark.parametrize("model, alpha", [("sd", "8"), ("sd", "-4"), ("sdxl", "8"), ("sd3", "-4"), ("flux", "8")])
+def test_reloaded_lora_is_the_trained_model(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, subject, tmp_path, monkeypatch,
+                                            model, alpha):
+    """--rank 4 --lora_alpha 8 trains at scale 2 (a negative alpha at a negative scale): the saved file carries the
+    adapter metadata, so load_lora_weights (the user's load, and the model card's) rebuilds the model as trained,
+    denoiser and text encoders, from the final LoRA and from a checkpoint's."""
+    import train_dreambooth_lora_difftuning as script
+
+    base_model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[model]
+    family_class, trained = FAMILY_CLASSES[model], {}
+    save = family_class.save_lora_weights
+
+    def save_recording_output(self, folder, *args):  # the in-memory trained model's prediction at each save
+        name = os.path.basename(folder)
+        trained[name.split(".")[0] if name.startswith("checkpoint-") else name] = unet_output(self.pipeline)
+        save(self, folder, *args)
+
+    monkeypatch.setattr(family_class, "save_lora_weights", save_recording_output)
+    out = str(tmp_path / "out")
+    script.main(script.parse_args(base_args(base_model, subject, out, steps=2) + [
+        "--rank", "4", "--lora_alpha", alpha, "--train_text_encoder", "--learning_rate", "1e-2"]))
+    for folder, name in ((out, "out"), (os.path.join(out, "checkpoint-2"), "checkpoint-2")):
+        pipe, base = load_with_lora(base_model, folder)
+        change = (trained[name] - base).abs().max()
+        assert change > 1e-4  # the LoRA did change the prediction
+        assert (unet_output(pipe) - trained[name]).abs().max() < 1e-3 * change, name
+
+
+def test_resume_with_another_lora_alpha_refused(tiny_sd, subject, tmp_path):
+    """The alpha is part of what a checkpoint holds: resuming with another one is refused in one sentence, and the
+    checkpoint and the saved LoRA are left as they were."""
+    import train_dreambooth_lora_difftuning as script
+
+    out = str(tmp_path / "out")
+    script.main(script.parse_args(base_args(tiny_sd, subject, out, steps=2) + ["--lora_alpha", "8"]))
+    before = {f: open(os.path.join(d, f), "rb").read() for d in (out, os.path.join(out, "checkpoint-2"))
+              for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+    for alpha in (["--lora_alpha", "4"], []):  # another alpha, or none (alpha = --rank 2)
+        with pytest.raises(dt.ConfigError, match=r"--lora_alpha 8 there, [24] now\); resume with the same"):
+            script.main(script.parse_args(base_args(tiny_sd, subject, out, steps=4) + alpha + [
+                "--resume_from_checkpoint", "latest"]))
+    assert before == {f: open(os.path.join(d, f), "rb").read() for d in (out, os.path.join(out, "checkpoint-2"))
+                      for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+    with pytest.raises(dt.ConfigError, match="--lora_alpha must not be 0"):
+        script.parse_args(base_args(tiny_sd, subject, out) + ["--lora_alpha", "0"])
 
 
 def test_half_precision_base_model(tiny_sdxl, subject, tmp_path):
@@ -170,7 +223,7 @@ def test_push_to_hub_uploads_the_lora_and_card_only(tiny_sd, subject, tmp_path, 
     assert captured_hub["create"]["repo_id"] == "me/sks-square"
     sent = files_uploaded(captured_hub["upload"])
     assert LORA_FILE in sent and "README.md" in sent
-    assert not any(p.startswith(("checkpoint-", "knowledge_bank")) for p in sent)
+    assert not any(p.startswith(("checkpoint-", "class_images")) for p in sent)
     assert 'pipe.load_lora_weights("me/sks-square")' in open(os.path.join(out, "README.md")).read()
 
 
@@ -198,7 +251,7 @@ def step_for(model: str, prediction_type: str = "epsilon", difftuning: bool = Fa
                           prompt_ids=prompt_ids, prompt_table=table, prior_loss_weight=prior_loss_weight,
                           snr_gamma=snr_gamma, weight_dtype=torch.float32,
                           bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
-                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32).expand(2, -1))
 
 
 def captured_loss(step, monkeypatch) -> tuple[torch.Tensor, dict]:
@@ -288,26 +341,154 @@ def test_bad_inputs_refused_in_one_sentence(tiny_sd, subject, tmp_path):
     assert "bad.png" in line and not os.path.exists(out)
 
 
-def test_bank_from_other_settings_refused_and_kept(tiny_sd, subject, tmp_path):
-    """A class-sample bank built for another --class_prompt is refused by name and left byte-identical."""
-    bank = str(tmp_path / "bank")
-    run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "a"), steps=1) + [
-        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", bank])
-    before = {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)}
-    # Another precision is the same base model: the bank is reused as it is, not refused or rebuilt.
-    run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "bf16"), steps=1) + [
-        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", bank,
-        "--mixed_precision", "bf16"])
-    assert {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)} == before
-    line = error_line(run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "b"), steps=1) + [
-        "--with_prior_preservation", "--class_prompt", "a cross", "--class_data_dir", bank], ok=False))
-    assert "prompt: 'a circle' there, 'a cross' now" in line
-    assert {f: open(os.path.join(bank, f), "rb").read() for f in os.listdir(bank)} == before
-    images = tmp_path / "class_images"
-    shutil.copytree(subject, images)
-    line = error_line(run_script(SCRIPT, base_args(tiny_sd, subject, str(tmp_path / "c"), steps=1) + [
-        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", str(images)], ok=False))
-    assert "holds images but no knowledge bank" in line
+def write_class_images(folder: str, names: list[str], sizes: list[tuple[int, int]] | None = None) -> dict[str, bytes]:
+    """Class images of the test's own (noise, each (width, height) of ``sizes``, 32x32 by default); returns the
+    folder's files and bytes."""
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        width, height = sizes[i] if sizes else (32, 32)
+        pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, name))
+    return folder_bytes(folder)
+
+
+def folder_bytes(folder: str) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path: bytes)."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def prior_args(model: str, subject: str, out: str, class_dir: str, *extra: str) -> list[str]:
+    return base_args(model, subject, out, steps=1) + ["--with_prior_preservation", "--class_prompt", "a circle",
+                                                      "--class_data_dir", class_dir, *extra]
+
+
+@pytest.mark.parametrize("difftuning", [[], ["--difftuning"]], ids=["upstream", "difftuning"])
+def test_class_images_in_the_folder_are_used_as_they_are(tiny_sd, subject, tmp_path, monkeypatch, difftuning):
+    """A --class_data_dir filled by upstream ("<index>-<sha1>.jpg") or holding a regularisation set (any names,
+    sizes) is used as it is, with or without --difftuning: nothing generated, nothing written into it, and the class
+    rows replay the VAE encoding of those very images (centre-cropped; SDXL ids from each image's size)."""
+    from diffusers import AutoencoderKL
+
+    import train_dreambooth_lora_difftuning as script
+
+    class_dir = str(tmp_path / "class")
+    names = [f"0-{'a' * 40}.jpg", f"1-{'b' * 40}.jpg", "photo.png"]
+    before = write_class_images(class_dir, names, [(32, 32), (32, 32), (48, 32)])
+    monkeypatch.setattr(script, "class_image_writer", lambda *a: lambda indices: pytest.fail("generated an image"))
+    built = {}
+    class_image_bank = dt.class_image_bank
+    monkeypatch.setattr(dt, "class_image_bank", lambda *a, **k: built.setdefault("bank", class_image_bank(*a, **k)))
+    script.main(script.parse_args(prior_args(tiny_sd, subject, str(tmp_path / "out"), class_dir, "--num_class_images",
+                                             "3", *difftuning)))
+    assert folder_bytes(class_dir) == before
+    bank, sizes = built["bank"]
+    assert sizes == [(32, 32), (32, 32), (32, 48)]
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    for i, name in enumerate(names):
+        left = 8 if i == 2 else 0  # the 48x32 image's centre crop
+        pixels = np.asarray(Image.open(os.path.join(class_dir, name)).convert("RGB"), dtype=np.float32)
+        pixels = torch.from_numpy(pixels[:, left:left + 32]).permute(2, 0, 1)[None] / 127.5 - 1
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        assert torch.allclose(bank.posterior_mean[i, 0], expected[0], atol=1e-5)
+        assert torch.allclose(bank.posterior_mean[i, 1], vae.encode(pixels.flip(-1)).latent_dist.mean[0].detach()
+                              * vae.config.scaling_factor, atol=1e-5)
+
+
+def test_missing_class_images_generated_and_named_as_upstream(tiny_sd, subject, tmp_path):
+    """A folder with fewer than --num_class_images gets only the missing ones, numbered on from the images there and
+    named "<index>-<sha1>.jpg" as upstream names them; the images there are left as they were."""
+    class_dir = str(tmp_path / "class")
+    before = write_class_images(class_dir, ["a.png", "b.png"])
+    run_script(SCRIPT, prior_args(tiny_sd, subject, str(tmp_path / "out"), class_dir, "--num_class_images", "4",
+                                  "--sample_batch_size", "1"))
+    after = folder_bytes(class_dir)
+    assert {k: v for k, v in after.items() if k in before} == before
+    new = sorted(set(after) - set(before))
+    assert [n.split("-")[0] for n in new] == ["2", "3"] and all(re.fullmatch(r"\d-[0-9a-f]{40}\.jpg", n) for n in new)
+    assert all(Image.open(os.path.join(class_dir, n)).format == "JPEG" for n in new)
+    assert os.listdir(str(tmp_path / "class.knowledge_bank"))  # the encodings, beside the folder
+
+
+def test_class_image_writer_names_files_as_upstream(tmp_path):
+    """Each generated image is saved as "<index>-<sha1 of its pixels>.jpg", from one pipeline call per batch with the
+    class prompt, the resolution, the bank's steps and guidance and the family's prompt encoding (T5's length)."""
+    import argparse
+
+    import train_dreambooth_lora_difftuning as script
+
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    calls = []
+
+    def pipeline(prompts, **kwargs):
+        calls.append((prompts, kwargs))
+        return argparse.Namespace(images=images)
+
+    args = argparse.Namespace(class_data_dir=str(tmp_path / "class"), class_prompt="a circle", resolution=32,
+                              knowledge_bank_seed=0, knowledge_bank_num_inference_steps=3)
+    family = argparse.Namespace(call_kwargs={"max_sequence_length": 77})
+    os.makedirs(args.class_data_dir)  # (dt.class_image_bank makes it before it writes)
+    script.class_image_writer(args, pipeline, family, 5.0)([7, 8])
+    prompts, kwargs = calls[0]
+    assert prompts == ["a circle"] * 2 and kwargs["max_sequence_length"] == 77 and kwargs["height"] == 32
+    assert kwargs["num_inference_steps"] == 3 and kwargs["guidance_scale"] == 5.0
+    assert sorted(os.listdir(args.class_data_dir)) == [f"{i}-{hashlib.sha1(image.tobytes()).hexdigest()}.jpg"
+                                                       for i, image in zip((7, 8), images, strict=True)]
+
+
+def test_class_image_cache_keyed_on_images_and_vae(tiny_sd, subject, tmp_path):
+    """The encodings are reused across --seed, --num_class_images, --sample_batch_size and precision (nothing
+    re-encoded, no refusal); a new image is encoded alone; another VAE encodes the images again, beside the first."""
+    from diffusers import AutoencoderKL
+
+    import train_dreambooth_lora_difftuning as script
+
+    class_dir, cache = str(tmp_path / "class"), str(tmp_path / "class.knowledge_bank")
+    write_class_images(class_dir, ["0.png", "1.png", "2.png"])
+    run = lambda *flags: script.main(script.parse_args(prior_args(  # noqa: E731
+        tiny_sd, subject, str(tmp_path / "out"), class_dir, "--num_class_images", "3", *flags)))
+    run()
+    cached = folder_bytes(cache)
+    assert len([f for f in cached if f.endswith(".safetensors")]) == 2  # 3 images, --sample_batch_size 2
+    run_script(SCRIPT, prior_args(tiny_sd, subject, str(tmp_path / "out"), class_dir, "--seed", "7",
+                                  "--num_class_images", "2", "--sample_batch_size", "1", "--mixed_precision", "bf16"))
+    assert folder_bytes(cache) == cached
+    write_class_images(class_dir, ["0.png", "1.png", "2.png", "3.png"])
+    run("--num_class_images", "4")
+    grown = folder_bytes(cache)
+    assert {k: v for k, v in grown.items() if k in cached and k.endswith(".safetensors")} == {
+        k: v for k, v in cached.items() if k.endswith(".safetensors")}
+    assert len([f for f in grown if f.endswith(".safetensors")]) == 3  # the fourth image, encoded alone
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1.1)
+    vae.save_pretrained(str(tmp_path / "other_vae"))
+    run("--num_class_images", "4", "--pretrained_vae_model_name_or_path", str(tmp_path / "other_vae"))
+    folders = sorted(d for d in os.listdir(cache) if d.startswith("encoded-"))
+    assert len(folders) == 2 and {k: v for k, v in folder_bytes(cache).items() if k in grown and k != ".lock"} == {
+        k: v for k, v in grown.items() if k != ".lock"}
+
+
+def test_bad_class_folders_refused_before_any_model_loads(subject, tmp_path):
+    """A --class_data_dir holding this script's former latent bank, or a damaged image, is refused in one sentence
+    before any model loads (not after hours of generating the missing images), and left as it was."""
+    from train_dreambooth_lora_difftuning import parse_args
+
+    old = tmp_path / "bank"
+    old.mkdir()
+    (old / "manifest.json").write_text('{"format_version": 2}')
+    with pytest.raises(dt.ConfigError, match="holds class samples as latents, written by an earlier version"):
+        parse_args(prior_args("unused-model", subject, str(tmp_path / "out"), str(old)))
+    assert os.listdir(old) == ["manifest.json"]
+    damaged = str(tmp_path / "damaged")
+    before = write_class_images(damaged, ["0.png", "1.png"])
+    with open(os.path.join(damaged, "1.png"), "r+b") as f:
+        f.truncate(100)
+    before["1.png"] = before["1.png"][:100]
+    with pytest.raises(dt.ConfigError, match=r"--class_data_dir: .*1\.png is not a readable image"):
+        parse_args(prior_args("unused-model", subject, str(tmp_path / "out"), damaged))
+    assert folder_bytes(damaged) == before and not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -334,7 +515,8 @@ def test_help_has_no_bank_mix_flags():
 
     flags = {a for action in build_parser()._actions for a in action.option_strings}
     assert {"--with_prior_preservation", "--prior_loss_weight", "--num_class_images", "--difftuning"} <= flags
-    assert not flags & {"--retention_ratio", "--retention_weight", "--knowledge_bank_size", "--knowledge_bank_dir"}
+    assert not flags & {"--retention_ratio", "--retention_weight", "--knowledge_bank_size", "--knowledge_bank_dir",
+                        "--knowledge_bank_replay"}  # (class images are replayed as their encodings)
 
 
 def test_diverging_run_stops_in_one_sentence_before_saving(tiny_sd, subject, tmp_path):
@@ -375,7 +557,7 @@ def _flow_prior_step(pipe, family, scheduler, latent_shape: list[int], weighting
                           weighting_scheme=weighting_scheme, precondition_outputs=precondition, prompt_ids=prompt_ids,
                           prompt_table=table, prior_loss_weight=0.7, snr_gamma=None, weight_dtype=torch.float32,
                           bank=dt.BankReplay(bank, "images", False, 2, 0, 0, "cpu"), bank_prompt_row=1,
-                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32))
+                          bank_time_ids=mf.time_ids((32, 32), (0, 0), 32).expand(2, -1))
     return instance, class_latents, step
 
 
