@@ -215,7 +215,8 @@ def test_dreambooth_benchmark_smoke(tmp_path):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(out, "subject"))) == [f"cat-{i}.png" for i in dbb.SUBJECT_SPLIT["train"]]
-    assert os.listdir(os.path.join(out, "banks")) == ["class-seed0"]
+    # one folder of class images shared by both arms, and its encodings beside it
+    assert sorted(os.listdir(os.path.join(out, "banks"))) == ["class-seed0", "class-seed0.knowledge_bank"]
     result = json.load(open(os.path.join(out, "runs", "difftuning_class-seed0", "result.json")))
     assert sorted(map(int, result["curve"])) == [2, 4] and result["chosen_step"] in (2, 4)
     assert set(result["chosen"]) == set(dbb.FEATURE_SPACES) and set(dbb.METRICS) <= set(result["chosen"]["openmoji"])
@@ -268,8 +269,11 @@ def test_pretrain_text2image_sd3_smoke_and_dreambooth_on_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     settings = json.load(open(os.path.join(out, "runs", "difftuning_class-seed0", "settings.json")))
     assert (settings["num_inference_steps"], settings["guidance_scale"]) == (20, 4.0)  # SD3's defaults
-    bank = json.load(open(os.path.join(out, "banks", "class-seed0", "manifest.json")))
-    assert bank["settings"]["max_sequence_length"] == 77  # class samples with the zeros pre-training used
+    # the class images (upstream's names) and their encodings beside them
+    assert len([f for f in os.listdir(os.path.join(out, "banks", "class-seed0")) if f.endswith(".jpg")]) == 4
+    (encoded,) = [d for d in os.listdir(os.path.join(out, "banks", "class-seed0.knowledge_bank")) if d != ".lock"]
+    bank = json.load(open(os.path.join(out, "banks", "class-seed0.knowledge_bank", encoded, "manifest.json")))
+    assert len(bank["images"]) == 4
     assert "| difftuning_class |" in open(os.path.join(out, "results.md")).read()
 
 
