@@ -493,8 +493,9 @@ def test_fashion_mnist_is_fetched_once_from_the_debian_archive(tmp_path, monkeyp
 def test_demo_data_step_needs_no_apt_get_and_no_full_fashion_mnist(tmp_path, monkeypatch) -> None:
     """Where apt-get is absent (any OS but Debian's family) and Fashion-MNIST is neither installed nor cached, the
     demo's data step still works from the shipped images: the 10-shot folder of half a (5 classes x 10 PNGs, as
-    the shipped bytes, padded to 32 px), the 2,000-image reference and both feature CNNs; the full data is never
-    asked for. A split the shipped file lacks still needs the full data and says so in one sentence."""
+    the shipped bytes, padded to 32 px), the 2,000-image reference, both feature CNNs and the table's real-vs-real
+    floor; the full data is never asked for. A split the shipped file lacks still needs the full data and says so
+    in one sentence."""
     from PIL import Image
 
     from benchmark import data, demo
@@ -526,9 +527,11 @@ def test_demo_data_step_needs_no_apt_get_and_no_full_fashion_mnist(tmp_path, mon
         assert np.array_equal(written[:, 2:30, 2:30], train[train_labels == label])
     reference, labels = ev.TARGETS["fashion_a_wide"].split("reference")
     assert reference.shape == (2000, 1, 32, 32) and labels.bincount().tolist() == [400] * 5
+    assert ev.real_vs_real("fashion_a", 10)["num_real"] == 1500
     with pytest.raises(ConfigError, match="FASHION_MNIST_DIR.*apt-get install dataset-fashion-mnist"):
         ev.TARGETS["fashion_a"].split("val")
     ev.fashion_half_arrays.cache_clear()
+    ev.real_vs_real.cache_clear()
 
 
 def test_run_step_prints_a_progress_line_per_tenth_of_a_bar(tmp_path, capsys) -> None:
