@@ -555,6 +555,23 @@ def test_run_step_prints_a_progress_line_per_tenth_of_a_bar(tmp_path, capsys) ->
     assert "Steps: 100%" in (tmp_path / "run.log").read_text()
 
 
+def test_summary_labels_the_second_spaces_fid_change(monkeypatch) -> None:
+    """On a pair scored in two feature spaces, the FID-change cell gives each space's change under its own name
+    (the demo's table once showed the first space's change twice, which read as the second's)."""
+    monkeypatch.setattr(ev, "real_vs_real", lambda *args: {"fid": 1.0, "kid_mean": 1.0, "num_real": 2,
+                                                            "num_reference": 2})
+
+    def run(fid: float, second_fid: float) -> dict:
+        return {"fid": fid, "kid_mean": 1.0, "accuracy": 1.0, "train_seconds": 1.0,
+                "second_space": {"fid": second_fid, "accuracy": 1.0, "copy_rate": 0.1}}
+
+    table = run_benchmark.summarize({"standard": {0: run(24.06, 45.32)}, "difftuning": {0: run(21.57, 39.64)}},
+                                    {"miniature": "fashion_b_to_a", "shots_per_class": 10})
+    row = next(line for line in table.splitlines() if line.startswith("| difftuning |"))
+    assert "-10.3% vs standard (-10.3%); second space -12.5% (-12.5%)" in row
+    assert "FID vs baseline: mean change (each seed's)" in table
+
+
 def test_shipped_fashion_images_are_the_full_datas_splits() -> None:
     """The shipped file holds exactly what the full Fashion-MNIST's splits give (same images, same order, same
     labels), so the demo's numbers do not depend on where its data came from."""
