@@ -73,17 +73,22 @@ def run_step(cmd: list[str], log_path: str, what: str, poll_seconds: float = 5.0
     start = time.time()
     print(f"[benchmark] {what}: started (log: {os.path.relpath(log_path)})", flush=True)
     shown: tuple[str, int] | None = None
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
-        while True:
-            try:
-                returncode = child.wait(timeout=poll_seconds)
-                break
-            except subprocess.TimeoutExpired:
-                progress = latest_progress(_read_tail(log_path))
-            if progress and (shown is None or progress[0] != shown[0] or progress[1] >= shown[1] + PROGRESS_EVERY):
-                shown = progress[0], progress[1] - progress[1] % PROGRESS_EVERY
-                print(f"[benchmark] {what}: {progress[2]}", flush=True)
+    with open(log_path, "w") as log, subprocess.Popen(cmd, env=child_env(), stdout=log,
+                                                      stderr=subprocess.STDOUT) as child:
+        try:
+            while True:
+                try:
+                    returncode = child.wait(timeout=poll_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    progress = latest_progress(_read_tail(log_path))
+                if progress and (shown is None or progress[0] != shown[0]
+                                 or progress[1] >= shown[1] + PROGRESS_EVERY):
+                    shown = progress[0], progress[1] - progress[1] % PROGRESS_EVERY
+                    print(f"[benchmark] {what}: {progress[2]}", flush=True)
+        except BaseException:  # Ctrl-C or an error here: the child goes too, as with subprocess.run
+            child.kill()
+            raise
     print(f"[benchmark] {what}: {'done' if returncode == 0 else 'FAILED'} in {time.time() - start:.0f} s",
           flush=True)
     if returncode != 0:
