@@ -85,7 +85,7 @@ def run_step(cmd: list[str], log_path: str, what: str, poll_seconds: float = 5.0
                 if progress and (shown is None or progress[0] != shown[0]
                                  or progress[1] >= shown[1] + PROGRESS_EVERY):
                     shown = progress[0], progress[1] - progress[1] % PROGRESS_EVERY
-                    print(f"[benchmark] {what}: {progress[2]}", flush=True)
+                    print(f"[benchmark] {what.split(' (')[0]}: {progress[2]}", flush=True)  # without its aside
         except BaseException:  # Ctrl-C or an error here: the child goes too, as with subprocess.run
             child.kill()
             raise
