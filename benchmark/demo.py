@@ -7,9 +7,10 @@ sandal, ankle boot) twice through the real `train_dit_difftuning.py`: plain fine
 the same 2,000 steps, batch and seed. Then it samples both with the same noise and prints FID, accuracy and
 copy rate in two feature spaces (CNNs of the five target classes and of all ten, shipped), writes sample grids,
 and runs a short chain-of-forgetting sweep (plot). The settings are those of the decision runs, so the table
-is their seed 0 at step 2,000, number for number. Fashion-MNIST is Debian's ``dataset-fashion-mnist``,
-installed or fetched once with ``apt-get download``. The decision runs (5 seeds, early stopping, a
-learning-rate sweep) are `benchmark/run_benchmark.py` and `benchmark/decision.py`.
+is their seed 0 at step 2,000, number for number. The Fashion-MNIST images it trains on and scores against
+are shipped in the repository (benchmark/fashion_mnist_demo_data/), so it needs no download on any OS. The
+decision runs (5 seeds, early stopping, a learning-rate sweep) are `benchmark/run_benchmark.py` and
+`benchmark/decision.py`.
 
     python -m benchmark.demo                 # writes outputs/demo/
 """
@@ -22,14 +23,40 @@ import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDLE_MINUTES = 9  # measured (546 s): docs/results.md#the-demo
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
     parser.add_argument("--max_train_steps", type=int, default=2000)
     parser.add_argument("--num_samples", type=int, default=1000)
-    return parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def benchmark_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The demo as a `benchmark.run_benchmark` invocation: the decision runs' settings, seed 0, two arms."""
+    from benchmark import run_benchmark
+
+    return run_benchmark.parse_args([
+        "--miniature", "fashion_b_to_a", "--output_dir", args.output_dir, "--arms", "standard", "difftuning",
+        "--seeds", "0", "--max_train_steps", str(args.max_train_steps), "--num_samples", str(args.num_samples)])
+
+
+def prepare_data(bench_args: argparse.Namespace) -> str:
+    """The demo's data, before any training: the 50 training images written as an image folder (returned),
+    the FID reference and both feature CNNs loaded, the table's real-vs-real floor computed. Needs only the
+    repository (the images are shipped); where they are not, the full Fashion-MNIST's loader says in one
+    sentence what it needs."""
+    from benchmark import evaluate, run_benchmark
+
+    folder = run_benchmark.write_target_folder(bench_args)
+    miniature = run_benchmark.MINIATURES[bench_args.miniature]
+    for target in (miniature["target"], miniature["second"]):
+        evaluate.TARGETS[target].split("reference", 0, bench_args.shots_per_class)
+        evaluate.load_or_train_classifier(target=target)
+    evaluate.real_vs_real(miniature["target"], bench_args.shots_per_class)  # cached for the table
+    return folder
 
 
 def main(args: argparse.Namespace) -> None:
@@ -40,20 +67,17 @@ def main(args: argparse.Namespace) -> None:
         raise ConfigError(f"the source model {source} is missing; make it with "
                           "`python -m benchmark.pretrain_source --source fashion_b`.")
 
-    from benchmark import data, run_benchmark, runner
+    from benchmark import run_benchmark, runner
 
-    if data.fashion_mnist_dir() is None:
-        raise ConfigError(f"the demo needs Fashion-MNIST: `apt-get download {data.FASHION_MNIST_DEB}` failed "
-                          f"here; install it with `apt-get install {data.FASHION_MNIST_DEB}`.")
+    bench_args = benchmark_args(args)
+    prepare_data(bench_args)
     print(f"[demo] Fine-tuning the shipped DiT of five Fashion-MNIST classes on 10 images of each of the other "
           f"five, twice ({args.max_train_steps} steps each, one CPU thread each, in parallel): plain fine-tuning, "
           "and Diff-Tuning, whose run first builds a 1,000-sample knowledge bank. Then both are sampled with the "
-          "same noise and scored in two feature spaces, and a short chain-of-forgetting sweep runs. About 10 "
-          f"minutes on 2 cores. Logs and results: {args.output_dir}", flush=True)
+          "same noise and scored in two feature spaces, and a short chain-of-forgetting sweep runs. About "
+          f"{IDLE_MINUTES} minutes on an idle 2-core machine, longer on a busy one; each run prints a line per "
+          f"{runner.PROGRESS_EVERY}% of its steps. Logs and results: {args.output_dir}", flush=True)
     start = time.time()
-    bench_args = run_benchmark.parse_args([
-        "--miniature", "fashion_b_to_a", "--output_dir", args.output_dir, "--arms", "standard", "difftuning",
-        "--seeds", "0", "--max_train_steps", str(args.max_train_steps), "--num_samples", str(args.num_samples)])
     run_benchmark.main(bench_args)
     runs, cof_dir = os.path.join(args.output_dir, "runs"), os.path.join(args.output_dir, "chain_of_forgetting")
     print("[demo] chain of forgetting: sampling the fine-tuned model with the source model below 5 thresholds...",

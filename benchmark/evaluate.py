@@ -242,14 +242,15 @@ def load_or_train_classifier(cache_dir: str | os.PathLike | None = None, seed: i
     settings = {"format_version": CLASSIFIER_FORMAT_VERSION, "arch": FeatureCNN.ARCH, "seed": seed, "steps": steps,
                 "split_seed": split_seed, **domain.classifier_settings}
     num_target = len(domain.class_names)
-    x_extra, y_extra = domain.extra_classifier_data() if domain.extra_classifier_data else (None, None)
-    num_classes = num_target + (int(y_extra.max()) + 1 - num_target if y_extra is not None else 0)
-    model = FeatureCNN(num_classes, domain.channels, num_target)
     if weights.exists() and info_path.exists():
         info = json.loads(info_path.read_text())
         if info.get("settings") == settings:
-            model.load_state_dict(load_file(weights))
+            state = load_file(weights)  # the head's rows count the extra classes: no need to load their images
+            model = FeatureCNN(state["head.weight"].shape[0], domain.channels, num_target)
+            model.load_state_dict(state)
             return model.eval(), info
+    x_extra, y_extra = domain.extra_classifier_data() if domain.extra_classifier_data else (None, None)
+    num_classes = num_target + (int(y_extra.max()) + 1 - num_target if y_extra is not None else 0)
     x_train, y_train = domain.split("classifier", split_seed)
     x_val, y_val = domain.split("classifier_val", split_seed)
     if x_extra is not None:
@@ -442,6 +443,38 @@ def fashion_splits(half: str, labels: np.ndarray, seed: int = 0, shots_per_class
     return {k: np.concatenate(v).astype(np.int64) for k, v in parts.items()}
 
 
+# What the demo uses, shipped: half a's 10-shot training set, FID reference and feature-CNN check images (the
+# real-vs-real floor of its table) at split seed 0, byte for byte the full data's (a test checks), so that the
+# demo needs neither Debian's package nor the Hub on any OS.
+# Fashion-MNIST is MIT-licensed (the folder's LICENSE); write_fashion_shipped() rewrites the file from the full data.
+FASHION_SHIPPED = REPO_ROOT / "benchmark" / "fashion_mnist_demo_data" / "fashion_a.npz"
+FASHION_SHIPPED_HALF, FASHION_SHIPPED_SHOTS = "a", 10
+FASHION_SHIPPED_SPLITS = ("train", "reference", "classifier_val")
+
+
+def fashion_shipped_split(half: str, name: str, seed: int = 0, shots_per_class: int = 10
+                          ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Split ``name`` of ``half`` as (uint8 images [N,28,28], labels 0..4) from the shipped file, or None where
+    the file does not hold it (another half, split, split seed or number of shots: those need the full data)."""
+    if (half != FASHION_SHIPPED_HALF or seed != 0 or name not in FASHION_SHIPPED_SPLITS
+            or (name == "train" and shots_per_class != FASHION_SHIPPED_SHOTS) or not FASHION_SHIPPED.exists()):
+        return None
+    with np.load(FASHION_SHIPPED) as shipped:
+        return shipped[f"{name}_images"], shipped[f"{name}_labels"]
+
+
+def write_fashion_shipped(path: Path = FASHION_SHIPPED) -> None:
+    """Write the shipped file from the full Fashion-MNIST (temporary name, then a rename)."""
+    images, labels, _ = fashion_half_arrays(FASHION_SHIPPED_HALF)
+    splits = fashion_splits(FASHION_SHIPPED_HALF, labels, 0, FASHION_SHIPPED_SHOTS)
+    arrays = {f"{name}_{kind}": array[splits[name]] for name in FASHION_SHIPPED_SPLITS
+              for kind, array in (("images", images), ("labels", labels))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def wide_extra(arrays: Callable[[str], tuple], splits: Callable[..., dict], half: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The other half's classifier images, labelled 5..9: the second feature space of a half's target
@@ -511,12 +544,19 @@ class Target:
     # More images for the feature CNN, as (images, labels >= len(class_names)): classes of their own that
     # shape a more general feature space (as Inception's ImageNet classes do), never the FID reference.
     extra_classifier_data: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Splits shipped in the repository: (name, seed, shots) -> (images, labels) as ``arrays()[idx]`` would give
+    # them, or None where the full data is needed.
+    shipped: Callable[[str, int, int], tuple[np.ndarray, np.ndarray] | None] | None = None
 
     def split(self, name: str, seed: int = 0, shots_per_class: int | None = None) -> tuple[torch.Tensor,
                                                                                            torch.Tensor]:
         """One split as (float images [N,C,32,32] in [-1,1], int64 labels [N])."""
+        shots = shots_per_class or self.default_shots
+        found = self.shipped(name, seed, shots) if self.shipped else None
+        if found is not None:
+            return self.to_model(found[0]), torch.as_tensor(found[1])
         images, labels = self.arrays()
-        splits = self.splits(labels=labels, seed=seed, shots_per_class=shots_per_class or self.default_shots)
+        splits = self.splits(labels=labels, seed=seed, shots_per_class=shots)
         if name not in splits:
             raise dt.ConfigError(f"Target {self.name} has no {name!r} split (it has {', '.join(splits)}).")
         idx = splits[name]
@@ -551,7 +591,8 @@ for _half in ("a", "b"):
             REPO_ROOT / "benchmark" / f"feature_classifier_{_name}", 3000,
             {"target": _name, "split": FASHION_SPLIT_PER_CLASS, "reference_per_class": FASHION_REFERENCE_PER_CLASS},
             FASHION_MIN_ACCURACY, False, -1.0,
-            (lambda h=_half: wide_extra(fashion_half_arrays, fashion_splits, h)) if _wide else None)
+            (lambda h=_half: wide_extra(fashion_half_arrays, fashion_splits, h)) if _wide else None,
+            lambda name, seed, shots, h=_half: fashion_shipped_split(h, name, seed, shots))
         _name = f"digits_{_half}{'_wide' if _wide else ''}"
         TARGETS[_name] = Target(
             _name, tuple(MNIST_CLASSES[c] for c in DIGIT_HALVES[_half]), 1, lambda h=_half: digits_half_arrays(h),

@@ -356,7 +356,8 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     lines = ["| arm | seeds | FID ↓ | FID at the validation-chosen step ↓ | KID ↓ | accuracy ↑ | copy rate ↓ | NN "
-             "ratio ↑ | FID vs baseline (paired, per seed) | train (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio ↑ | FID vs baseline: mean change (each seed's) | train (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, by_seed in results.items():
         seeds = sorted(by_seed)
         fid = [by_seed[s]["fid"] for s in seeds]
@@ -369,11 +370,19 @@ def summarize(results: dict[str, dict[int, dict]], settings: dict | None = None,
         change = "—"
         base_runs, where = (results[base], "") if base in results else ((baselines or {}).get(base), baselines_from)
         if base_runs:
-            pairs = [(by_seed[s]["fid"], base_runs[s]["fid"]) for s in seeds if s in base_runs]
-            if pairs:
-                rel = [100 * (a - b) / b for a, b in pairs]
-                change = (f"{statistics.mean(rel):+.1f}% vs {base}{' in ' + where if where else ''} "
-                          f"({', '.join(f'{r:+.1f}%' for r in rel)})")
+            paired = [s for s in seeds if s in base_runs]
+            if paired:
+                def relative(run: dict, base_run: dict) -> float:
+                    return 100 * (run["fid"] - base_run["fid"]) / base_run["fid"]
+
+                def cell(rel: list[float], label: str = "") -> str:  # the mean change, then each seed's
+                    return f"{statistics.mean(rel):+.1f}%{label} ({', '.join(f'{r:+.1f}%' for r in rel)})"
+
+                change = cell([relative(by_seed[s], base_runs[s]) for s in paired],
+                              f" vs {base}{' in ' + where if where else ''}")
+                if all("second_space" in by_seed[s] and "second_space" in base_runs[s] for s in paired):
+                    change += "; second space " + cell([relative(by_seed[s]["second_space"],
+                                                                 base_runs[s]["second_space"]) for s in paired])
         early = [by_seed[s]["early_stopped"] for s in seeds if "early_stopped" in by_seed[s]]
         stopped = (f"{fmt([e['fid'] for e in early])} (steps {', '.join(str(e['step']) for e in early)})"
                    if len(early) == len(seeds) else "—")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,13 +41,54 @@ def tool_command(tool: str) -> list[str]:
     return [sys.executable, "-m", f"benchmark.{tool}"]
 
 
-def run_step(cmd: list[str], log_path: str, what: str) -> None:
-    """Run one child with its output in ``log_path``, saying when it starts and ends; a failure is one
+# A progress bar of tqdm as it lands in a log: "Steps:  45%|####5     | 900/2000 [01:23<01:40, 10.8it/s, loss=0.0312]".
+_TQDM_BAR = re.compile(r"(?P<desc>[A-Za-z][\w ]*?): *(?P<percent>\d+)%\|[^|\r\n]*\| *(?P<done>\d+)/(?P<total>\d+) "
+                       r"\[[\d:]+<(?P<left>[\d:?]+)(?P<postfix>[^\]\r\n]*)\]")
+PROGRESS_EVERY = 10  # percent of a bar between two progress lines of a run on the console
+
+
+def latest_progress(log_text: str) -> tuple[str, int, str] | None:
+    """The newest tqdm bar in ``log_text`` as (its name, percent done, a readable line), or None."""
+    bars = list(_TQDM_BAR.finditer(log_text))
+    if not bars:
+        return None
+    bar = bars[-1]
+    loss = re.search(r"loss=([-+\d.eE]+)", bar["postfix"])
+    line = (f"{bar['desc'].strip()} {bar['done']}/{bar['total']}" + (f", loss {loss[1]}" if loss else "")
+            + (f", {bar['left']} left" if bar["left"] != "?" else ""))
+    return bar["desc"].strip(), int(bar["percent"]), line
+
+
+def _read_tail(path: str, size: int = 8192) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - size))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def run_step(cmd: list[str], log_path: str, what: str, poll_seconds: float = 5.0) -> None:
+    """Run one child with its output in ``log_path``, saying when it starts and ends and, while it runs, a
+    line each time one of its progress bars passes another PROGRESS_EVERY percent (steps, loss, time left),
+    so a console shows every run moving although the bars themselves go to the log. A failure is one
     sentence naming the log."""
     start = time.time()
     print(f"[benchmark] {what}: started (log: {os.path.relpath(log_path)})", flush=True)
-    with open(log_path, "w") as log:
-        returncode = subprocess.run(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+    shown: tuple[str, int] | None = None
+    with open(log_path, "w") as log, subprocess.Popen(cmd, env=child_env(), stdout=log,
+                                                      stderr=subprocess.STDOUT) as child:
+        try:
+            while True:
+                try:
+                    returncode = child.wait(timeout=poll_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    progress = latest_progress(_read_tail(log_path))
+                if progress and (shown is None or progress[0] != shown[0]
+                                 or progress[1] >= shown[1] + PROGRESS_EVERY):
+                    shown = progress[0], progress[1] - progress[1] % PROGRESS_EVERY
+                    print(f"[benchmark] {what.split(' (')[0]}: {progress[2]}", flush=True)  # without its aside
+        except BaseException:  # Ctrl-C or an error here: the child goes too, as with subprocess.run
+            child.kill()
+            raise
     print(f"[benchmark] {what}: {'done' if returncode == 0 else 'FAILED'} in {time.time() - start:.0f} s",
           flush=True)
     if returncode != 0:

