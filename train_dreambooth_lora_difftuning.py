@@ -41,6 +41,14 @@ logger = get_logger(__name__)
 # --image_interpolation_mode: upstream's choices (torchvision's modes) as PIL resamples them.
 INTERPOLATION = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
                  "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+# Flags of upstream's four scripts whose default here differs from upstream's, and why (docs/dreambooth.md's table
+# shows it; tests/test_dreambooth_dropin.py checks that no other default differs).
+UPSTREAM_DIFFERENCES = {
+    "seed": "0 (upstream: none, a different run each time): runs, checkpoints and knowledge banks are reproducible "
+            "by default.",
+    "allow_tf32": "on (upstream: off): TF32 matmuls on Ampere and newer GPUs, as PyTorch's own default for "
+                  "convolutions; --no-allow_tf32 turns it off.",
+}
 # Flags of upstream's four scripts that cannot apply here, and why (refused in one sentence).
 REFUSED_FLAGS = {
     "--validation_images": "images to upscale at validation are for DeepFloyd IF's super-resolution stage, which "
@@ -364,12 +372,14 @@ def optimizer_groups(args: argparse.Namespace, param_lists: list[list[torch.nn.P
     return groups
 
 
-def validation_due(args: argparse.Namespace, global_step: int, updates_per_epoch: int) -> bool:
+def validation_due(args: argparse.Namespace, global_step: int, updates_per_epoch: int, max_train_steps: int) -> bool:
     """Whether to validate after this optimizer step: every --validation_steps steps when given, else at the end of
-    every --validation_epochs-th epoch, the first epoch included (upstream's rule)."""
+    every --validation_epochs-th epoch, the first included, and of a last epoch cut short by --max_train_steps
+    (upstream's rule)."""
     if args.validation_steps is not None:
         return global_step % args.validation_steps == 0
-    return global_step % updates_per_epoch == 0 and (global_step // updates_per_epoch - 1) % args.validation_epochs == 0
+    epoch_ends = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
+    return epoch_ends and (global_step - 1) // updates_per_epoch % args.validation_epochs == 0
 
 
 def denoiser_flops_per_image(family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
@@ -635,13 +645,12 @@ def main(args: argparse.Namespace) -> None:
         raise dt.ConfigError(f"--train_text_encoder trains several models, and accelerate's "
                              f"{accelerator.distributed_type.value} prepares one: leave the flag out or launch "
                              "without the sharding config.")
-    repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
-
     # --- Models -------------------------------------------------------------------------------
     model_index, family_class = base_family(args)  # all checked before the weights load (FLUX.1-dev's are ~34 GB)
     check_family_flags(args, family_class)
     family_class.check_supported(args.pretrained_model_name_or_path, model_index.get("scheduler", [None, ""])[1],
                                  base_vae_config(args))
+    repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
     pipeline, family = load_base_pipeline(args)
     denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
     scheduler_class = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
@@ -831,7 +840,7 @@ def main(args: argparse.Namespace) -> None:
                     if global_step % args.checkpointing_steps == 0:
                         tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path,
                                            identity=identity)
-                    if args.validation_prompt and validation_due(args, global_step, updates_per_epoch):
+                    if args.validation_prompt and validation_due(args, global_step, updates_per_epoch, max_train_steps):
                         run_validation(args, accelerator, pipeline, global_step, sample_kwargs)
             if global_step >= max_train_steps:
                 break
@@ -842,7 +851,7 @@ def main(args: argparse.Namespace) -> None:
     denoiser_state = tp.full_state_dict(accelerator, denoiser)  # every process: gathers shards
     tp.end_collectives(accelerator)
     if accelerator.is_main_process:
-        encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
+        encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(family.component_names)
         # The LoRA trains in float32; upstream's SD3 and Flux save it in the mixed-precision dtype unless
         # --upcast_before_saving (their text encoders' LoRA always in float32), SD and SDXL always in float32.
         saved_dtype = torch.float32 if args.upcast_before_saving else weight_dtype

@@ -1424,7 +1424,7 @@ def hub_id(name_or_path: str) -> str | None:
     the Hub's cache (``.../models--org--name/snapshots/<revision>``), else None (a folder of unknown origin)."""
     if not os.path.exists(name_or_path):
         return name_or_path
-    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.realpath(name_or_path))
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.abspath(name_or_path))
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
