@@ -171,7 +171,7 @@ def test_push_to_hub_uploads_the_lora_and_card_only(tiny_sd, subject, tmp_path, 
     sent = files_uploaded(captured_hub["upload"])
     assert LORA_FILE in sent and "README.md" in sent
     assert not any(p.startswith(("checkpoint-", "knowledge_bank")) for p in sent)
-    assert 'pipe.load_lora_weights("me/sks-square")' in open(os.path.join(out, "README.md")).read()
+    assert 'pipe.load_lora_weights("me/sks-square"' in open(os.path.join(out, "README.md")).read()
 
 
 def step_for(model: str, prediction_type: str = "epsilon", difftuning: bool = False, snr_gamma: float | None = None,
@@ -268,8 +268,9 @@ def test_sdxl_time_ids_follow_resize_and_crop(subject, tmp_path):
 
     path = str(tmp_path / "tall.png")
     Image.new("RGB", (40, 48)).save(path)  # width 40, height 48 -> resized to 32x38, centre crop top 3
-    args = tp.argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False)
-    item = InstanceImages([{"image": Image.open(path)}], args, [0])[tp.SampleKey(0, 0)]
+    args = tp.argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False,
+                                 image_interpolation_mode="lanczos")
+    item = InstanceImages([{"image": Image.open(path)}], args, [0], 1)[tp.SampleKey(0, 0)]
     assert item["time_ids"].tolist() == [48, 40, 3, 0, 32, 32]
     assert item["pixel_values"].shape == (3, 32, 32)
 
