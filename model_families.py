@@ -38,6 +38,7 @@ FAMILY_FLAGS: dict[str, tuple[str, Any]] = {
                     "transformer_blocks.N; a UNet's are not", None),
     "output_kohya_format": ("a flag of the UNet families (SD, SDXL): diffusers converts only UNet LoRA keys to "
                             "kohya's names", False),
+    "snr_gamma": ("Min-SNR, a DDPM weighting (flow-matching models weight the loss with --weighting_scheme)", None),
     "tokenizer_name": (SD_FLAGS, None),
     "tokenizer_max_length": (SD_FLAGS, None),
     "text_encoder_use_attention_mask": (SD_FLAGS, False),
@@ -73,7 +74,7 @@ class StableDiffusionFamily:
     # (train_dreambooth_lora_difftuning.check_family_flags).
     flag_defaults: dict[str, Any] = {"tokenizer_name": None, "tokenizer_max_length": None,
                                      "text_encoder_use_attention_mask": False, "pre_compute_text_embeddings": False,
-                                     "output_kohya_format": False}
+                                     "output_kohya_format": False, "snr_gamma": None}
     # Defaults of flags every family takes, as the family's upstream script sets them (the parser's default is
     # None). text_encoder_lr and adam_weight_decay_text_encoder None: the same as the denoiser's (upstream's SD
     # script has one parameter group); upcast_before_saving True: SD and SDXL always save the LoRA in float32.
@@ -162,7 +163,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     component_names = ("text_encoder", "text_encoder_2")
     uses_time_ids = True
-    flag_defaults = {"output_kohya_format": False}
+    flag_defaults = {"output_kohya_format": False, "snr_gamma": None}
     defaults = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
                 "adam_weight_decay_text_encoder": 1e-3, "resolution": 1024, "lora_alpha": None,
                 "image_interpolation_mode": "lanczos", "upcast_before_saving": True,

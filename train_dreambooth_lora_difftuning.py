@@ -534,6 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     # None: the family's upstream default (model_families.py), filled in once the base model's family is known.
     parser.set_defaults(lora_target_modules=None, validation_steps=None,
                         **{name: None for name in mf.StableDiffusionFamily.defaults})
+    short = {mf.StableDiffusionFamily: "SD", mf.StableDiffusionXLFamily: "SDXL", mf.StableDiffusion3Family: "SD3",
+             mf.FluxFamily: "Flux"}
+    for action in parser._actions:  # the shared flags' help, where it does not say the family's default
+        if action.dest == "lora_alpha":
+            action.help = "LoRA alpha (the update is scaled by alpha / rank); default: the rank, Flux 4 (upstream's)."
+        elif action.dest in mf.StableDiffusionFamily.defaults and "default" not in (action.help or "").lower():
+            values = ", ".join(f"{name} {family.defaults[action.dest]}" for family, name in short.items())
+            action.help = f"{action.help} Default per family, as upstream: {values}."
     return parser
 
 
