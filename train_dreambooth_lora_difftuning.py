@@ -639,8 +639,8 @@ def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusion
         args.lora_target_modules = ",".join(f"transformer_blocks.{block}.{layer}"
                                             for block in args.lora_blocks.split(",") for layer in layers)
     if args.optimizer == "prodigy" and args.learning_rate <= 0.1:
-        logger.warning(f"--optimizer prodigy adapts the step size itself; --learning_rate {args.learning_rate} is "
-                       "its multiplier, and upstream advises 1.0.", main_process_only=True)
+        warnings.warn(f"--optimizer prodigy adapts the step size itself; --learning_rate {args.learning_rate} is "
+                      "its multiplier, and upstream advises 1.0.", stacklevel=2)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -1096,6 +1096,8 @@ CHECKPOINT_INFO = "checkpoint_info.json"
 # The flags that decide what a checkpoint holds: resuming across a change in any of them cannot work.
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "finetune", "controlnet_lora",
                   "rank", "lora_target_modules", "use_ema", "train_text_encoder")
+# Identity flags added later, recorded only when not at these defaults, so older checkpoints still match.
+OPTIONAL_IDENTITY_FLAGS = {"use_dora": False, "optimizer": "adamw"}
 
 
 def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
@@ -1105,6 +1107,9 @@ def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
     for flag in IDENTITY_FLAGS:
         if hasattr(args, flag):
             identity[flag] = display_path(getattr(args, flag))
+    for flag, default in OPTIONAL_IDENTITY_FLAGS.items():
+        if getattr(args, flag, default) != default:
+            identity[flag] = getattr(args, flag)
     return identity
 
 
@@ -1128,11 +1133,12 @@ def _check_checkpoint(path: str, identity: dict, accelerator: Accelerator) -> No
     info_path = os.path.join(path, CHECKPOINT_INFO)
     if os.path.exists(info_path):
         saved = json.load(open(info_path))
-        differ = [k for k in identity if saved.get(k) != identity[k]]
+        now = {**{k: v for k, v in OPTIONAL_IDENTITY_FLAGS.items() if k in saved}, **identity}
+        differ = [k for k in now if saved.get(k, OPTIONAL_IDENTITY_FLAGS.get(k)) != now[k]]
         if differ:
             raise ConfigError(f"--resume_from_checkpoint {path} was saved by another set-up ("
                               + ", ".join(f"{'' if k == 'script' else '--'}{k} {saved.get(k)!r} there, "
-                                          f"{identity[k]!r} now" for k in differ)
+                                          f"{now[k]!r} now" for k in differ)
                               + "); resume with the same script and flags, or start a new --output_dir.")
     for names in [(f"process_{accelerator.process_index}.pt",), *checkpoint_pieces(accelerator)]:
         if not any(os.path.exists(os.path.join(path, name)) for name in names):

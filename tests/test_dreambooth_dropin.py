@@ -430,3 +430,19 @@ def test_hub_id_of_a_cached_copy(tmp_path):
     assert tp.hub_id(str(cached)) == "stabilityai/stable-diffusion-xl-base-1.0"
     assert tp.hub_id(str(tmp_path)) is None
     assert tp.hub_id("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+
+
+def test_resume_with_another_optimizer_or_dora_is_refused(subject, tmp_path):
+    """Prodigy's and DoRA's state differ from AdamW's and LoRA's: the checkpoint records them (only when set, so a
+    checkpoint of an older run still matches a default one) and a resume with the other one is refused."""
+    import train_dreambooth_lora_difftuning as script
+
+    plain = family_args("sd", subject, str(tmp_path / "o"))
+    prodigy = family_args("sd", subject, str(tmp_path / "o"), "--optimizer", "prodigy", "--use_dora")
+    assert "optimizer" not in tp.checkpoint_identity(plain, script.__file__)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / tp.CHECKPOINT_INFO).write_text(json.dumps(tp.checkpoint_identity(prodigy, script.__file__)))
+    with pytest.raises(dt.ConfigError, match="--use_dora True there, False now, --optimizer 'prodigy' there, "
+                                             "'adamw' now"):
+        tp._check_checkpoint(str(checkpoint), tp.checkpoint_identity(plain, script.__file__), None)
