@@ -579,11 +579,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise dt.ConfigError(f"--snr_gamma must be > 0, got {args.snr_gamma}.")
     if not 0 <= args.lora_dropout < 1:
         raise dt.ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
-    for flag in ("text_encoder_lr", "adam_weight_decay_text_encoder", "prodigy_beta3"):
-        value = getattr(args, flag)
-        if value is not None and not (value > 0 if flag == "text_encoder_lr" else 0 <= value <= 1):
-            raise dt.ConfigError(f"--{flag} must be {'> 0' if flag == 'text_encoder_lr' else 'in [0, 1]'}, got "
-                                 f"{value}.")
+    ranges = {"text_encoder_lr": ("> 0", lambda v: v > 0), "adam_weight_decay_text_encoder": (">= 0", lambda v: v >= 0),
+              "prodigy_beta3": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for flag, (allowed, ok) in ranges.items():
+        if getattr(args, flag) is not None and not ok(getattr(args, flag)):
+            raise dt.ConfigError(f"--{flag} must be {allowed}, got {getattr(args, flag)}.")
     if args.lora_layers is not None and args.lora_target_modules is not None:
         raise dt.ConfigError("--lora_layers and --lora_target_modules name the same thing: give one of them.")
     if args.lora_blocks is not None:

@@ -95,6 +95,7 @@ README_VARIATIONS = {
     "sdxl-kohya": ("sdxl", "--output_kohya_format"),
     "flux-upcast": ("flux-prodigy", "--upcast_before_saving"),
     "flux-cache-latents": ("flux-prodigy", "--cache_latents"),
+    "sd-batch-above-the-subject-images": ("sd", "--train_batch_size=6"),  # 4 images: upstream trains on
     "sd3-lora-blocks-and-layers": ("sd3", '--lora_blocks "0" '
                                           '--lora_layers attn.to_k,attn.to_q,attn.to_v,attn.to_out.0'),
     "sdxl-dora": ("sdxl", "--use_dora"),
