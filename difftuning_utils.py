@@ -360,14 +360,15 @@ def difftuning_loss(per_sample_loss: torch.Tensor, num_target: int, retention_we
 
 
 def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights [B] (Hang et al. 2023, diffusers' ``--snr_gamma``): min(SNR(t), gamma) / SNR(t)
-    for epsilon prediction, min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction. With Diff-Tuning they multiply
-    the timestep density: the expected loss is sum_t psi(t) w_snr(t) L(t)."""
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023, diffusers' ``--snr_gamma``) as diffusers'
+    train_dreambooth_lora_sdxl.py computes them: min(SNR(t), gamma) / SNR(t) for epsilon prediction, plus 1 for
+    v-prediction (the velocity objective floored at an SNR weight of one). With Diff-Tuning they multiply the
+    timestep density: the expected loss is sum_t psi(t) w_snr(t) L(t)."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps).float()
-    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-    return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr
+    return weights + 1 if scheduler.config.prediction_type == "v_prediction" else weights
 
 
 def split_batch_size(train_batch_size: int, retention_ratio: float) -> tuple[int, int]:

@@ -20,6 +20,32 @@ from difftuning_common import ConfigError
 # encoders' attention projections with --train_text_encoder.
 TEXT_ENCODER_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
+# Flags that only some families take: who they belong to (a refusal names it) and their parser default (a value
+# other than it means the user gave the flag). Each family accepts the ones in its ``flag_defaults`` (and the
+# flow-matching ones take the density's parameters); the rest are refused in one sentence.
+FLOW_FLAGS = "flow-matching flags (SD3, Flux)"
+SD_FLAGS = "flags of upstream's train_dreambooth_lora.py (Stable Diffusion 1.x/2.x)"
+FAMILY_FLAGS: dict[str, tuple[str, Any]] = {
+    "weighting_scheme": (FLOW_FLAGS, None),
+    "logit_mean": (FLOW_FLAGS, 0.0),
+    "logit_std": (FLOW_FLAGS, 1.0),
+    "mode_scale": (FLOW_FLAGS, 1.29),
+    "max_sequence_length": (FLOW_FLAGS, None),
+    "precondition_outputs": ("SD3's flag (upstream's Flux script trains the velocity against noise - latents, "
+                             "unpreconditioned)", None),
+    "guidance_scale": ("Flux's flag (the guidance input of a guidance-distilled transformer)", None),
+    "lora_blocks": ("a flag of the MMDiT transformers (SD3, Flux), whose blocks are numbered "
+                    "transformer_blocks.N; a UNet's are not", None),
+    "output_kohya_format": ("a flag of the UNet families (SD, SDXL): diffusers converts only UNet LoRA keys to "
+                            "kohya's names", False),
+    "snr_gamma": ("Min-SNR, a DDPM weighting (flow-matching models weight the loss with --weighting_scheme)", None),
+    "tokenizer_name": (SD_FLAGS, None),
+    "tokenizer_max_length": (SD_FLAGS, None),
+    "text_encoder_use_attention_mask": (SD_FLAGS, False),
+    "pre_compute_text_embeddings": (SD_FLAGS, False),
+}
+DENSITY_FLAGS = ("logit_mean", "logit_std", "mode_scale")
+
 
 @dataclass
 class PromptEmbeddings:
@@ -44,16 +70,29 @@ class StableDiffusionFamily:
     flow_matching = False  # DDPM noise and timesteps; True: flow matching over the scheduler's sigmas
     denoiser_name = "unet"
     lora_target_modules = "to_k,to_q,to_v,to_out.0"  # upstream's default (--lora_target_modules)
-    # The family's own flags and their defaults where upstream's script for it has them; a flag missing here
-    # is refused (train_dreambooth_lora_difftuning.check_family_flags).
-    flag_defaults: dict[str, Any] = {}
-    default_resolution: int | None = None  # None: the denoiser's sample_size in pixels
+    # The family's own flags of FAMILY_FLAGS and their defaults; a flag of FAMILY_FLAGS missing here is refused
+    # (train_dreambooth_lora_difftuning.check_family_flags).
+    flag_defaults: dict[str, Any] = {"tokenizer_name": None, "tokenizer_max_length": None,
+                                     "text_encoder_use_attention_mask": False, "pre_compute_text_embeddings": False,
+                                     "output_kohya_format": False, "snr_gamma": None}
+    # Defaults of flags every family takes, as the family's upstream script sets them (the parser's default is
+    # None). text_encoder_lr and adam_weight_decay_text_encoder None: the same as the denoiser's (upstream's SD
+    # script has one parameter group); upcast_before_saving True: SD and SDXL always save the LoRA in float32.
+    defaults: dict[str, Any] = {"learning_rate": 5e-4, "adam_weight_decay": 1e-2, "text_encoder_lr": None,
+                                "adam_weight_decay_text_encoder": None, "resolution": 512, "lora_alpha": None,
+                                "image_interpolation_mode": "lanczos", "upcast_before_saving": True,
+                                "output_dir": "lora-dreambooth-model"}
+    upstream_script = "train_dreambooth_lora.py"
     latent_patch = 1  # latents are cut into patches of this size before the denoiser (Flux packs 2x2)
+    tokenizer_max_length: int | None = None  # SD's --tokenizer_max_length (None: the tokenizer's own)
+    use_attention_mask = False  # SD's --text_encoder_use_attention_mask
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, tokenizer_max_length: int | None = None,
+                 text_encoder_use_attention_mask: bool = False) -> None:
         self.pipeline = pipeline
         self.tokenizers = [pipeline.tokenizer]
         self.text_encoders = [pipeline.text_encoder]
+        self.tokenizer_max_length, self.use_attention_mask = tokenizer_max_length, text_encoder_use_attention_mask
 
     @property
     def lora_text_encoders(self) -> list[torch.nn.Module]:
@@ -73,12 +112,16 @@ class StableDiffusionFamily:
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids [P, max_length] per tokenizer, padded as the model was trained."""
-        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids for tok in self.tokenizers]
+        return [tok(prompts, padding="max_length", max_length=self.tokenizer_max_length or tok.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids for tok in self.tokenizers]
 
     def encode(self, token_ids: list[torch.Tensor]) -> PromptEmbeddings:
-        encoder = self.text_encoders[0]
-        return PromptEmbeddings(encoder(token_ids[0].to(_device(encoder)), return_dict=False)[0])
+        encoder, ids = self.text_encoders[0], token_ids[0]
+        mask = None
+        if self.use_attention_mask:  # the tokenizer's mask: every token up to and including the first end token
+            is_end = ids == self.tokenizers[0].eos_token_id
+            mask = ((is_end.cumsum(-1) - is_end.long()) == 0).long().to(_device(encoder))
+        return PromptEmbeddings(encoder(ids.to(_device(encoder)), attention_mask=mask, return_dict=False)[0])
 
     def unet_kwargs(self, prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": prompts.hidden.to(dtype)}
@@ -93,6 +136,25 @@ class StableDiffusionFamily:
                                               unet_lora_adapter_metadata=metadata[0],
                                               text_encoder_lora_adapter_metadata=metadata[1])
 
+    def card_metadata(self, base_model: str) -> dict[str, Any]:
+        """The model card's licence (the base model's own) and family tags, as diffusers' DreamBooth LoRA cards
+        carry them. SD 2.x (a 1024-wide text conditioning) is under openrail++, SD 1.x under CreativeML OpenRAIL-M."""
+        sd2 = getattr(self.pipeline.unet.config, "cross_attention_dim", 768) == 1024
+        return {"license": "openrail++" if sd2 else "creativeml-openrail-m",
+                "tags": ["stable-diffusion", "stable-diffusion-diffusers"]}
+
+    @classmethod
+    def check_supported(cls, base_model: str, scheduler_name: str, vae_config: dict) -> None:
+        """Refuse, in one sentence, a base model this script does not train right (read from the configs, before
+        any weights load): EDM-formulated SDXL models (Playground v2.5: an EDM scheduler, latents normalised by the
+        VAE's latents_mean/latents_std) need another noise schedule, preconditioning and latent scaling than DDPM."""
+        if "EDM" in scheduler_name or vae_config.get("latents_mean") is not None:
+            why = (f"an EDM scheduler ({scheduler_name})" if "EDM" in scheduler_name
+                   else "a VAE with latents_mean/latents_std")
+            raise ConfigError(f"--pretrained_model_name_or_path {base_model} has {why} (an EDM-style SDXL model such "
+                              "as Playground v2.5), which this script does not train; use diffusers' "
+                              "train_dreambooth_lora_sdxl.py for it.")
+
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL: two CLIP text encoders (penultimate hidden states concatenated; the second one's pooled
@@ -103,6 +165,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     component_names = ("text_encoder", "text_encoder_2")
     uses_time_ids = True
+    flag_defaults = {"output_kohya_format": False, "snr_gamma": None}
+    defaults = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+                "adam_weight_decay_text_encoder": 1e-3, "resolution": 1024, "lora_alpha": None,
+                "image_interpolation_mode": "lanczos", "upcast_before_saving": True,
+                "output_dir": "lora-dreambooth-model"}
+    upstream_script = "train_dreambooth_lora_sdxl.py"
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
@@ -130,6 +198,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                                               text_encoder_lora_adapter_metadata=metadata[1],
                                               text_encoder_2_lora_adapter_metadata=metadata[2])
 
+    def card_metadata(self, base_model: str) -> dict[str, Any]:
+        return {"license": "openrail++", "tags": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}
 
 class StableDiffusion3Family(StableDiffusionFamily):
     """SD3 / SD3.5 (flow matching, an MMDiT transformer): two CLIP encoders (penultimate hidden states
@@ -144,7 +214,14 @@ class StableDiffusion3Family(StableDiffusionFamily):
     denoiser_name = "transformer"
     lora_target_modules = ("attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,"
                            "attn.to_q,attn.to_v")
-    flag_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": 1, "max_sequence_length": 77}
+    flag_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": 1, "max_sequence_length": 77,
+                     "lora_blocks": None}
+    # Upstream's SD3 and Flux scripts resize with torchvision's default (bilinear) and save the LoRA in the
+    # training's mixed-precision dtype unless --upcast_before_saving.
+    defaults = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+                "adam_weight_decay_text_encoder": 1e-3, "resolution": 512, "lora_alpha": None,
+                "image_interpolation_mode": "bilinear", "upcast_before_saving": False, "output_dir": "sd3-dreambooth"}
+    upstream_script = "train_dreambooth_lora_sd3.py"
 
     def __init__(self, pipeline: Any, max_sequence_length: int | None = None) -> None:
         self.pipeline = pipeline
@@ -202,6 +279,16 @@ class StableDiffusion3Family(StableDiffusionFamily):
                                               text_encoder_lora_adapter_metadata=metadata[1],
                                               text_encoder_2_lora_adapter_metadata=metadata[2])
 
+    def card_metadata(self, base_model: str) -> dict[str, Any]:
+        """Stability AI's community licence, linked as upstream links it (SD3.5 Large's for a "large" model)."""
+        version = "3.5" if "3.5" in base_model or "3-5" in base_model else "3"
+        size = "large" if "large" in base_model.lower() else "medium"
+        tags = [f"sd{version}-{size}", f"sd{version}", f"sd{version}-diffusers"] if version == "3.5" else [
+            "sd3", "sd3-diffusers"]
+        return {"license": "other", "license_name": "stabilityai-ai-community",
+                "license_link": f"https://huggingface.co/stabilityai/stable-diffusion-{version}-{size}/blob/main/"
+                                "LICENSE.md", "tags": tags}
+
 
 class FluxFamily(StableDiffusionFamily):
     """Flux.1 (flow matching, an MMDiT on 2x2-packed latents), as upstream's train_dreambooth_lora_flux.py feeds
@@ -222,8 +309,13 @@ class FluxFamily(StableDiffusionFamily):
                            "ff_context.net.2")
     # Upstream: uniform sigma (the scheduler's own table, unshifted: Flux shifts by resolution only when it
     # samples), the velocity against noise - latents with no preconditioning, 512 T5 tokens, guidance 3.5.
-    flag_defaults = {"weighting_scheme": "none", "max_sequence_length": 512, "guidance_scale": 3.5}
-    default_resolution = 512
+    flag_defaults = {"weighting_scheme": "none", "max_sequence_length": 512, "guidance_scale": 3.5,
+                     "lora_blocks": None}
+    defaults = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+                "adam_weight_decay_text_encoder": 1e-3, "resolution": 512, "lora_alpha": 4,
+                "image_interpolation_mode": "bilinear", "upcast_before_saving": False,
+                "output_dir": "flux-dreambooth-lora"}
+    upstream_script = "train_dreambooth_lora_flux.py"
     latent_patch = 2
 
     def __init__(self, pipeline: Any, max_sequence_length: int | None = None,
@@ -278,6 +370,16 @@ class FluxFamily(StableDiffusionFamily):
                                               text_encoder_lora_layers=text_encoder_layers[0],
                                               safe_serialization=True, transformer_lora_adapter_metadata=metadata[0],
                                               text_encoder_lora_adapter_metadata=metadata[1])
+
+    def card_metadata(self, base_model: str) -> dict[str, Any]:
+        """FLUX.1 [dev] (a guidance-distilled transformer) is under its non-commercial licence; FLUX.1 [schnell]
+        (no guidance input) under Apache 2.0."""
+        tags = ["flux", "flux-diffusers"]
+        if not self.guidance_embeds:
+            return {"license": "apache-2.0", "tags": tags}
+        return {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
+                "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+                "tags": tags}
 
 
 def _device(module: torch.nn.Module) -> torch.device:

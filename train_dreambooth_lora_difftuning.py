@@ -24,11 +24,13 @@ import hashlib
 import inspect
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.logging import get_logger
+from PIL import Image
 from tqdm.auto import tqdm
 
 import difftuning_utils as dt
@@ -36,6 +38,29 @@ import model_families as mf
 import training_plumbing as tp
 
 logger = get_logger(__name__)
+
+# --image_interpolation_mode: upstream's choices (torchvision's modes) as PIL resamples them.
+INTERPOLATION = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
+                 "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+# Flags of upstream's four scripts whose default here differs from upstream's, and why (docs/dreambooth.md's table
+# shows it; tests/test_dreambooth_dropin.py checks that no other default differs).
+UPSTREAM_DIFFERENCES = {
+    "seed": "0 (upstream: none, a different run each time): runs, checkpoints and knowledge banks are reproducible "
+            "by default.",
+    "allow_tf32": "on (upstream: off): TF32 matmuls on Ampere and newer GPUs, as PyTorch's own default for "
+                  "convolutions; --no-allow_tf32 turns it off.",
+}
+# Flags of upstream's four scripts that cannot apply here, and why (refused in one sentence).
+REFUSED_FLAGS = {
+    "--validation_images": "images to upscale at validation are for DeepFloyd IF's super-resolution stage, which "
+                           "this script does not train (upstream's train_dreambooth_lora.py does).",
+    "--class_labels_conditioning": "the timestep class labels of DeepFloyd IF's stage-II UNet, which this script "
+                                   "does not train (upstream's train_dreambooth_lora.py does).",
+    "--do_edm_style_training": "EDM-style training (upstream's SDXL option, and the only way it trains Playground "
+                               "v2.5) is not implemented here; use diffusers' train_dreambooth_lora_sdxl.py for it.",
+    "--enable_npu_flash_attention": "Ascend NPU attention needs torch_npu and an NPU; this script runs on CUDA "
+                                    "and CPU (upstream refuses it there too).",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,6 +78,18 @@ def base_family(args: argparse.Namespace) -> tuple[dict, type[mf.StableDiffusion
     return config, mf.family_class(config["_class_name"])
 
 
+def base_vae_config(args: argparse.Namespace) -> dict:
+    """The config of the VAE the run will use (--pretrained_vae_model_name_or_path's, else the pipeline's)."""
+    import diffusers
+
+    if args.pretrained_vae_model_name_or_path:
+        return tp.load_pretrained(diffusers.AutoencoderKL.load_config, "--pretrained_vae_model_name_or_path",
+                                  args.pretrained_vae_model_name_or_path, "an AutoencoderKL", cache_dir=args.cache_dir)
+    return tp.load_pretrained(diffusers.AutoencoderKL.load_config, "--pretrained_model_name_or_path",
+                              args.pretrained_model_name_or_path, "a pipeline with a VAE", subfolder="vae",
+                              revision=args.revision, cache_dir=args.cache_dir)
+
+
 def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf.StableDiffusionFamily]:
     """The base pipeline of the family named by its ``model_index.json``, and that family, built with the
     family's flags (T5's --max_sequence_length, Flux's --guidance_scale)."""
@@ -66,6 +103,12 @@ def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf
                                            cache_dir=args.cache_dir)
     if "safety_checker" in config:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if getattr(args, "tokenizer_name", None):  # SD's --tokenizer_name, loaded as upstream loads it
+        from transformers import AutoTokenizer
+
+        kwargs["tokenizer"] = tp.load_pretrained(AutoTokenizer.from_pretrained, "--tokenizer_name",
+                                                 args.tokenizer_name, "a tokenizer", revision=args.revision,
+                                                 use_fast=False)
     for name, value in config.items():  # parts saved as absent (SD3 without T5) must be passed as None to load
         if isinstance(value, list) and value == [None, None] and name not in ("feature_extractor", "image_encoder"):
             kwargs.setdefault(name, None)
@@ -74,8 +117,8 @@ def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf
                                   args.pretrained_model_name_or_path, f"a {family.pipeline_class_name}",
                                   revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    options = {name: getattr(args, name) for name in ("max_sequence_length", "guidance_scale")
-               if name in family.flag_defaults}
+    options = {name: getattr(args, name, None) for name in inspect.signature(family.__init__).parameters
+               if name in family.flag_defaults}  # the family's own flags it is built with (T5 length, SD's mask)
     return pipeline, family(pipeline, **options)
 
 
@@ -85,18 +128,21 @@ def add_lora_adapters(denoiser: torch.nn.Module, text_encoders: list[torch.nn.Mo
     with --train_text_encoder), as diffusers' DreamBooth scripts add them; returns the trainable parameters,
     kept in float32."""
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
-    denoiser.add_adapter(tp.lora_config(args))
+    try:
+        denoiser.add_adapter(tp.lora_config(args))
+    except ValueError as err:  # peft: none of the targets is in the model (a wrong --lora_layers / --lora_blocks)
+        raise dt.ConfigError(f"--lora_target_modules / --lora_layers / --lora_blocks {args.lora_target_modules}: "
+                             f"{str(err).splitlines()[0]}") from None
     models = [denoiser]
     if args.train_text_encoder:
-        config = LoraConfig(r=args.rank, lora_alpha=tp.lora_alpha(args), init_lora_weights="gaussian",
-                            target_modules=mf.TEXT_ENCODER_LORA_MODULES)
+        config = tp.lora_config(args, mf.TEXT_ENCODER_LORA_MODULES)
         for encoder in text_encoders:  # peft directly: transformers' add_adapter may ask for a newer peft
             inject_adapter_in_model(config, encoder)
             models.append(encoder)
     cast_training_params(models, dtype=torch.float32)  # frozen weights may be fp16/bf16; LoRA trains in fp32
-    return [p for m in models for p in m.parameters() if p.requires_grad]
+    return [[p for p in m.parameters() if p.requires_grad] for m in models]
 
 
 def lora_layers(model: torch.nn.Module, family: mf.StableDiffusionFamily,
@@ -174,50 +220,65 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
 class InstanceImages(torch.utils.data.Dataset):
     """The subject's images as the loader sees them, per :class:`tp.SampleKey`: pixels (or, with a latent
     cache, the cached posterior of the image or its mirror), the row's prompt in the prompt table and
-    SDXL's size-and-crop ids."""
+    SDXL's size-and-crop ids. Keys run over the epoch's rows (:func:`epoch_rows`); row i is image i mod N."""
 
-    def __init__(self, dataset: Any, args: argparse.Namespace, prompt_rows: list[int],
-                 latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.dataset, self.prompt_rows, self.latent_cache = dataset, prompt_rows, latent_cache
+    def __init__(self, dataset: Any, args: argparse.Namespace, prompt_rows: list[int], num_rows: int,
+                 latent_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.dataset, self.prompt_rows, self.num_rows, self.latent_cache = dataset, prompt_rows, num_rows, latent_cache
         self.image_column, self.resolution, self.seed = args.image_column, args.resolution, args.seed
         self.center_crop, self.random_flip = args.center_crop, args.random_flip
+        self.resample = INTERPOLATION[args.image_interpolation_mode]
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.num_rows
 
     def __getitem__(self, key: tp.SampleKey) -> dict:
         rng = tp.sample_rng(self.seed, key)
-        item = {"prompt_rows": self.prompt_rows[key.index]}
-        if self.latent_cache is not None:  # centre crop: the only draw is the flip
+        index = key.index % len(self.dataset)
+        item = {"prompt_rows": self.prompt_rows[index]}
+        if self.latent_cache is not None:  # the crop is fixed: the only draw is the flip
             view = int(self.random_flip and rng.random() < 0.5)
             mean, std, ids = self.latent_cache
-            return {**item, "latent_mean": mean[key.index, view], "latent_std": std[key.index, view],
-                    "time_ids": ids[key.index]}
-        image = tp.convert_image(self.dataset[key.index][self.image_column], "RGB")
+            return {**item, "latent_mean": mean[index, view], "latent_std": std[index, view],
+                    "time_ids": ids[index, view]}
+        image = tp.convert_image(self.dataset[index][self.image_column], "RGB")
         square, original_size, crop = tp.resize_crop_flip(image, self.resolution, self.center_crop,
-                                                          self.random_flip, rng)
+                                                          self.random_flip, rng, self.resample)
         return {**item, "pixel_values": tp.to_model_tensor(square),
                 "time_ids": mf.time_ids(original_size, crop, self.resolution)}
 
 
-class CenteredImages(torch.utils.data.Dataset):
-    """Every subject image centre-cropped, unflipped: what --cache_latents encodes (and mirrors)."""
+class FixedCrops(torch.utils.data.Dataset):
+    """Every subject image cropped once, unflipped: what --cache_latents encodes (and mirrors). The centre with
+    --center_crop; else one random crop per image, drawn from --seed (upstream's SD3 and Flux scripts also crop
+    each image once, when they load it)."""
 
     def __init__(self, dataset: Any, args: argparse.Namespace) -> None:
         self.dataset, self.column, self.resolution = dataset, args.image_column, args.resolution
+        self.center_crop, self.seed = args.center_crop, args.seed
+        self.resample = INTERPOLATION[args.image_interpolation_mode]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def crop(self, index: int) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
         image = tp.convert_image(self.dataset[index][self.column], "RGB")
-        return tp.to_model_tensor(tp.resize_crop_flip(image, self.resolution, True, False, None)[0])
+        rng = None if self.center_crop else tp.sample_rng(self.seed, tp.SampleKey(-1, index))
+        return tp.resize_crop_flip(image, self.resolution, self.center_crop, False, rng, self.resample)
 
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return tp.to_model_tensor(self.crop(index)[0])
 
-def centre_crop_time_ids(dataset: Any, column: str, resolution: int) -> torch.Tensor:
-    """SDXL ids [N, 6] of every image centre-cropped (--cache_latents)."""
-    return torch.stack([centre_crop_ids((dataset[i][column].height, dataset[i][column].width), resolution)
-                        for i in range(len(dataset))])
+    def time_ids(self) -> torch.Tensor:
+        """SDXL's ids [N, 2, 6] of each crop and of its mirror (whose crop's left edge is mirrored)."""
+        ids = []
+        for index in range(len(self)):
+            _, (height, width), (top, left) = self.crop(index)
+            resized_width = max(self.resolution, round(width * self.resolution / min(height, width)))
+            ids.append(torch.stack([mf.time_ids((height, width), (top, left), self.resolution),
+                                    mf.time_ids((height, width), (top, resized_width - left - self.resolution),
+                                                self.resolution)]))
+        return torch.stack(ids)
 
 
 def centre_crop_ids(size: tuple[int, int], resolution: int) -> torch.Tensor:
@@ -273,6 +334,15 @@ def check_class_images(folder: str) -> None:
         except Exception as err:  # noqa: BLE001 - whatever PIL raises for a damaged file
             raise dt.ConfigError(f"--class_data_dir: {path} is not a readable image ({type(err).__name__}: "
                                  f"{err}); remove it or pass another folder.") from err
+
+
+def epoch_rows(args: argparse.Namespace, num_images: int, num_processes: int) -> int:
+    """Rows of one epoch as upstream counts them: every subject image --repeats times or, with prior preservation,
+    one row per class image when there are more of those; rounded up to whole batches on every process (the last
+    batch is filled with more subject images, where upstream's is shorter)."""
+    rows = max(num_images * args.repeats, args.num_class_images if args.with_prior_preservation else 0)
+    per_step = args.train_batch_size * num_processes
+    return math.ceil(rows / per_step) * per_step
 
 
 @dataclass(kw_only=True)
@@ -349,6 +419,35 @@ class DreamBoothStep:
         return dt.difftuning_loss(per_sample, num_instance, self.prior_loss_weight, weights)
 
 
+def optimizer_groups(args: argparse.Namespace, param_lists: list[list[torch.nn.Parameter]]) -> list[dict]:
+    """The optimizer's parameter groups as upstream builds them: the denoiser's LoRA at --learning_rate and
+    --adam_weight_decay; the text encoders' at --text_encoder_lr and --adam_weight_decay_text_encoder (SD: the
+    same as the denoiser's). Prodigy sets its own step size, so upstream gives both groups --learning_rate."""
+    denoiser_params, *encoder_params = param_lists
+    groups = [{"params": denoiser_params, "lr": args.learning_rate}]
+    encoder_params = [p for params in encoder_params for p in params]
+    if encoder_params:
+        lr = args.text_encoder_lr or args.learning_rate
+        if args.optimizer == "prodigy" and lr != args.learning_rate:
+            logger.warning(f"--optimizer prodigy: the text encoders train at --learning_rate {args.learning_rate}, "
+                           f"not --text_encoder_lr {lr} (as upstream).")
+            lr = args.learning_rate
+        decay = args.adam_weight_decay if args.adam_weight_decay_text_encoder is None else (
+            args.adam_weight_decay_text_encoder)
+        groups.append({"params": encoder_params, "lr": lr, "weight_decay": decay})
+    return groups
+
+
+def validation_due(args: argparse.Namespace, global_step: int, updates_per_epoch: int, max_train_steps: int) -> bool:
+    """Whether to validate after this optimizer step: every --validation_steps steps when given, else at the end of
+    every --validation_epochs-th epoch, the first included, and of a last epoch cut short by --max_train_steps
+    (upstream's rule)."""
+    if args.validation_steps is not None:
+        return global_step % args.validation_steps == 0
+    epoch_ends = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
+    return epoch_ends and (global_step - 1) // updates_per_epoch % args.validation_epochs == 0
+
+
 def denoiser_flops_per_image(family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
                              prompt_ids: list[torch.Tensor],
                              prompt_table: mf.PromptEmbeddings | None, latent_shape: list[int], resolution: int,
@@ -413,8 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Precision of the frozen model while it generates the class samples; default: the "
                          "training's mixed precision.")
     db.add_argument("--resolution", type=int, default=None,
-                    help="Training resolution; default: the model's (SD 1.x 512, SD 2.x 768, SDXL and SD3 1024), "
-                         "Flux 512 (upstream's).")
+                    help="Training resolution; default: upstream's for the family (SD 512, SDXL 1024, SD3 512, "
+                         "Flux 512).")
+    db.add_argument("--repeats", type=int, default=1,
+                    help="How many times each subject image is seen per epoch (upstream's flag).")
+    db.add_argument("--image_interpolation_mode", type=str, default=None, choices=sorted(INTERPOLATION),
+                    help="How the subject's images are resized; default: upstream's, lanczos for SD and SDXL, "
+                         "bilinear for SD3 and Flux.")
     db.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
     db.add_argument("--random_flip", action="store_true",
                     help="Random horizontal flips of the subject's images (and of the class samples).")
@@ -423,11 +527,59 @@ def build_parser() -> argparse.ArgumentParser:
                          "frozen, as upstream).")
     db.add_argument("--snr_gamma", type=float, default=None,
                     help="Min-SNR weighting gamma (5.0 is recommended); weights the subject rows, as upstream.")
-    tp.add_lora_args(db)
+    db.add_argument("--tokenizer_name", type=str, default=None,
+                    help="SD only: a tokenizer (name or folder) instead of the pipeline's.")
+    db.add_argument("--tokenizer_max_length", type=int, default=None,
+                    help="SD only: tokens per prompt; default: the tokenizer's model_max_length.")
+    db.add_argument("--text_encoder_use_attention_mask", action="store_true",
+                    help="SD only: give the text encoder the prompt's attention mask (padding masked out).")
+    db.add_argument("--pre_compute_text_embeddings", action="store_true",
+                    help="SD only: encode the training and validation prompts once, then release the text encoder "
+                         "for the whole run (not with --train_text_encoder).")
+    db.add_argument("--local_rank", type=int, default=-1,
+                    help="Set by launchers that pass it (torch.distributed.launch); the process's place is read "
+                         "from accelerate, as upstream (LOCAL_RANK wins).")
+    for flag, why in REFUSED_FLAGS.items():
+        db.add_argument(flag, nargs="*", default=None, help=f"Refused: {why}")
+    lora = parser.add_argument_group("LoRA")
+    tp.add_lora_args(lora)
+    lora.add_argument("--lora_layers", type=str, default=None,
+                      help="Upstream's name for --lora_target_modules (SD3, Flux): comma-separated module names "
+                           "that get LoRA adapters; a 'transformer_blocks.N.' prefix picks one block.")
+    lora.add_argument("--lora_blocks", type=str, default=None,
+                      help="SD3 and Flux: comma-separated transformer block numbers; LoRA only on the "
+                           "--lora_layers of transformer_blocks.N (default: every block).")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout probability of the LoRA layers.")
+    lora.add_argument("--use_dora", action="store_true",
+                      help="Weight-decomposed LoRA (DoRA, Liu et al. 2024) instead of LoRA.")
+    lora.add_argument("--output_kohya_format", action="store_true",
+                      help="SD and SDXL: also save pytorch_lora_weights_kohya.safetensors, the LoRA under kohya's "
+                           "key names (AUTOMATIC1111, ComfyUI).")
+    lora.add_argument("--upcast_before_saving", action="store_true", default=None,
+                      help="Save the LoRA in float32; without it SD3 and Flux save it in the mixed-precision dtype "
+                           "(upstream's default), SD and SDXL always in float32.")
+    train = next(g for g in parser._action_groups if g.title == "Training")
+    train.add_argument("--optimizer", type=str.lower, default="adamw", choices=["adamw", "prodigy"],
+                       help="AdamW, or Prodigy (prodigyopt; its learning rate is a multiplier: upstream "
+                            "advises --learning_rate 1.0).")
+    train.add_argument("--prodigy_beta3", type=float, default=None,
+                       help="Prodigy's beta3 (its step-size EMA); default: the square root of --adam_beta2.")
+    for name, what in (("decouple", "AdamW-style decoupled weight decay"),
+                       ("use_bias_correction", "Adam's bias correction"),
+                       ("safeguard_warmup", "the step-size safeguard during warmup")):
+        train.add_argument(f"--prodigy_{name}", type=tp.str_to_bool, default=True,
+                           help=f"Prodigy: {what} (true/false).")
+    train.add_argument("--text_encoder_lr", type=float, default=None,
+                       help="Learning rate of the text encoders' LoRA (--train_text_encoder); default: upstream's, "
+                            "5e-6 for SDXL, SD3 and Flux, --learning_rate for SD.")
+    train.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                       help="Weight decay of the text encoders' LoRA; default: upstream's, 1e-3 for SDXL, SD3 and "
+                            "Flux, --adam_weight_decay for SD.")
     val = next(g for g in parser._action_groups if g.title == "Validation")
     val.add_argument("--validation_prompt", type=str, default=None, help="A prompt sampled at each validation.")
-    val.add_argument("--validation_epochs", type=int, default=None,
-                     help="Validate every N epochs (upstream's flag); overrides --validation_steps.")
+    val.add_argument("--validation_epochs", type=int, default=50,
+                     help="Validate at the end of every N-th epoch (the first one included), as upstream; "
+                          "--validation_steps instead validates every N optimizer steps.")
     val.add_argument("--validation_num_inference_steps", type=int, default=25,
                      help="DPM-Solver++ steps of validation and final samples (upstream: 25).")
     flow = parser.add_argument_group("Flow matching (SD3, Flux)")
@@ -448,35 +600,73 @@ def build_parser() -> argparse.ArgumentParser:
                            "while it trains; default 3.5 (upstream's). A transformer without a guidance input "
                            "(FLUX.1-schnell) ignores it.")
     dt.add_difftuning_args(parser, class_prior=True)
-    parser.set_defaults(output_dir="lora-dreambooth-model", learning_rate=5e-4, lora_target_modules=None)
+    # None: the family's upstream default (model_families.py), filled in once the base model's family is known.
+    parser.set_defaults(lora_target_modules=None, validation_steps=None,
+                        **{name: None for name in mf.StableDiffusionFamily.defaults})
+    short = {mf.StableDiffusionFamily: "SD", mf.StableDiffusionXLFamily: "SDXL", mf.StableDiffusion3Family: "SD3",
+             mf.FluxFamily: "Flux"}
+    for action in parser._actions:  # the shared flags' help, where it does not say the family's default
+        if action.dest == "lora_alpha":
+            action.help = "LoRA alpha (the update is scaled by alpha / rank); default: the rank, Flux 4 (upstream's)."
+        elif action.dest in mf.StableDiffusionFamily.defaults and "default" not in (action.help or "").lower():
+            values = ", ".join(f"{name} {family.defaults[action.dest]}" for family, name in short.items())
+            action.help = f"{action.help} Default per family, as upstream: {values}."
     return parser
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(input_args)
+    for flag, why in REFUSED_FLAGS.items():
+        if getattr(args, flag.removeprefix("--")) is not None:
+            raise dt.ConfigError(f"{flag}: {why}")
     if not args.instance_prompt:
         raise dt.ConfigError("--instance_prompt is required: the prompt that names the subject, e.g. "
                              "'a photo of sks dog'.")
+    local_rank = int(os.environ.get("LOCAL_RANK", -1))  # as upstream: the launcher's environment wins
+    if local_rank != -1:
+        args.local_rank = local_rank
+    if args.output_dir is None and args.pretrained_model_name_or_path:  # upstream's per-family folder name
+        args.output_dir = base_family(args)[1].defaults["output_dir"]
     tp.validate_common_args(args, "--instance_data_dir")
     if args.with_prior_preservation and args.class_prompt is None:
         raise dt.ConfigError("--with_prior_preservation needs --class_prompt (the class the subject belongs to, "
                              "e.g. 'a photo of dog'; '' for the empty prompt).")
-    if not args.with_prior_preservation and (args.class_prompt is not None or args.class_data_dir is not None):
-        raise dt.ConfigError("--class_prompt and --class_data_dir are used only with --with_prior_preservation: add "
-                             "it, or leave them out.")
-    for flag in ("num_class_images", "sample_batch_size", "rank"):
+    if not args.with_prior_preservation:  # upstream warns and trains without them
+        for flag in ("class_data_dir", "class_prompt"):
+            if getattr(args, flag) is not None:
+                warnings.warn(f"--{flag} is used only with --with_prior_preservation; training without class "
+                              "samples.", stacklevel=2)
+                setattr(args, flag, None)
+    for flag in ("num_class_images", "sample_batch_size", "rank", "repeats"):
         if getattr(args, flag) < 1:
             raise dt.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     tp.lora_alpha(args)  # 0 refused before any model loads
-    if args.validation_epochs is not None and args.validation_epochs < 1:
+    if args.validation_epochs < 1:
         raise dt.ConfigError(f"--validation_epochs must be >= 1, got {args.validation_epochs}.")
     if not args.prior_loss_weight >= 0:
         raise dt.ConfigError(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}.")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise dt.ConfigError(f"--snr_gamma must be > 0, got {args.snr_gamma}.")
-    if args.cache_latents and not args.center_crop:
-        raise dt.ConfigError("--cache_latents keeps one encoding per image (and its mirror image): add --center_crop, "
-                             "since random crops would differ every epoch, or leave --cache_latents out.")
+    if not 0 <= args.lora_dropout < 1:
+        raise dt.ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    ranges = {"text_encoder_lr": ("> 0", lambda v: v > 0), "adam_weight_decay_text_encoder": (">= 0", lambda v: v >= 0),
+              "prodigy_beta3": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for flag, (allowed, ok) in ranges.items():
+        if getattr(args, flag) is not None and not ok(getattr(args, flag)):
+            raise dt.ConfigError(f"--{flag} must be {allowed}, got {getattr(args, flag)}.")
+    if args.lora_layers is not None and args.lora_target_modules is not None:
+        raise dt.ConfigError("--lora_layers and --lora_target_modules name the same thing: give one of them.")
+    if args.lora_blocks is not None:
+        try:
+            args.lora_blocks = ",".join(str(int(block)) for block in args.lora_blocks.split(","))
+        except ValueError:
+            raise dt.ConfigError(f"--lora_blocks takes comma-separated block numbers, e.g. '12,30'; got "
+                                 f"{args.lora_blocks!r}.") from None
+    if args.train_text_encoder and args.pre_compute_text_embeddings:
+        raise dt.ConfigError("--pre_compute_text_embeddings releases the text encoder that --train_text_encoder "
+                             "trains: give one of them (as upstream).")
+    if args.tokenizer_max_length is not None and args.tokenizer_max_length < 1:
+        raise dt.ConfigError(f"--tokenizer_max_length must be >= 1, got {args.tokenizer_max_length}.")
     if args.class_data_dir and os.path.isfile(args.class_data_dir):
         raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
     if args.with_prior_preservation:
@@ -495,36 +685,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
-# The family-dependent flags, what they belong to (the refusal names it), and their parser defaults; each family
-# takes the ones in its ``flag_defaults`` (flow-matching families also take the density's parameters).
-FAMILY_FLAGS = {"weighting_scheme": ("flow-matching flags (SD3, Flux)", None),
-                "logit_mean": ("flow-matching flags (SD3, Flux)", 0.0),
-                "logit_std": ("flow-matching flags (SD3, Flux)", 1.0),
-                "mode_scale": ("flow-matching flags (SD3, Flux)", 1.29),
-                "max_sequence_length": ("flow-matching flags (SD3, Flux)", None),
-                "precondition_outputs": ("SD3's flag (upstream's Flux script trains the velocity against noise - "
-                                         "latents, unpreconditioned)", None),
-                "guidance_scale": ("Flux's flag (the guidance input of a guidance-distilled transformer)", None)}
-DENSITY_FLAGS = ("logit_mean", "logit_std", "mode_scale")
-
-
 def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusionFamily]) -> None:
     """Flags that only some kinds of model have, checked once the base model's family is known (before its
-    weights load): another family's flag given is refused in one sentence; the family's own are filled with its
-    defaults (its LoRA targets, SD3's logit-normal density, Flux's uniform one and guidance 3.5, T5's length)."""
+    weights load): another family's flag given is refused in one sentence; the family's own, and the flags whose
+    defaults differ between upstream's four scripts, are filled with the family's defaults (model_families.py)."""
     if family.flow_matching and args.snr_gamma is not None:
         raise dt.ConfigError("--snr_gamma (Min-SNR) is for DDPM models; flow-matching models (SD3, Flux) weight "
                              "the loss with --weighting_scheme.")
-    accepted = set(family.flag_defaults) | (set(DENSITY_FLAGS) if family.flow_matching else set())
+    accepted = set(family.flag_defaults) | (set(mf.DENSITY_FLAGS) if family.flow_matching else set())
     foreign: dict[str, list[str]] = {}
-    for name, (owner, default) in FAMILY_FLAGS.items():
+    for name, (owner, default) in mf.FAMILY_FLAGS.items():
         if name not in accepted and getattr(args, name) != default:
             foreign.setdefault(owner, []).append(f"--{name}")
     if foreign:
         named = "; ".join(", ".join(flags) + f": {owner}" for owner, flags in foreign.items())
         kind = "" if family.flow_matching else " (DDPM)"
         raise dt.ConfigError(f"{named}, and {args.pretrained_model_name_or_path} is a {family.name} model{kind}.")
-    for name, default in family.flag_defaults.items():
+    for name, default in {**family.flag_defaults, **family.defaults}.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     if family.flow_matching and not 1 <= args.max_sequence_length <= 512:
@@ -532,28 +709,37 @@ def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusion
                              f"{args.max_sequence_length}.")
     if family.flow_matching and not args.logit_std > 0:
         raise dt.ConfigError(f"--logit_std must be > 0, got {args.logit_std}.")
-    args.lora_target_modules = args.lora_target_modules or family.lora_target_modules
+    args.lora_target_modules = args.lora_layers or args.lora_target_modules or family.lora_target_modules
+    if args.lora_blocks:  # upstream's SD3 rule: the chosen layers, in the chosen blocks only
+        layers = [m.strip() for m in args.lora_target_modules.split(",")]
+        args.lora_target_modules = ",".join(f"transformer_blocks.{block}.{layer}"
+                                            for block in args.lora_blocks.split(",") for layer in layers)
+    if args.optimizer == "prodigy" and args.learning_rate <= 0.1:
+        warnings.warn(f"--optimizer prodigy adapts the step size itself; --learning_rate {args.learning_rate} is "
+                      "its multiplier, and upstream advises 1.0.", stacklevel=2)
 
 
 def main(args: argparse.Namespace) -> None:
     from accelerate.utils import DistributedType
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import free_memory
 
     accelerator, weight_dtype = tp.setup_accelerator(args)
     if args.train_text_encoder and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise dt.ConfigError(f"--train_text_encoder trains several models, and accelerate's "
                              f"{accelerator.distributed_type.value} prepares one: leave the flag out or launch "
                              "without the sharding config.")
-    repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
-
     # --- Models -------------------------------------------------------------------------------
-    check_family_flags(args, base_family(args)[1])  # before the weights load (FLUX.1-dev's are ~34 GB)
+    model_index, family_class = base_family(args)  # all checked before the weights load (FLUX.1-dev's are ~34 GB)
+    check_family_flags(args, family_class)
+    family_class.check_supported(args.pretrained_model_name_or_path, model_index.get("scheduler", [None, ""])[1],
+                                 base_vae_config(args))
+    repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
     pipeline, family = load_base_pipeline(args)
     denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
     scheduler_class = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
     noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    args.resolution = args.resolution or family.default_resolution or denoiser.config.sample_size * vae_scale
     if args.resolution % (vae_scale * family.latent_patch):
         why = f"the VAE's downsampling {vae_scale}"
         if family.latent_patch > 1:
@@ -595,7 +781,8 @@ def main(args: argparse.Namespace) -> None:
     latent_shape = [vae.config.latent_channels] + [args.resolution // vae_scale] * 2  # unpacked (Flux packs 2x2)
     if args.with_prior_preservation:
         call_defaults = inspect.signature(type(pipeline).__call__).parameters
-        guidance = args.knowledge_bank_guidance_scale or call_defaults["guidance_scale"].default
+        guidance = (call_defaults["guidance_scale"].default if args.knowledge_bank_guidance_scale is None
+                    else args.knowledge_bank_guidance_scale)  # 0 is a value (no guidance), not "the default"
         settings = {"vae_fingerprint": vae_fingerprint, "scaling_factor": vae.config.scaling_factor,
                     "shift_factor": tp.latent_shift(vae), "resolution": args.resolution, "crop": "centre"}
         class_bank, sizes = dt.class_image_bank(
@@ -610,13 +797,23 @@ def main(args: argparse.Namespace) -> None:
             tp.cast(module, accelerator.device, weight_dtype)
 
     # --- What to train --------------------------------------------------------------------------
-    params = add_lora_adapters(denoiser, family.lora_text_encoders, args)
+    param_lists = add_lora_adapters(denoiser, family.lora_text_encoders, args)
+    params = [p for model_params in param_lists for p in model_params]
     register_checkpoint_hooks(accelerator, family, denoiser, family.lora_text_encoders)
     prompt_ids = [ids.to(accelerator.device) for ids in family.tokenize(prompts)]
     prompt_table = None
     if not args.train_text_encoder:  # fixed prompts, frozen encoders: encode them once
         with torch.no_grad():
             prompt_table = family.encode(prompt_ids)
+    sample_kwargs = family.call_kwargs  # what the validation samples are called with
+    if args.pre_compute_text_embeddings:  # SD: the validation prompt's embeddings too, then no text encoder
+        with torch.no_grad():
+            embeds = family.encode([ids.to(accelerator.device) for ids in family.tokenize(
+                [args.validation_prompt or args.instance_prompt, ""])]).hidden
+        sample_kwargs = {**sample_kwargs, "prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+        pipeline.text_encoder = None
+        text_encoders.clear()  # (the family's list): nothing holds the encoder any more
+        free_memory()
     # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
     # would upset its gradient hooks.
     flops_per_image = denoiser_flops_per_image(family, denoiser, prompt_ids, prompt_table, latent_shape,
@@ -627,20 +824,29 @@ def main(args: argparse.Namespace) -> None:
             encoder.gradient_checkpointing_enable()
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = tp.create_optimizer(args, params)
+    optimizer = tp.create_optimizer(args, optimizer_groups(args, param_lists))
 
     # --- Data loader: a seeded permutation per epoch, per-sample augmentation from (seed, epoch, index) ---
-    if len(dataset) < args.train_batch_size * accelerator.num_processes:
+    per_step = args.train_batch_size * accelerator.num_processes
+    if args.with_prior_preservation and len(dataset) < per_step:
         raise dt.ConfigError(f"There are {len(dataset)} subject images, fewer than one batch of "
                              f"{args.train_batch_size} on each of {accelerator.num_processes} process(es); lower "
                              "--train_batch_size.")
+    if len(dataset) * args.repeats < per_step:  # upstream trains on a shorter batch
+        logger.warning(f"{len(dataset)} subject images x --repeats {args.repeats} are fewer than one batch of "
+                       f"{per_step}: each batch shows some of them more than once.")
     latent_cache = None
     if args.cache_latents:
-        mean, std = tp.cache_posteriors(vae, CenteredImages(dataset, args), args.random_flip, 32,
-                                        args.dataloader_num_workers, accelerator.device)
-        latent_cache = (mean, std, centre_crop_time_ids(dataset, args.image_column, args.resolution))
-    sampler = tp.EpochShuffleSampler(len(dataset), args.seed)
-    train_dataloader = tp.make_dataloader(InstanceImages(dataset, args, prompt_rows, latent_cache),
+        if not args.center_crop:
+            logger.warning("--cache_latents without --center_crop: each image is cropped once, at random (as "
+                           "upstream), not anew every epoch.")
+        crops = FixedCrops(dataset, args)
+        mean, std = tp.cache_posteriors(vae, crops, args.random_flip, 32, args.dataloader_num_workers,
+                                        accelerator.device)
+        latent_cache = (mean, std, crops.time_ids())
+    num_rows = epoch_rows(args, len(dataset), accelerator.num_processes)
+    sampler = tp.EpochShuffleSampler(num_rows, args.seed)
+    train_dataloader = tp.make_dataloader(InstanceImages(dataset, args, prompt_rows, num_rows, latent_cache),
                                           args.train_batch_size, sampler, args.dataloader_num_workers)
     trained_encoders = family.lora_text_encoders if args.train_text_encoder else []
     (denoiser, optimizer, train_dataloader, *prepared_encoders), params = tp.prepare_training(
@@ -652,8 +858,6 @@ def main(args: argparse.Namespace) -> None:
                                                                                accelerator.num_processes,
                                                                                max_train_steps))
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.validation_epochs is not None:
-        args.validation_steps = args.validation_epochs * updates_per_epoch
 
     # --- Resume -----------------------------------------------------------------------------------
     step_rng = tp.StepGenerator(args.seed, accelerator.process_index, accelerator.device)
@@ -713,8 +917,8 @@ def main(args: argparse.Namespace) -> None:
                     if global_step % args.checkpointing_steps == 0:
                         tp.save_checkpoint(accelerator, args, global_step, per_process_state, keep=resume_path,
                                            identity=identity)
-                    if args.validation_prompt and global_step % args.validation_steps == 0:
-                        run_validation(args, accelerator, pipeline, global_step, family.call_kwargs)
+                    if args.validation_prompt and validation_due(args, global_step, updates_per_epoch, max_train_steps):
+                        run_validation(args, accelerator, pipeline, global_step, sample_kwargs)
             if global_step >= max_train_steps:
                 break
 
@@ -724,12 +928,19 @@ def main(args: argparse.Namespace) -> None:
     denoiser_state = tp.full_state_dict(accelerator, denoiser)  # every process: gathers shards
     tp.end_collectives(accelerator)
     if accelerator.is_main_process:
-        encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(text_encoders)
+        encoders = [tp.unwrap(accelerator, e) for e in prepared_encoders] or [None] * len(family.component_names)
+        # The LoRA trains in float32; upstream's SD3 and Flux save it in the mixed-precision dtype unless
+        # --upcast_before_saving (their text encoders' LoRA always in float32), SD and SDXL always in float32.
+        saved_dtype = torch.float32 if args.upcast_before_saving else weight_dtype
+        denoiser_layers = {k: v.to(saved_dtype) for k, v in
+                           lora_layers(tp.unwrap(accelerator, denoiser), family, denoiser_state).items()}
         with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
             trained_denoiser = tp.unwrap(accelerator, denoiser)
-            family.save_lora_weights(args.output_dir, lora_layers(trained_denoiser, family, denoiser_state),
+            family.save_lora_weights(args.output_dir, denoiser_layers,
                                      [lora_layers(e, family) if e is not None else None for e in encoders],
                                      [lora_metadata(m) for m in (trained_denoiser, *encoders)])
+            if args.output_kohya_format:
+                save_kohya_copy(args.output_dir)
         del pipeline, denoiser, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.
@@ -740,9 +951,11 @@ def main(args: argparse.Namespace) -> None:
         images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device,
                                  final_family.call_kwargs)
         tp.log_images(accelerator, images, [prompt] * len(images), global_step, tag="final")
+        card = family.card_metadata(args.pretrained_model_name_or_path)
         tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt, repo_id),
-                           ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "diff-tuning",
-                            family.hub_tag], images)
+                           ["text-to-image", "diffusers-training", "diffusers", "dora" if args.use_dora else "lora",
+                            "template:sd-lora", *card.pop("tags"), "dreambooth", "diff-tuning"], images,
+                           widget_prompt=prompt, instance_prompt=args.instance_prompt, **card)
         logger.info(f"Saved the LoRA weights to {args.output_dir} (load them with "
                     f"pipe.load_lora_weights({args.output_dir!r}))")
         if args.push_to_hub:
@@ -765,6 +978,8 @@ def generate_images(args: argparse.Namespace, pipeline: Any, prompt: str, device
     if not hasattr(pipeline, "transformer"):  # DDPM models: upstream samples with DPM-Solver++
         pipeline.scheduler = DPMSolverMultistepScheduler.from_config(training_scheduler.config)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if "prompt_embeds" in call_kwargs:  # --pre_compute_text_embeddings: the prompt comes encoded
+        prompt = None
     with torch.no_grad():
         images = [pipeline(prompt, num_inference_steps=args.validation_num_inference_steps, generator=generator,
                            height=args.resolution, width=args.resolution, **call_kwargs).images[0]
@@ -790,6 +1005,10 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: Any, gl
 
 def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily, prompt: str,
                       repo_id: str | None) -> str:
+    """The card's text, laid out as diffusers' DreamBooth LoRA cards (gallery, trigger words, usage, licence),
+    plus what Diff-Tuning and prior preservation did."""
+    name = tp.usage_reference(args, repo_id)
+    base = tp.hub_id(args.pretrained_model_name_or_path)
     if args.with_prior_preservation:
         prior = (f"prior preservation on {args.num_class_images} class images of '{args.class_prompt}' "
                  f"(weight {args.prior_loss_weight})")
@@ -798,15 +1017,46 @@ def model_description(args: argparse.Namespace, family: mf.StableDiffusionFamily
     method = (f"Diff-Tuning (subject at psi timesteps, tau {args.difftuning_tau}; class samples at xi timesteps, "
               f"tau {args.retention_tau}; {args.timestep_sampling} sampling)" if args.difftuning
               else "uniform timesteps (standard DreamBooth)")
-    return (f"# DreamBooth LoRA for {family.name}: {args.instance_prompt}\n\n"
-            f"LoRA rank {args.rank}{' with text-encoder LoRA' if args.train_text_encoder else ''}, "
-            f"{method}, {prior}; {args.max_train_steps or '?'} steps, batch {args.train_batch_size}, "
-            f"lr {args.learning_rate}, resolution {args.resolution}.\n\n"
-            f"Trigger prompt: `{args.instance_prompt}`.\n\n"
+    load_base = (f'DiffusionPipeline.from_pretrained("{base}")' if base else
+                 "DiffusionPipeline.from_pretrained(...)  # the base model this LoRA was trained on")
+    kohya = ("\n\nFor AUTOMATIC1111 and ComfyUI: `pytorch_lora_weights_kohya.safetensors` (kohya's key names)."
+             if args.output_kohya_format else "")
+    licence = card_licence_line(family.card_metadata(args.pretrained_model_name_or_path), base)
+    return (f"# {family.name} DreamBooth {'DoRA' if args.use_dora else 'LoRA'} - {name}\n\n<Gallery />\n\n"
+            f"## Model description\n\nThese are {name} DreamBooth LoRA weights for {base or 'a local base model'}"
+            f", trained with Diff-Tuning's DreamBooth script (a drop-in for diffusers' "
+            f"{family.upstream_script}). LoRA rank {args.rank}"
+            f"{', with text-encoder LoRA' if args.train_text_encoder else ''}; {method}; {prior}; "
+            f"{args.max_train_steps or '?'} steps, batch {args.train_batch_size}, lr {args.learning_rate}, "
+            f"resolution {args.resolution}.\n\n"
+            f"## Trigger words\n\nYou should use `{args.instance_prompt}` to trigger the image generation.\n\n"
+            f"## Download model\n\nThe weights are `pytorch_lora_weights.safetensors` (diffusers' format).{kohya}\n\n"
+            "## Use it with the [🧨 diffusers library](https://github.com/huggingface/diffusers)\n\n"
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f"pipe = DiffusionPipeline.from_pretrained(\"{tp.display_path(args.pretrained_model_name_or_path)}\")\n"
-            f"pipe.load_lora_weights(\"{tp.usage_reference(args, repo_id)}\")\n"
-            f"image = pipe(\"{prompt}\").images[0]\n```")
+            f"pipe = {load_base}\n"
+            f'pipe.load_lora_weights("{name}", weight_name="pytorch_lora_weights.safetensors")\n'
+            f'image = pipe("{prompt}").images[0]\n```\n\n## License\n\n{licence}')
+
+
+def card_licence_line(card: dict[str, Any], base: str | None) -> str:
+    """The card's licence paragraph: the base model's terms, which a LoRA of it inherits."""
+    if "license_link" in card:
+        return f"Please adhere to the licensing terms as described [here]({card['license_link']})."
+    where = f" of [{base}](https://huggingface.co/{base})" if base else ""
+    return f"The base model's licence{where} applies: {card['license']}."
+
+
+def save_kohya_copy(output_dir: str) -> None:
+    """--output_kohya_format: the saved LoRA again, under kohya's key names, as
+    pytorch_lora_weights_kohya.safetensors (written under a temporary name, then renamed)."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    state = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(
+        load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))))
+    path = os.path.join(output_dir, "pytorch_lora_weights_kohya.safetensors")
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

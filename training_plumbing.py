@@ -149,7 +149,7 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
     for name, value in vars(args).items():  # inf or nan in any numeric flag: nothing sensible can follow
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{name} must be a finite number, got {value}.")
-    if not args.learning_rate > 0:
+    if args.learning_rate is not None and not args.learning_rate > 0:  # None: a default the script fills later
         raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if not args.output_dir:
         raise ConfigError("--output_dir is required.")
@@ -161,7 +161,7 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
         raise ConfigError(f"{data_dir_flag} {args.train_data_dir} is not a folder.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
                  "num_train_epochs", "logging_steps", "ddp_timeout"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     ranges = {  # flag: (lowest allowed, whether the lowest itself is allowed)
         "max_grad_norm": (0, True), "lr_warmup_steps": (0, True), "lr_num_cycles": (1, True), "lr_power": (0, False),
@@ -223,14 +223,31 @@ def add_lora_args(group: argparse._ArgumentGroup) -> None:
                        help="Comma-separated module names that get LoRA adapters.")
 
 
-def lora_config(args: argparse.Namespace) -> Any:
-    """peft's LoraConfig for the LoRA flags (diffusers' choice: Gaussian init, alpha = rank)."""
+def lora_config(args: argparse.Namespace, target_modules: str | list[str] | None = None) -> Any:
+    """peft's LoraConfig for the LoRA flags (diffusers' choice: Gaussian init, alpha = rank), with DreamBooth's
+    --lora_dropout and --use_dora where the script has them. ``target_modules``: other targets than
+    --lora_target_modules (the text encoders')."""
     from peft import LoraConfig
 
     if args.rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {args.rank}.")
+    targets = target_modules or args.lora_target_modules
+    if isinstance(targets, str):
+        targets = [m.strip() for m in targets.split(",")]
     return LoraConfig(r=args.rank, lora_alpha=lora_alpha(args), init_lora_weights="gaussian",
-                      target_modules=[m.strip() for m in args.lora_target_modules.split(",")])
+                      target_modules=targets, lora_dropout=getattr(args, "lora_dropout", 0.0),
+                      use_dora=getattr(args, "use_dora", False))
+
+
+def str_to_bool(value: str) -> bool:
+    """A boolean flag's value (true/false, yes/no, 1/0): upstream's ``type=bool`` takes any text, 'False'
+    included, as True."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def lora_alpha(args: argparse.Namespace) -> int:
@@ -362,10 +379,22 @@ def mixed_precision_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def create_optimizer(args: argparse.Namespace, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters."""
+def create_optimizer(args: argparse.Namespace, params: Sequence[torch.nn.Parameter] | Sequence[dict]
+                     ) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW, or with DreamBooth's --optimizer prodigy, Prodigy) over the trainable
+    parameters: a list of them, or parameter groups whose own lr / weight_decay override the flags'."""
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
               "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
+    if getattr(args, "optimizer", "adamw") == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as err:
+            raise ConfigError("--optimizer prodigy needs prodigyopt: `pip install prodigyopt`.") from err
+        if args.use_8bit_adam:
+            logger.warning("--use_8bit_adam is ignored with --optimizer prodigy (as upstream).")
+        return Prodigy(list(params), beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                       use_bias_correction=args.prodigy_use_bias_correction,
+                       safeguard_warmup=args.prodigy_safeguard_warmup, **kwargs)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -1105,6 +1134,8 @@ CHECKPOINT_INFO = "checkpoint_info.json"
 # The flags that decide what a checkpoint holds: resuming across a change in any of them cannot work.
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "finetune", "controlnet_lora",
                   "rank", "lora_alpha", "lora_target_modules", "use_ema", "train_text_encoder")
+# Identity flags added later, recorded only when not at these defaults, so older checkpoints still match.
+OPTIONAL_IDENTITY_FLAGS = {"use_dora": False, "optimizer": "adamw"}
 
 
 def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
@@ -1116,6 +1147,9 @@ def checkpoint_identity(args: argparse.Namespace, script: str) -> dict:
             identity[flag] = display_path(getattr(args, flag))
     if hasattr(args, "lora_alpha") and args.lora_alpha is None:  # not given: the alpha trained with is the rank
         identity["lora_alpha"] = args.rank
+    for flag, default in OPTIONAL_IDENTITY_FLAGS.items():
+        if getattr(args, flag, default) != default:
+            identity[flag] = getattr(args, flag)
     return identity
 
 
@@ -1139,11 +1173,14 @@ def _check_checkpoint(path: str, identity: dict, accelerator: Accelerator) -> No
     info_path = os.path.join(path, CHECKPOINT_INFO)
     if os.path.exists(info_path):
         saved = json.load(open(info_path))
-        differ = [k for k in identity if k in saved and saved[k] != identity[k]]  # (keys older ones lack: skipped)
+        now = {**{k: v for k, v in OPTIONAL_IDENTITY_FLAGS.items() if k in saved}, **identity}
+        # a key an older checkpoint lacks is skipped, or compared with its default where one is known
+        differ = [k for k in now if (k in saved or k in OPTIONAL_IDENTITY_FLAGS)
+                  and saved.get(k, OPTIONAL_IDENTITY_FLAGS.get(k)) != now[k]]
         if differ:
             raise ConfigError(f"--resume_from_checkpoint {path} was saved by another set-up ("
                               + ", ".join(f"{'' if k == 'script' else '--'}{k} {saved.get(k)!r} there, "
-                                          f"{identity[k]!r} now" for k in differ)
+                                          f"{now[k]!r} now" for k in differ)
                               + "); resume with the same script and flags, or start a new --output_dir.")
     for names in [(f"process_{accelerator.process_index}.pt",), *checkpoint_pieces(accelerator)]:
         if not any(os.path.exists(os.path.join(path, name)) for name in names):
@@ -1430,14 +1467,31 @@ def usage_reference(args: argparse.Namespace, repo_id: str | None) -> str:
     return repo_id or os.path.basename(os.path.normpath(args.output_dir))
 
 
+def hub_id(name_or_path: str) -> str | None:
+    """The Hub id of a base model: the name itself when it is not a local path, the repository of a local copy in
+    the Hub's cache (``.../models--org--name/snapshots/<revision>``), else None (a folder of unknown origin)."""
+    if not os.path.exists(name_or_path):
+        return name_or_path
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.abspath(name_or_path))
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
 def save_model_card(args: argparse.Namespace, base_model: str, description: str,
-                    tags: list[str], images: Sequence[Image.Image] = ()) -> str:
+                    tags: list[str], images: Sequence[Image.Image] = (), license: str = "apache-2.0",
+                    widget_prompt: str | None = None, **card_data: Any) -> str:
     """Write README.md (the model card: metadata, ``description`` with its usage snippet, a sample grid
-    and the training flags) into ``output_dir``. ``base_model`` goes into the metadata only when it
-    is a Hub id: a local path means nothing on the Hub."""
+    and the training flags) into ``output_dir``. ``base_model`` goes into the metadata only when its Hub id is
+    known (:func:`hub_id`): a local path means nothing on the Hub. ``widget_prompt``: also save each image as
+    image_<i>.png and list them as the card's widget (the Hub's gallery), as diffusers' LoRA cards do;
+    ``card_data``: more metadata (license_name, license_link, instance_prompt)."""
     from diffusers.utils import make_image_grid
     from huggingface_hub import ModelCard, ModelCardData
 
+    if widget_prompt is not None:
+        card_data["widget"] = []
+        for i, image in enumerate(images):
+            image.save(os.path.join(args.output_dir, f"image_{i}.png"))
+            card_data["widget"].append({"text": widget_prompt, "output": {"url": f"image_{i}.png"}})
     if images:
         cols = min(len(images), 8)
         rows = math.ceil(len(images) / cols)
@@ -1447,10 +1501,9 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
     flags = {k: display_path(v) for k, v in sorted(public_flags(args).items()) if v not in (None, False)}
     description += ("\n\n## Training flags\n\n" + "\n".join(f"- `--{k}`: `{v}`" for k, v in flags.items()) + "\n")
     # Built locally (never fetched): the Hub may be unreachable, and a stale card must not win.
-    is_hub_id = not os.path.exists(base_model)
-    card_data = ModelCardData(license="apache-2.0", library_name="diffusers", tags=tags,
-                              base_model=base_model if is_hub_id else None)
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{description}")
+    metadata = ModelCardData(license=license, library_name="diffusers", tags=tags, base_model=hub_id(base_model),
+                             **card_data)
+    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{description}")
     path = os.path.join(args.output_dir, "README.md")
     card.save(path)
     return path

@@ -224,7 +224,7 @@ def test_push_to_hub_uploads_the_lora_and_card_only(tiny_sd, subject, tmp_path, 
     sent = files_uploaded(captured_hub["upload"])
     assert LORA_FILE in sent and "README.md" in sent
     assert not any(p.startswith(("checkpoint-", "class_images")) for p in sent)
-    assert 'pipe.load_lora_weights("me/sks-square")' in open(os.path.join(out, "README.md")).read()
+    assert 'pipe.load_lora_weights("me/sks-square"' in open(os.path.join(out, "README.md")).read()
 
 
 def step_for(model: str, prediction_type: str = "epsilon", difftuning: bool = False, snr_gamma: float | None = None,
@@ -277,7 +277,7 @@ def captured_loss(step, monkeypatch) -> tuple[torch.Tensor, dict]:
                                                                 ("sdxl", "epsilon", 5.0)])
 def test_prior_preservation_loss_matches_diffusers(tiny_sd, tiny_sdxl, monkeypatch, model, prediction_type, snr_gamma):
     """Without --difftuning the loss is diffusers' DreamBooth loss on the same batch: instance and class halves
-    concatenated, MSE of each half, Min-SNR weights (min(snr, gamma)/snr, /(snr+1) for v) on the instance half
+    concatenated, MSE of each half, Min-SNR weights (min(snr, gamma)/snr, + 1 for v) on the instance half
     only, instance + prior_loss_weight * prior."""
     import torch.nn.functional as F
     from diffusers.training_utils import compute_snr
@@ -294,7 +294,7 @@ def test_prior_preservation_loss_matches_diffusers(tiny_sd, tiny_sdxl, monkeypat
     else:
         snr = compute_snr(step.noise_scheduler, timesteps[:2])
         weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+        weights = weights / snr if prediction_type == "epsilon" else weights / snr + 1  # upstream SDXL's v form
         per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         instance_loss = (per_sample * weights).mean()
     assert torch.allclose(loss, instance_loss + 0.7 * prior_loss, rtol=1e-5)
@@ -321,8 +321,9 @@ def test_sdxl_time_ids_follow_resize_and_crop(subject, tmp_path):
 
     path = str(tmp_path / "tall.png")
     Image.new("RGB", (40, 48)).save(path)  # width 40, height 48 -> resized to 32x38, centre crop top 3
-    args = tp.argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False)
-    item = InstanceImages([{"image": Image.open(path)}], args, [0])[tp.SampleKey(0, 0)]
+    args = tp.argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False,
+                                 image_interpolation_mode="lanczos")
+    item = InstanceImages([{"image": Image.open(path)}], args, [0], 1)[tp.SampleKey(0, 0)]
     assert item["time_ids"].tolist() == [48, 40, 3, 0, 32, 32]
     assert item["pixel_values"].shape == (3, 32, 32)
 
@@ -493,11 +494,19 @@ def test_bad_class_folders_refused_before_any_model_loads(subject, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--instance_prompt", ""], "--instance_prompt is required"),
-    (["--class_prompt", "a dog"], "--class_prompt and --class_data_dir are used only with --with_prior_preservation"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\)"),
+    (["--lora_blocks", "1,x"], "--lora_blocks takes comma-separated block numbers"),
+    (["--lora_layers", "to_q", "--lora_target_modules", "to_k"], "--lora_layers and --lora_target_modules name"),
+    (["--train_text_encoder", "--pre_compute_text_embeddings"], "--pre_compute_text_embeddings releases the text"),
+    (["--text_encoder_lr", "0"], "--text_encoder_lr must be > 0"),
+    (["--validation_images", "a.png", "b.png"], "--validation_images: images to upscale .* DeepFloyd IF"),
+    (["--class_labels_conditioning", "timesteps"], "--class_labels_conditioning: the timestep class labels"),
+    (["--do_edm_style_training"], "--do_edm_style_training: EDM-style training"),
+    (["--enable_npu_flash_attention"], "--enable_npu_flash_attention: Ascend NPU"),
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
     (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
     (["--num_class_images", "0"], "--num_class_images must be >= 1"),
-    (["--cache_latents"], "--cache_latents keeps one encoding"),
     (["--dataset_name", "x"], "Specify only one of --dataset_name or --instance_data_dir"),
     (["--difftuning_tau", "-1"], "--difftuning_tau must be >= 0"),
 ])
