@@ -1,4 +1,4 @@
-"""Diff-Tuning: the method, and only the method, shared by both training scripts.
+"""Diff-Tuning: the method, and only the method, shared by the three training scripts.
 
 Diff-Tuning (Zhong et al., NeurIPS 2024, "Diffusion Tuning: Transferring Diffusion Models via
 Chain of Forgetting") fine-tunes a pre-trained diffusion model with two objectives:
@@ -847,7 +847,7 @@ def save_bank_preview(latents: torch.Tensor, decode_fn: Callable[[torch.Tensor],
 
 
 # ----------------------------------------------------------------------------------------------
-# Command-line flags, identical in both scripts
+# Command-line flags, identical in every script
 # ----------------------------------------------------------------------------------------------
 
 
