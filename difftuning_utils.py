@@ -143,6 +143,21 @@ def flow_base_probs(num_entries: int, weighting_scheme: str, logit_mean: float =
     return torch.bincount(entries, minlength=num_entries).double() / grid
 
 
+def check_flow_density(weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float,
+                       num_entries: int = 1000) -> None:
+    """Refuse a timestep density that has collapsed onto one entry of the sigma table (e.g. --logit_mean 1e6 puts
+    every draw at sigma = 1, where the loss is 0 and nothing trains): checked on a table of ``num_entries`` (the
+    schedulers' 1000) before any model loads."""
+    probs = flow_base_probs(num_entries, weighting_scheme, logit_mean, logit_std, mode_scale, points_per_entry=64)
+    top = float(probs.max())
+    if top > 0.5:
+        where = int(probs.argmax())
+        raise ConfigError(f"--logit_mean {logit_mean} with --logit_std {logit_std} (--weighting_scheme "
+                          f"{weighting_scheme}) puts {top:.0%} of the training timesteps on one sigma (u = "
+                          f"{(where + 0.5) / num_entries:.3f}), which trains nothing else; keep the density spread "
+                          "(SD3's default is a mean of 0 and a std of 1).")
+
+
 def flow_chain_of_forgetting_probs(sigmas: torch.Tensor, base: torch.Tensor, tau: float,
                                    kind: ScheduleKind) -> torch.Tensor:
     """Probability of each table entry under psi (adaptation) or xi (retention) over sigma:
