@@ -954,12 +954,12 @@ def log_throughput(accelerator: Accelerator, log: TrainingLog, global_step: int,
     if accelerator.is_main_process:
         folder = os.path.join(args.output_dir, args.logging_dir)
         os.makedirs(folder, exist_ok=True)
-        atomic_write_json(os.path.join(folder, "throughput.json"),
-                          {**summary, "images_per_step": log.images_per_step, "flops_per_image": log.flops_per_image,
-                           "peak_flops": log.peak, "mixed_precision": accelerator.mixed_precision,
-                           "num_processes": accelerator.num_processes, "global_step": global_step,
-                           "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                               if torch.cuda.is_available() else None)})
+        with disk_space_guard(folder, "throughput.json"):
+            atomic_write_json(os.path.join(folder, "throughput.json"), {
+                **summary, "images_per_step": log.images_per_step, "flops_per_image": log.flops_per_image,
+                "peak_flops": log.peak, "mixed_precision": accelerator.mixed_precision,
+                "num_processes": accelerator.num_processes, "global_step": global_step,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
     if summary:
         accelerator.log(summary, step=global_step)
         tflops = f", {summary['steady_model_tflops']:.3g} model TFLOP/s" if "steady_model_tflops" in summary else ""
@@ -1634,7 +1634,8 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
         cols = min(len(images), 8)
         rows = math.ceil(len(images) / cols)
         images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
-        make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
+        with disk_space_guard(args.output_dir, "the model card's samples.png"):
+            make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
         description += "\n\n## Samples\n\n![samples](./samples.png)\n"
     flags = {k: display_path(v) for k, v in sorted(public_flags(args).items()) if v not in (None, False)}
     description += ("\n\n## Training flags\n\n" + "\n".join(f"- `--{k}`: `{v}`" for k, v in flags.items()) + "\n")
@@ -1643,7 +1644,8 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
                              **card_data)
     card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{description}")
     path = os.path.join(args.output_dir, "README.md")
-    card.save(path)
+    with disk_space_guard(args.output_dir, "the model card"):
+        card.save(path)
     return path
 
 
