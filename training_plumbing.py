@@ -249,6 +249,18 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
 MODEL_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "pretrained_vae_model_name_or_path")
 
 
+def _finished_bank(folder: str) -> bool:
+    """Whether ``folder`` holds a finished knowledge bank with its preview: a run that reuses it writes nothing."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            complete = json.load(f).get("complete")
+    except (OSError, ValueError):
+        return False
+    return bool(complete) and os.path.exists(os.path.join(folder, "preview.png"))
+
+
 def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
     """Folders the run writes must be folders (or not exist yet), writable, not inside the training data (where
     the next run would read the model, checkpoints and samples as training images) and not a model's folder."""
@@ -267,6 +279,8 @@ def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
         existing = real
         while not os.path.exists(existing):  # the folder that will hold it, when it does not exist yet
             existing = os.path.dirname(existing)
+        if flag != "--output_dir" and _finished_bank(path):
+            continue  # a finished bank is only read (a shared, read-only one included)
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{flag} {path} is not writable ({existing} is read-only for this user); make it "
                               "writable or write elsewhere.")

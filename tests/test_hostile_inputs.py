@@ -410,6 +410,29 @@ def test_read_only_output_refused_before_the_first_step(tiny_dit, tiny_sd, image
     assert os.listdir(locked) == []
 
 
+def test_read_only_finished_bank_is_reused(tmp_path, monkeypatch):
+    """A finished bank (a shared, read-only one, say) is only read: its folder need not be writable. One without
+    its preview would get it written, so it must be."""
+    banks = {}
+    for name, files in (("finished", ("preview.png",)), ("no preview yet", ())):
+        bank = tmp_path / name
+        bank.mkdir()
+        (bank / dt.MANIFEST_NAME).write_text(json.dumps({"complete": True}))
+        for file in files:
+            (bank / file).write_bytes(b"png")
+        read_only(bank, monkeypatch)
+        banks[name] = bank
+    try:
+        tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), class_data_dir=str(
+            banks["finished"]), train_data_dir=None), "--instance_data_dir")
+        with pytest.raises(dt.ConfigError, match="--class_data_dir .* is not writable"):
+            tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), class_data_dir=str(
+                banks["no preview yet"]), train_data_dir=None), "--instance_data_dir")
+    finally:
+        for bank in banks.values():
+            os.chmod(bank, 0o755)
+
+
 def test_folder_without_images_named(tiny_dit, tmp_path):
     data = tmp_path / "notes"
     (data / "circle").mkdir(parents=True)
