@@ -709,6 +709,8 @@ def main(args: argparse.Namespace) -> None:
                              f"{accelerator.distributed_type.value} prepares one: leave the flag out or launch "
                              "without the sharding config.")
     # --- Models -------------------------------------------------------------------------------
+    # given (--lora_target_modules or --lora_layers), else the family's (upstream's) defaults
+    targets_given = args.lora_target_modules is not None or args.lora_layers is not None
     model_index, family_class = base_family(args)  # all checked before the weights load (FLUX.1-dev's are ~34 GB)
     check_family_flags(args, family_class)
     family_class.check_supported(args.pretrained_model_name_or_path, model_index.get("scheduler", [None, ""])[1],
@@ -734,7 +736,8 @@ def main(args: argparse.Namespace) -> None:
     # --- The base model -------------------------------------------------------------------------
     pipeline, family = load_base_pipeline(args)
     denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
-    tp.check_lora_targets(denoiser, args.lora_target_modules)  # before the class samples are generated
+    if targets_given:  # (upstream's SD3 list names to_add_out, which a transformer of one block lacks)
+        tp.check_lora_targets(denoiser, args.lora_target_modules)  # before the class samples are generated
     scheduler_class = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
     noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
