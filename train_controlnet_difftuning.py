@@ -381,6 +381,21 @@ def main(args: argparse.Namespace) -> None:
                              "which the float32 ControlNet relies on; use bf16 or no.")
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
+    # --- Target data: every pair decoded and compared, and the batch checked, before any model loads ------------
+    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column,
+                                           "--conditioning_image_column": args.conditioning_image_column,
+                                           "--caption_column": args.caption_column})
+    dataset = check_image_pairs(args, dataset)
+    captions = list(dataset[args.caption_column])
+    check_captions(captions)
+    ratio = args.retention_ratio if args.difftuning and args.retention != "none" else 0
+    num_target, num_retention = dt.split_batch_size(args.train_batch_size, ratio)
+    distill = bool(num_retention) and args.retention == "distill"
+    num_data = num_target + (num_retention if distill else 0)  # distill: retention rows are training pairs too
+    if len(dataset) < num_data * accelerator.num_processes:
+        raise dt.ConfigError(f"The dataset has {len(dataset)} pairs, fewer than one batch of {num_data} on each of "
+                             f"{accelerator.num_processes} process(es); lower --train_batch_size.")
+
     # --- Models -------------------------------------------------------------------------------
     pipeline = tp.load_pretrained(StableDiffusionPipeline.from_pretrained, "--pretrained_model_name_or_path",
                                   args.pretrained_model_name_or_path, "a Stable Diffusion pipeline",
@@ -420,23 +435,10 @@ def main(args: argparse.Namespace) -> None:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
 
-    # --- Target data (checked before the expensive bank build) -------------------------------------
-    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column,
-                                           "--conditioning_image_column": args.conditioning_image_column,
-                                           "--caption_column": args.caption_column})
-    dataset = check_image_pairs(args, dataset)
-    captions = list(dataset[args.caption_column])
-    check_captions(captions)
+    # --- Target data: the captions' token ids (the bank is built after these checks) ----------------------
     tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
     input_ids = [tokenize(tokenizer, [c] if isinstance(c, str) else c) for c in captions]
     input_ids = [ids[0] if len(ids) == 1 else ids for ids in input_ids]
-    ratio = args.retention_ratio if args.difftuning and args.retention != "none" else 0
-    num_target, num_retention = dt.split_batch_size(args.train_batch_size, ratio)
-    distill = bool(num_retention) and args.retention == "distill"
-    num_data = num_target + (num_retention if distill else 0)  # distill: retention rows are training pairs too
-    if len(dataset) < num_data * accelerator.num_processes:
-        raise dt.ConfigError(f"The dataset has {len(dataset)} pairs, fewer than one batch of {num_data} on each of "
-                             f"{accelerator.num_processes} process(es); lower --train_batch_size.")
 
     # --- Knowledge bank (replay: the frozen SD's own samples for the dataset's captions) -----------
     bank, bank_input_ids = None, None

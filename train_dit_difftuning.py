@@ -334,6 +334,14 @@ def main(args: argparse.Namespace) -> None:
     accelerator, weight_dtype = tp.setup_accelerator(args)
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
+    # --- Target data: every image decoded and the batch checked before any model loads ---------------------
+    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
+    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
+    num_target, num_bank = dt.split_batch_size(args.train_batch_size, args.retention_ratio if args.difftuning else 0)
+    if len(dataset) < num_target * accelerator.num_processes:
+        raise dt.ConfigError(f"The dataset has {len(dataset)} images, fewer than one batch of {num_target} target "
+                             f"samples on each of {accelerator.num_processes} process(es); lower --train_batch_size.")
+
     # --- Models -------------------------------------------------------------------------------
     pipeline = tp.load_pretrained(DiTPipeline.from_pretrained, "--pretrained_model_name_or_path",
                                   args.pretrained_model_name_or_path, "a DiTPipeline", revision=args.revision,
@@ -363,17 +371,11 @@ def main(args: argparse.Namespace) -> None:
     uses_bank = args.difftuning and args.retention_ratio > 0
     base_fingerprint = dt.model_fingerprint(transformer) if uses_bank else None
 
-    # --- Target data (checked before the expensive bank build) -------------------------------------
-    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
-    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
+    # --- Target data: its classes (the bank is built after these checks) -------------------------------
     tp.describe_image_conversion(dataset, args.image_column, vae.config.in_channels, args.resolution)
     class_names, to_index = target_classes(dataset, args.label_column, null_class)
     label_ids(args.validation_class_labels or [], class_names)  # a label that is not a class fails now, not at step N
     labels = [to_index(label) for label in dataset[args.label_column]]
-    num_target, num_bank = dt.split_batch_size(args.train_batch_size, args.retention_ratio if args.difftuning else 0)
-    if len(dataset) < num_target * accelerator.num_processes:
-        raise dt.ConfigError(f"The dataset has {len(dataset)} images, fewer than one batch of {num_target} target "
-                             f"samples on each of {accelerator.num_processes} process(es); lower --train_batch_size.")
 
     # --- Knowledge bank (built with the frozen pre-trained model, before any weight changes) ---
     bank = None
