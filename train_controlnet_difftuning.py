@@ -520,7 +520,7 @@ def main(args: argparse.Namespace) -> None:
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
                          flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps,
-                         params)
+                         params, args.output_dir)
     logger.info(f"***** Training: {len(dataset)} pairs, {max_train_steps} steps, {num_target} target + "
                 f"{num_retention} retention samples per device batch, difftuning={args.difftuning}, "
                 f"retention={args.retention}, lora={args.controlnet_lora}, cache_latents={args.cache_latents} *****")

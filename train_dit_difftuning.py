@@ -448,7 +448,8 @@ def main(args: argparse.Namespace) -> None:
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps, params)
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps,
+                         params, args.output_dir)
     logger.info(f"***** Training: {len(dataset)} images, {len(class_names)} classes, {max_train_steps} steps, "
                 f"{num_target} target + {num_bank} bank samples per device batch, finetune={args.finetune}, "
                 f"difftuning={args.difftuning}, cache_latents={args.cache_latents} *****")

@@ -872,7 +872,7 @@ def main(args: argparse.Namespace) -> None:
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          rows_per_step * accelerator.num_processes * args.gradient_accumulation_steps,
                          flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps,
-                         params)
+                         params, args.output_dir)
     logger.info(f"***** Training: {family.name}, {len(dataset)} subject images, {max_train_steps} steps, "
                 f"{args.train_batch_size} subject + {rows_per_step - args.train_batch_size} class samples per device "
                 f"batch, difftuning={args.difftuning}, train_text_encoder={args.train_text_encoder} *****")

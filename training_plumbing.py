@@ -1462,10 +1462,13 @@ class TrainingLog:
 
     def __init__(self, accelerator: Accelerator, logging_steps: int, images_per_step: int,
                  flops_per_image: float | None = None, peak: float | None = None,
-                 checkpointing_steps: int | None = None, params: Sequence[torch.nn.Parameter] = ()) -> None:
+                 checkpointing_steps: int | None = None, params: Sequence[torch.nn.Parameter] = (),
+                 output_dir: str | None = None) -> None:
         self.accelerator, self.logging_steps, self.images_per_step = accelerator, logging_steps, images_per_step
         self.checkpointing_steps = checkpointing_steps  # also read before every checkpoint: never save a NaN model
         self.params = list(params)  # the trained weights, checked finite before each checkpoint and the final save
+        self.output_dir = output_dir  # where the checkpoints are, for the advice after a divergence
+        self.last_finite_read: int | None = None  # the last step whose losses were read finite
         self.flops_per_image, self.peak = flops_per_image, peak
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
@@ -1499,10 +1502,11 @@ class TrainingLog:
         bad = [name for name, value in zip(names, values, strict=True) if not math.isfinite(value)]
         if bad:  # stop before a non-finite model is checkpointed, saved or pushed
             raise NonFiniteLoss(f"The loss became non-finite by step {global_step} ({', '.join(bad)} = "
-                                f"{values[names.index(bad[0])]}); {self.SAVED_BEFORE}")
+                                f"{values[names.index(bad[0])]}); {self.where_to_resume()}")
+        self.last_finite_read = global_step
         if (force or before_checkpoint) and not self.weights_finite():
             raise NonFiniteLoss(f"The trained weights became non-finite at step {global_step} (its loss was still "
-                                f"finite); {self.SAVED_BEFORE}")
+                                f"finite); {self.where_to_resume()}")
         seconds = max(time.perf_counter() - self.window_start - self.paused_seconds, 1e-9)
         logs = dict(zip(names, values, strict=True)) | {"lr": lr}
         logs["images_per_sec"] = self.window_steps * self.images_per_step / seconds
@@ -1518,11 +1522,26 @@ class TrainingLog:
         self.window_steps, self.window_start, self.paused_seconds = 0, time.perf_counter(), 0.0
         return logs
 
-    # Checkpoints are saved only after their step's loss and the weights were found finite, so the last one holds
-    # finite weights; on the way to the divergence, though, so an earlier one may be the better start.
-    SAVED_BEFORE = ("nothing was saved after the last checkpoint, whose loss and weights were checked finite when it "
-                    "was saved; resume from it (--resume_from_checkpoint latest) with a lower --learning_rate (or set "
-                    "--max_grad_norm), or from an earlier checkpoint if the logged loss was already climbing there.")
+    def where_to_resume(self) -> str:
+        """The end of the divergence sentence: which checkpoint to resume from. Every checkpoint holds finite weights
+        (checked before it is saved), but the loss of a step is computed before its update: checkpoint-N's weights
+        first meet the data at step N + 1, so they may already have diverged (Adam moves every weight by about the
+        learning rate at once) unless a later loss read was finite. The newest checkpoint before the last finite
+        read is the one known to train."""
+        lower = "a lower --learning_rate (or set --max_grad_norm)"
+        found = list_checkpoints(self.output_dir) if self.output_dir else []
+        steps = [int(CHECKPOINT_PATTERN.match(os.path.basename(c))[1]) for c in found]
+        good = [c for c, step in zip(found, steps, strict=True)
+                if self.last_finite_read is not None and step < self.last_finite_read]
+        if not good:
+            newest = f" ({os.path.basename(found[-1])} was saved after the last finite loss, so its weights may " \
+                     "already have diverged)" if found else ""
+            return f"no checkpoint's weights were seen to give a finite loss{newest}; start again with {lower}."
+        later = found[found.index(good[-1]) + 1:]
+        caveat = (f" ({', '.join(os.path.basename(c) for c in later)} was saved after the last finite loss, so its "
+                  "weights may already have diverged)") if later else ""
+        return (f"resume from {os.path.basename(good[-1])}, the newest checkpoint whose weights gave a finite loss"
+                f"{caveat}, with {lower}: --resume_from_checkpoint {good[-1]}.")
 
     def weights_finite(self) -> bool:
         """Whether every trained weight is finite on every process (one sync; each process checks its own shards)."""

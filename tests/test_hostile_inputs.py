@@ -557,30 +557,47 @@ def test_bank_finished_with_other_settings_while_waiting_refused(tmp_path, monke
     assert json.load(open(os.path.join(bank, dt.MANIFEST_NAME))) == theirs and not sampled
 
 
-def test_non_finite_weights_stop_before_a_checkpoint_and_the_advice_is_right():
-    """The weights are checked before each checkpoint (and the final save): one optimizer step can make them
-    non-finite while the loss read at that step, computed before it, was finite. So every checkpoint holds finite
-    weights, and the sentence says so instead of sending the user back to a diverged one."""
-    logged = []
-    accelerator = SimpleNamespace(log=lambda logs, step: logged.append(step), num_processes=1)
+def test_diverged_run_names_a_checkpoint_that_trains(tiny_dit, image_folder, tmp_path):
+    """Adam moves every weight by about the learning rate at the first step: with --learning_rate 1e30 checkpoint-1
+    holds finite weights of 1e30 whose loss (first computed at step 2) is nan. The sentence must not send the
+    user back to it."""
+    out = str(tmp_path / "out")
+    message = dit_error(dit_args(tiny_dit, image_folder, out) + ["--learning_rate", "1e30", "--logging_steps", "100",
+                                                                  "--max_grad_norm", "0"])
+    assert message.startswith("The loss became non-finite by step 2") and "resume from that checkpoint" not in message
+    assert ("no checkpoint's weights were seen to give a finite loss (checkpoint-1 was saved after the last finite "
+            "loss, so its weights may already have diverged); start again with a lower --learning_rate") in message
+    assert os.listdir(out).count("checkpoint-1") == 1 and "checkpoint-2" not in os.listdir(out)
+
+
+def test_non_finite_weights_stop_before_a_checkpoint(tmp_path):
+    """The weights are checked before each checkpoint (and the final save): an optimizer step can make them
+    non-finite while the loss read at that step, computed before it, was finite. The advice names the newest
+    checkpoint whose weights gave a finite loss."""
+    accelerator = SimpleNamespace(log=lambda logs, step: None, num_processes=1)
     weight = torch.nn.Parameter(torch.ones(3))
-    log = tp.TrainingLog(accelerator, logging_steps=10, images_per_step=1, checkpointing_steps=2, params=[weight])
-    log.add({"loss": torch.tensor(0.5)})
-    assert log.step(1, 1e-4) is None  # no read between reads: no sync
-    log.add({"loss": torch.tensor(0.5)})
-    assert log.step(2, 1e-4) is not None  # finite loss and weights: checkpoint-2 may be saved
+    log = tp.TrainingLog(accelerator, logging_steps=10, images_per_step=1, checkpointing_steps=2, params=[weight],
+                         output_dir=str(tmp_path))
+    for step in (1, 2):
+        log.add({"loss": torch.tensor(0.5)})
+        assert (log.step(step, 1e-4) is None) == (step == 1)  # read before the checkpoint only: no sync in between
+    (tmp_path / "checkpoint-2").mkdir()
     with torch.no_grad():
         weight[1] = float("nan")
     log.add({"loss": torch.tensor(0.5)})
-    log.step(3, 1e-4)
+    assert log.step(3, 1e-4) is None
     log.add({"loss": torch.tensor(0.5)})
     with pytest.raises(tp.NonFiniteLoss, match="The trained weights became non-finite at step 4") as err:
         log.step(4, 1e-4)  # before checkpoint-4
-    assert "whose loss and weights were checked finite" in str(err.value)
+    assert ("resume from checkpoint-2, the newest checkpoint whose weights gave a finite loss, with a lower "
+            f"--learning_rate (or set --max_grad_norm): --resume_from_checkpoint {tmp_path}/checkpoint-2."
+            ) in str(err.value)
+    (tmp_path / "checkpoint-4").mkdir()  # had it been saved, its weights would not have met the data yet
     log.add({"loss": torch.tensor(float("inf"))})
     with pytest.raises(tp.NonFiniteLoss, match="The loss became non-finite by step 5") as err:
         log.step(5, 1e-4, force=True)
-    assert "resume from that checkpoint" not in str(err.value) and "or from an earlier checkpoint" in str(err.value)
+    assert "resume from checkpoint-2, the newest checkpoint whose weights gave a finite loss (checkpoint-4 was " \
+           "saved after the last finite loss" in str(err.value)
 
 
 def exif_rotated_png(path: str, size: tuple[int, int], orientation: int) -> None:
