@@ -263,7 +263,9 @@ def _finished_bank(folder: str) -> bool:
 
 def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
     """Folders the run writes must be folders (or not exist yet), writable, not inside the training data (where
-    the next run would read the model, checkpoints and samples as training images) and not a model's folder."""
+    the next run would read the model, checkpoints, samples or class images as training images) and not a model's
+    folder. (DreamBooth's --class_data_dir may be read-only when it holds enough images; its script says so when
+    it would have to write there.)"""
     outputs = {"--output_dir": args.output_dir}
     for flag in ("knowledge_bank_dir", "class_data_dir"):
         if getattr(args, flag, None):
@@ -279,8 +281,8 @@ def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
         existing = real
         while not os.path.exists(existing):  # the folder that will hold it, when it does not exist yet
             existing = os.path.dirname(existing)
-        if flag != "--output_dir" and _finished_bank(path):
-            continue  # a finished bank is only read (a shared, read-only one included)
+        if flag == "--class_data_dir" or (flag != "--output_dir" and _finished_bank(path)):
+            continue  # only read: a folder of class images with enough of them (as upstream), a finished bank
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{flag} {path} is not writable ({existing} is read-only for this user); make it "
                               "writable or write elsewhere.")

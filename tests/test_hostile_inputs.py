@@ -365,10 +365,11 @@ def test_misspelt_choice_refused_as_flags_are_parsed(script, flag, value, tmp_pa
 
 def test_every_numeric_flag_has_its_range_in_one_table():
     """tp.FLAG_RANGES is where each numeric flag of the three scripts gets its range: a new flag without one fails
-    here. (--logit_mean is checked with the density it shapes; --precondition_outputs is a choice.)"""
+    here. (--logit_mean is checked with the density it shapes, --lora_alpha by tp.lora_alpha (any value but 0, as
+    upstream); --precondition_outputs is a choice.)"""
     import importlib
 
-    checked_elsewhere = {"logit_mean", "precondition_outputs"}
+    checked_elsewhere = {"logit_mean", "precondition_outputs", "lora_alpha"}
     for script in ("train_dit_difftuning", "train_controlnet_difftuning", "train_dreambooth_lora_difftuning"):
         parser = importlib.import_module(script).build_parser()
         numeric = {a.dest for a in parser._actions if a.type in (int, float)}
@@ -390,7 +391,7 @@ def read_only(path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", ["output_dir", "bank under a read-only folder"])
-def test_read_only_output_refused_before_the_first_step(tiny_dit, tiny_sd, image_folder, tmp_path, monkeypatch, case):
+def test_read_only_output_refused_before_the_first_step(tiny_dit, image_folder, tmp_path, monkeypatch, case):
     locked = tmp_path / "locked"
     read_only(locked, monkeypatch)
     try:
@@ -398,12 +399,9 @@ def test_read_only_output_refused_before_the_first_step(tiny_dit, tiny_sd, image
             message = dit_error(dit_args(tiny_dit, image_folder, str(locked)))
             assert f"--output_dir {locked} is not writable ({locked} is read-only for this user)" in message
         else:
-            from benchmark.tiny_models import make_subject_folder
-
-            subject = make_subject_folder(str(tmp_path / "subject"))
-            message = dreambooth_error(dreambooth_args(tiny_sd, subject, str(tmp_path / "out")) + [
-                *PRIOR, "--class_data_dir", str(locked / "bank")])
-            assert f"--class_data_dir {locked}/bank is not writable ({locked} is read-only" in message
+            message = dit_error(dit_args(tiny_dit, image_folder, str(tmp_path / "out")) + [
+                *SMALL_BANK, "--knowledge_bank_dir", str(locked / "bank")])
+            assert f"--knowledge_bank_dir {locked}/bank is not writable ({locked} is read-only" in message
             assert not os.path.exists(tmp_path / "out")
     finally:
         os.chmod(locked, 0o755)
@@ -423,11 +421,11 @@ def test_read_only_finished_bank_is_reused(tmp_path, monkeypatch):
         read_only(bank, monkeypatch)
         banks[name] = bank
     try:
-        tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), class_data_dir=str(
-            banks["finished"]), train_data_dir=None), "--instance_data_dir")
-        with pytest.raises(dt.ConfigError, match="--class_data_dir .* is not writable"):
-            tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), class_data_dir=str(
-                banks["no preview yet"]), train_data_dir=None), "--instance_data_dir")
+        tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), knowledge_bank_dir=str(
+            banks["finished"]), train_data_dir=None), "--train_data_dir")
+        with pytest.raises(dt.ConfigError, match="--knowledge_bank_dir .* is not writable"):
+            tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), knowledge_bank_dir=str(
+                banks["no preview yet"]), train_data_dir=None), "--train_data_dir")
     finally:
         for bank in banks.values():
             os.chmod(bank, 0o755)
@@ -516,13 +514,13 @@ def test_full_disk_at_the_final_save(tiny_dit, tiny_sd, image_folder, tmp_path, 
         from benchmark.tiny_models import make_subject_folder
 
         subject = make_subject_folder(str(tmp_path / "subject"))
-        message = dreambooth_error(dreambooth_args(tiny_sd, subject, out) + PRIOR + [
-            "--class_data_dir", os.path.join(out, "knowledge_bank")])
+        message = dreambooth_error(dreambooth_args(tiny_sd, subject, out) + PRIOR)
         what, unwanted = "the LoRA weights", ["pytorch_lora_weights.safetensors"]
     assert message.startswith(f"The disk is full: writing {what} into {out} failed with")
     left = os.listdir(out)
     assert not [name for name in left if name in unwanted or ".tmp" in name], left
-    assert "checkpoint-1" in left and os.path.exists(os.path.join(out, "knowledge_bank", dt.MANIFEST_NAME))
+    bank = "knowledge_bank" if script == "dit" else "class_images.knowledge_bank"  # DreamBooth's class images' bank
+    assert "checkpoint-1" in left and bank in left and (script == "dit" or len(os.listdir(f"{out}/class_images")) == 2)
 
 
 def test_full_disk_at_a_bank_shard(tmp_path, monkeypatch):
