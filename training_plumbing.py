@@ -205,10 +205,16 @@ def check_ranges(args: argparse.Namespace) -> None:
         if value is None or isinstance(value, bool):
             continue
         low, high, low_open, high_open = bounds
-        if low is not None and (value < low or (low_open and value == low)):
-            raise ConfigError(f"--{name} must be {'>' if low_open else '>='} {low}, got {value}.")
-        if high is not None and (value > high or (high_open and value == high)):
-            raise ConfigError(f"--{name} must be {'<' if high_open else '<='} {high}, got {value}.")
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            if low is not None and high is not None:
+                allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            elif too_low:
+                allowed = f"{'>' if low_open else '>='} {low}"
+            else:
+                allowed = f"{'<' if high_open else '<='} {high}"
+            raise ConfigError(f"--{name} must be {allowed}, got {value}.")
 
 
 def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train_data_dir") -> None:

@@ -57,13 +57,13 @@ EARLY = [
     ("tau nan", ["--difftuning", "--difftuning_tau", "nan"], "--difftuning_tau must be a finite number, got nan."),
     ("resolution 0", ["--resolution", "0"], "--resolution must be >= 8, got 0."),
     ("no checkpoints kept", ["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1, got 0."),
-    ("adam beta 1", ["--adam_beta2", "1"], "--adam_beta2 must be < 1, got 1.0."),
+    ("adam beta 1", ["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1.0."),
     ("unknown validation class", ["--validation_class_labels", "triangle"],
      "--validation_class_labels: 'triangle' is not a class of the dataset"),
     ("push offline", ["--push_to_hub"], "--push_to_hub: the Hub repository 'out' could not be created"),
     ("token to wandb", ["--report_to", "wandb", "--hub_token", "hf_x"], "--report_to wandb with --hub_token would "
      "expose the token"),
-    ("seed -1", ["--seed", "-1"], "--seed must be >= 0, got -1."),
+    ("seed -1", ["--seed", "-1"], "--seed must be in [0, 4294967295], got -1."),
     ("no sampling steps", ["--validation_num_inference_steps", "0"],
      "--validation_num_inference_steps must be >= 1, got 0."),
     # checked once the model's module names are known, before the bank (in --output_dir) is built
