@@ -35,9 +35,12 @@ def atomic_write_json(path: str, data: dict) -> None:
 
 
 def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as each writer reports it: an OSError, torch's zip writer ("unexpected pos", "file write failed")
+    or safetensors' SafetensorError ("I/O error: No space left on device (os error 28)"), which is none of
+    OSError and RuntimeError."""
     text = str(err)
     return (getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
-            or "file write failed" in text)
+            or "file write failed" in text or "os error 28" in text)
 
 
 @contextlib.contextmanager
@@ -46,8 +49,8 @@ def disk_space_guard(folder: str, what: str, partial: str | None = None) -> Iter
     and the size of what was being written when known), after removing the ``partial`` file or folder."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
-        if not _is_disk_full(err):
+    except Exception as err:  # noqa: BLE001 - each writer raises its own kind (safetensors: SafetensorError)
+        if isinstance(err, ConfigError) or not _is_disk_full(err):
             raise
         written = 0
         if partial and os.path.isdir(partial):

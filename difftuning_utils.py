@@ -143,6 +143,21 @@ def flow_base_probs(num_entries: int, weighting_scheme: str, logit_mean: float =
     return torch.bincount(entries, minlength=num_entries).double() / grid
 
 
+def check_flow_density(weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float,
+                       num_entries: int = 1000) -> None:
+    """Refuse a timestep density that has collapsed onto one entry of the sigma table (e.g. --logit_mean 1e6 puts
+    every draw at sigma = 1, where the loss is 0 and nothing trains): checked on a table of ``num_entries`` (the
+    schedulers' 1000) before any model loads."""
+    probs = flow_base_probs(num_entries, weighting_scheme, logit_mean, logit_std, mode_scale, points_per_entry=64)
+    top = float(probs.max())
+    if top > 0.5:
+        where = int(probs.argmax())
+        raise ConfigError(f"--logit_mean {logit_mean} with --logit_std {logit_std} (--weighting_scheme "
+                          f"{weighting_scheme}) puts {top:.0%} of the training timesteps on one sigma (u = "
+                          f"{(where + 0.5) / num_entries:.3f}), which trains nothing else; keep the density spread "
+                          "(SD3's default is a mean of 0 and a std of 1).")
+
+
 def flow_chain_of_forgetting_probs(sigmas: torch.Tensor, base: torch.Tensor, tau: float,
                                    kind: ScheduleKind) -> torch.Tensor:
     """Probability of each table entry under psi (adaptation) or xi (retention) over sigma:
@@ -465,22 +480,17 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
     conditions = list(conditions)
     num_shards = math.ceil(len(conditions) / batch_size)
     build_settings = {**settings, "seed": seed, "size": len(conditions), "batch_size": batch_size}
-    existing = _read_manifest(bank_dir)
-    if existing is not None:
-        _check_format(bank_dir, existing)
-    if existing is not None and existing.get("settings") != json.loads(json.dumps(build_settings)):
-        raise ConfigError(f"Knowledge bank {bank_dir} was built with other settings "
-                         f"({_describe_mismatch(existing.get('settings', {}), build_settings)}); "
-                         "delete it or pass another --knowledge_bank_dir.")
+    existing = _check_settings(bank_dir, build_settings)
     if existing is not None and existing.get("complete"):
         if state.is_main_process:
             logger.info(f"Reusing the knowledge bank in {bank_dir} ({existing.get('count')} samples).")
         return existing
     with _build_lock(bank_dir, state.is_main_process):
         state.wait_for_everyone()
-        existing = _read_manifest(bank_dir)  # another run may have finished it while this one waited
-        if existing is not None and existing.get("complete") and existing.get("settings") == json.loads(
-                json.dumps(build_settings)):
+        # Another run may have built it while this one waited, with these settings (reuse it) or others (refuse:
+        # writing this run's manifest over its samples would mislabel them).
+        existing = _check_settings(bank_dir, build_settings)
+        if existing is not None and existing.get("complete"):
             return existing
         if state.is_main_process:
             os.makedirs(bank_dir, exist_ok=True)
@@ -533,6 +543,18 @@ def build_knowledge_bank(bank_dir: str, sample_fn: SampleFn, conditions: Sequenc
             atomic_write_json(os.path.join(bank_dir, MANIFEST_NAME), manifest)
         state.wait_for_everyone()
         return _read_manifest(bank_dir)
+
+
+def _check_settings(bank_dir: str, build_settings: dict) -> dict | None:
+    """The bank's manifest (None when there is none yet), refused when it was written with other settings."""
+    existing = _read_manifest(bank_dir)
+    if existing is not None:
+        _check_format(bank_dir, existing)
+    if existing is not None and existing.get("settings") != json.loads(json.dumps(build_settings)):
+        raise ConfigError(f"Knowledge bank {bank_dir} was built with other settings "
+                          f"({_describe_mismatch(existing.get('settings', {}), build_settings)}); "
+                          "delete it or pass another --knowledge_bank_dir.")
+    return existing
 
 
 @contextlib.contextmanager
@@ -842,7 +864,8 @@ def save_bank_preview(latents: torch.Tensor, decode_fn: Callable[[torch.Tensor],
     cols = math.ceil(len(images) / rows)
     images = images + [images[0].copy().point(lambda _: 0)] * (rows * cols - len(images))
     tmp = f"{path}.tmp.png"
-    make_image_grid(images, rows=rows, cols=cols).save(tmp)
+    with disk_space_guard(os.path.dirname(path) or ".", "the knowledge-bank preview", tmp):
+        make_image_grid(images, rows=rows, cols=cols).save(tmp)
     os.replace(tmp, path)
 
 

@@ -215,12 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(input_args)
-    tp.validate_common_args(args)
-    if args.controlnet_lora and args.rank < 1:
-        raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
+    tp.validate_common_args(args)  # every flag's range (tp.FLAG_RANGES)
     dt.validate_difftuning_args(args, bank_num_inference_steps=50, bank_guidance_scale=7.5)
-    if not 0 <= args.proportion_empty_prompts <= 1:
-        raise dt.ConfigError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}.")
     if (args.validation_prompt is None) != (args.validation_image is None):
         raise dt.ConfigError("--validation_prompt and --validation_image must be given together.")
     if args.validation_image is not None:
@@ -375,6 +371,7 @@ def denoiser_flops_per_image(controlnet: torch.nn.Module, unet: torch.nn.Module,
 # ----------------------------------------------------------------------------------------------
 
 
+@tp.claims_output_dir
 def main(args: argparse.Namespace) -> None:
     from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
@@ -383,6 +380,21 @@ def main(args: argparse.Namespace) -> None:
         raise dt.ConfigError("--mixed_precision fp16 needs a GPU: accelerate runs no fp16 autocast on the CPU, "
                              "which the float32 ControlNet relies on; use bf16 or no.")
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
+
+    # --- Target data: every pair decoded and compared, and the batch checked, before any model loads ------------
+    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column,
+                                           "--conditioning_image_column": args.conditioning_image_column,
+                                           "--caption_column": args.caption_column})
+    dataset = check_image_pairs(args, dataset)
+    captions = list(dataset[args.caption_column])
+    check_captions(captions)
+    ratio = args.retention_ratio if args.difftuning and args.retention != "none" else 0
+    num_target, num_retention = dt.split_batch_size(args.train_batch_size, ratio)
+    distill = bool(num_retention) and args.retention == "distill"
+    num_data = num_target + (num_retention if distill else 0)  # distill: retention rows are training pairs too
+    if len(dataset) < num_data * accelerator.num_processes:
+        raise dt.ConfigError(f"The dataset has {len(dataset)} pairs, fewer than one batch of {num_data} on each of "
+                             f"{accelerator.num_processes} process(es); lower --train_batch_size.")
 
     # --- Models -------------------------------------------------------------------------------
     pipeline = tp.load_pretrained(StableDiffusionPipeline.from_pretrained, "--pretrained_model_name_or_path",
@@ -411,6 +423,8 @@ def main(args: argparse.Namespace) -> None:
                              f"{vae_scale}: the two must match.")
     if controlnet.dtype != torch.float32:
         raise dt.ConfigError(f"The ControlNet was loaded as {controlnet.dtype}; trainable weights must be float32.")
+    if args.controlnet_lora:
+        tp.check_lora_targets(controlnet, args.lora_target_modules)
     base_fingerprint = dt.model_fingerprint(unet) if args.difftuning and args.retention == "replay" else None
     vae_fingerprint = dt.model_fingerprint(vae) if base_fingerprint else None  # before the cast, like the UNet's
     for frozen in (vae, unet, text_encoder):  # upstream: frozen parts in the mixed-precision dtype
@@ -421,22 +435,13 @@ def main(args: argparse.Namespace) -> None:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
 
-    # --- Target data (checked before the expensive bank build) -------------------------------------
-    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column,
-                                           "--conditioning_image_column": args.conditioning_image_column,
-                                           "--caption_column": args.caption_column})
-    dataset = check_image_pairs(args, dataset)
-    captions = list(dataset[args.caption_column])
-    check_captions(captions)
+    # --- Target data: the captions' token ids (the bank is built after these checks) ----------------------
     tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
     input_ids = [tokenize(tokenizer, [c] if isinstance(c, str) else c) for c in captions]
     input_ids = [ids[0] if len(ids) == 1 else ids for ids in input_ids]
 
     # --- Knowledge bank (replay: the frozen SD's own samples for the dataset's captions) -----------
     bank, bank_input_ids = None, None
-    ratio = args.retention_ratio if args.difftuning and args.retention != "none" else 0
-    num_target, num_retention = dt.split_batch_size(args.train_batch_size, ratio)
-    distill = bool(num_retention) and args.retention == "distill"
     if num_retention and args.retention == "replay":
         prompt_gen = torch.Generator().manual_seed(dt.derive_seed(args.knowledge_bank_seed, "bank-prompts"))
         picks = torch.randint(0, len(captions), (args.knowledge_bank_size,), generator=prompt_gen).tolist()
@@ -478,10 +483,6 @@ def main(args: argparse.Namespace) -> None:
     optimizer = tp.create_optimizer(args, params)
 
     # --- Data loader: a seeded permutation per epoch, per-sample choices from (seed, epoch, index) ---
-    num_data = num_target + (num_retention if distill else 0)  # distill: retention rows are training pairs too
-    if len(dataset) < num_data * accelerator.num_processes:
-        raise dt.ConfigError(f"The dataset has {len(dataset)} pairs, fewer than one batch of {num_data} on each of "
-                             f"{accelerator.num_processes} process(es); lower --train_batch_size.")
     latent_cache = None
     if args.cache_latents:
         latent_cache = tp.cache_posteriors(vae, TargetPixels(dataset, args), False, 32, args.dataloader_num_workers,
@@ -518,7 +519,8 @@ def main(args: argparse.Namespace) -> None:
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps)
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps,
+                         params, args.output_dir)
     logger.info(f"***** Training: {len(dataset)} pairs, {max_train_steps} steps, {num_target} target + "
                 f"{num_retention} retention samples per device batch, difftuning={args.difftuning}, "
                 f"retention={args.retention}, lora={args.controlnet_lora}, cache_latents={args.cache_latents} *****")
@@ -562,10 +564,13 @@ def main(args: argparse.Namespace) -> None:
     tp.end_collectives(accelerator)
     if accelerator.is_main_process:
         final = export_controlnet(controlnet, args.controlnet_lora)
-        with dt.disk_space_guard(args.output_dir, "the fine-tuned ControlNet"):
-            final.save_pretrained(args.output_dir)
-        if args.controlnet_lora:
-            save_lora_adapter(controlnet, args)
+
+        def write(folder: str) -> None:
+            final.save_pretrained(folder)
+            if args.controlnet_lora:
+                save_lora_adapter(controlnet, folder)
+
+        tp.save_final(args.output_dir, "the fine-tuned ControlNet", write)
         pairs = validation_pairs(args) or [(captions[0] if isinstance(captions[0], str) else captions[0][0],
                                             tp.convert_image(dataset[0][args.conditioning_image_column], "RGB"))]
         images, labels = generate_images(args, accelerator, pipeline,
@@ -647,12 +652,12 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: StableD
     tp.log_images(accelerator, images, labels, global_step)
 
 
-def save_lora_adapter(controlnet: ControlNetModel, args: argparse.Namespace) -> None:
-    """output_dir/controlnet_lora: the LoRA (diffusers' format), the fully trained new ControlNet
+def save_lora_adapter(controlnet: ControlNetModel, output_dir: str) -> None:
+    """``output_dir``/controlnet_lora: the LoRA (diffusers' format), the fully trained new ControlNet
     layers and the ControlNet config, beside the merged model; reload with load_controlnet_lora."""
     from safetensors.torch import save_file
 
-    folder = os.path.join(args.output_dir, "controlnet_lora")
+    folder = os.path.join(output_dir, "controlnet_lora")
     controlnet.save_lora_adapter(folder, weight_name=LORA_WEIGHT_NAME)
     modules = {k: v.detach().float().contiguous().cpu() for k, v in controlnet.state_dict().items()
                if k.startswith(NEW_MODULES)}

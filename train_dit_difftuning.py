@@ -314,14 +314,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if parser.parse_known_args(input_args)[0].authors_recipe:
         parser.set_defaults(**AUTHORS_RECIPE)
     args = parser.parse_args(input_args)
-    tp.validate_common_args(args)
-    if args.finetune == "lora" and args.rank < 1:
-        raise dt.ConfigError(f"--rank must be >= 1, got {args.rank}.")
+    tp.validate_common_args(args)  # every flag's range (tp.FLAG_RANGES)
     dt.validate_difftuning_args(args, bank_num_inference_steps=250, bank_guidance_scale=1.5)
-    if not 0 <= args.label_dropout_prob < 1:
-        raise dt.ConfigError(f"--label_dropout_prob must be in [0, 1), got {args.label_dropout_prob}.")
-    if not 0 <= args.ema_decay < 1:
-        raise dt.ConfigError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     if args.cache_latents and not args.center_crop:
         raise dt.ConfigError("--cache_latents keeps one encoding per image (and its mirror image): add --center_crop, "
                              "since random crops would differ every epoch, or leave --cache_latents out.")
@@ -333,11 +327,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
+@tp.claims_output_dir
 def main(args: argparse.Namespace) -> None:
     from diffusers import DDPMScheduler, DiTPipeline
 
     accelerator, weight_dtype = tp.setup_accelerator(args)
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
+
+    # --- Target data: every image decoded and the batch checked before any model loads ---------------------
+    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
+    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
+    num_target, num_bank = dt.split_batch_size(args.train_batch_size, args.retention_ratio if args.difftuning else 0)
+    if len(dataset) < num_target * accelerator.num_processes:
+        raise dt.ConfigError(f"The dataset has {len(dataset)} images, fewer than one batch of {num_target} target "
+                             f"samples on each of {accelerator.num_processes} process(es); lower --train_batch_size.")
 
     # --- Models -------------------------------------------------------------------------------
     pipeline = tp.load_pretrained(DiTPipeline.from_pretrained, "--pretrained_model_name_or_path",
@@ -358,6 +361,8 @@ def main(args: argparse.Namespace) -> None:
                              f"{model_resolution}x{model_resolution} px images ({transformer.config.sample_size}x"
                              f"{transformer.config.sample_size} latents x {vae_scale}): use --resolution "
                              f"{model_resolution} or leave it out.")
+    if args.finetune == "lora":
+        tp.check_lora_targets(transformer, args.lora_target_modules)
     vae.requires_grad_(False)
     vae_fingerprint = dt.model_fingerprint(vae) if args.difftuning else None  # as loaded: one bank for all precisions
     # The fp16 VAE is known to give NaNs; bf16 is safe.
@@ -366,9 +371,7 @@ def main(args: argparse.Namespace) -> None:
     uses_bank = args.difftuning and args.retention_ratio > 0
     base_fingerprint = dt.model_fingerprint(transformer) if uses_bank else None
 
-    # --- Target data (checked before the expensive bank build) -------------------------------------
-    dataset = tp.load_train_dataset(args, {"--image_column": args.image_column, "--label_column": args.label_column})
-    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
+    # --- Target data: its classes (the bank is built after these checks) -------------------------------
     tp.describe_image_conversion(dataset, args.image_column, vae.config.in_channels, args.resolution)
     class_names, to_index = target_classes(dataset, args.label_column, null_class)
     label_ids(args.validation_class_labels or [], class_names)  # a label that is not a class fails now, not at step N
@@ -377,7 +380,6 @@ def main(args: argparse.Namespace) -> None:
     # --- Knowledge bank (built with the frozen pre-trained model, before any weight changes) ---
     bank = None
     latent_shape = [transformer.config.in_channels] + [transformer.config.sample_size] * 2
-    num_target, num_bank = dt.split_batch_size(args.train_batch_size, args.retention_ratio if args.difftuning else 0)
     if num_bank:
         transformer.to(accelerator.device)
         bank_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, variance_type=(
@@ -408,9 +410,6 @@ def main(args: argparse.Namespace) -> None:
     optimizer = tp.create_optimizer(args, params)
 
     # --- Data loader: a seeded permutation per epoch, per-sample augmentation from (seed, epoch, index) ---
-    if len(dataset) < num_target * accelerator.num_processes:
-        raise dt.ConfigError(f"The dataset has {len(dataset)} images, fewer than one batch of {num_target} target "
-                             f"samples on each of {accelerator.num_processes} process(es); lower --train_batch_size.")
     latent_cache = None
     if args.cache_latents:
         latent_cache = tp.cache_posteriors(vae, CenteredImages(dataset, args, vae.config.in_channels),
@@ -449,7 +448,8 @@ def main(args: argparse.Namespace) -> None:
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps)
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps,
+                         params, args.output_dir)
     logger.info(f"***** Training: {len(dataset)} images, {len(class_names)} classes, {max_train_steps} steps, "
                 f"{num_target} target + {num_bank} bank samples per device batch, finetune={args.finetune}, "
                 f"difftuning={args.difftuning}, cache_latents={args.cache_latents} *****")
@@ -498,13 +498,16 @@ def main(args: argparse.Namespace) -> None:
     tp.end_collectives(accelerator)
     if accelerator.is_main_process:
         final = export_transformer(trained, args.finetune)
-        if args.finetune == "lora":
-            save_lora_adapter(trained, args)
         tp.cast(vae, vae.device, torch.float32)
         out = DiTPipeline(transformer=final, vae=vae, scheduler=pipeline.scheduler)
         out.register_to_config(id2label=dict(enumerate(class_names)))
-        with dt.disk_space_guard(args.output_dir, "the fine-tuned pipeline"):
-            out.save_pretrained(args.output_dir, safe_serialization=True)
+
+        def write(folder: str) -> None:
+            out.save_pretrained(folder, safe_serialization=True)
+            if args.finetune == "lora":
+                save_lora_adapter(trained, args, folder)
+
+        tp.save_final(args.output_dir, "the fine-tuned pipeline", write)
         shown = args.validation_class_labels or class_names[: min(len(class_names), 4)]
         images = generate_images(args, out.to(accelerator.device), shown, class_names, accelerator.device)
         tp.log_images(accelerator, images, shown, global_step, tag="final")
@@ -570,12 +573,12 @@ def run_validation(args: argparse.Namespace, accelerator: Any, pipeline: DiTPipe
         ema.restore(params)
 
 
-def save_lora_adapter(transformer: torch.nn.Module, args: argparse.Namespace) -> None:
-    """peft-format adapter (weights + config) in output_dir/transformer_lora, beside the merged pipeline."""
+def save_lora_adapter(transformer: torch.nn.Module, args: argparse.Namespace, output_dir: str) -> None:
+    """peft-format adapter (weights + config) in ``output_dir``/transformer_lora, beside the merged pipeline."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    folder = os.path.join(args.output_dir, "transformer_lora")
+    folder = os.path.join(output_dir, "transformer_lora")
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
     save_file(state, os.path.join(folder, "adapter_model.safetensors"))

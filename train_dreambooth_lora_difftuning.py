@@ -619,15 +619,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for flag, why in REFUSED_FLAGS.items():
         if getattr(args, flag.removeprefix("--")) is not None:
             raise dt.ConfigError(f"{flag}: {why}")
-    if not args.instance_prompt:
-        raise dt.ConfigError("--instance_prompt is required: the prompt that names the subject, e.g. "
-                             "'a photo of sks dog'.")
+    if not (args.instance_prompt or "").strip():  # "   " names no subject either
+        given = f", got {args.instance_prompt!r}" if args.instance_prompt else ""
+        raise dt.ConfigError(f"--instance_prompt is required: the prompt that names the subject, e.g. "
+                             f"'a photo of sks dog'{given}.")
     local_rank = int(os.environ.get("LOCAL_RANK", -1))  # as upstream: the launcher's environment wins
     if local_rank != -1:
         args.local_rank = local_rank
     if args.output_dir is None and args.pretrained_model_name_or_path:  # upstream's per-family folder name
         args.output_dir = base_family(args)[1].defaults["output_dir"]
-    tp.validate_common_args(args, "--instance_data_dir")
+    tp.validate_common_args(args, "--instance_data_dir")  # every flag's range (tp.FLAG_RANGES)
     if args.with_prior_preservation and args.class_prompt is None:
         raise dt.ConfigError("--with_prior_preservation needs --class_prompt (the class the subject belongs to, "
                              "e.g. 'a photo of dog'; '' for the empty prompt).")
@@ -637,23 +638,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                 warnings.warn(f"--{flag} is used only with --with_prior_preservation; training without class "
                               "samples.", stacklevel=2)
                 setattr(args, flag, None)
-    for flag in ("num_class_images", "sample_batch_size", "rank", "repeats"):
-        if getattr(args, flag) < 1:
-            raise dt.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     tp.lora_alpha(args)  # 0 refused before any model loads
-    if args.validation_epochs < 1:
-        raise dt.ConfigError(f"--validation_epochs must be >= 1, got {args.validation_epochs}.")
-    if not args.prior_loss_weight >= 0:
-        raise dt.ConfigError(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}.")
-    if args.snr_gamma is not None and not args.snr_gamma > 0:
-        raise dt.ConfigError(f"--snr_gamma must be > 0, got {args.snr_gamma}.")
-    if not 0 <= args.lora_dropout < 1:
-        raise dt.ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
-    ranges = {"text_encoder_lr": ("> 0", lambda v: v > 0), "adam_weight_decay_text_encoder": (">= 0", lambda v: v >= 0),
-              "prodigy_beta3": ("in [0, 1)", lambda v: 0 <= v < 1)}
-    for flag, (allowed, ok) in ranges.items():
-        if getattr(args, flag) is not None and not ok(getattr(args, flag)):
-            raise dt.ConfigError(f"--{flag} must be {allowed}, got {getattr(args, flag)}.")
     if args.lora_layers is not None and args.lora_target_modules is not None:
         raise dt.ConfigError("--lora_layers and --lora_target_modules name the same thing: give one of them.")
     if args.lora_blocks is not None:
@@ -665,10 +650,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise dt.ConfigError("--pre_compute_text_embeddings releases the text encoder that --train_text_encoder "
                              "trains: give one of them (as upstream).")
-    if args.tokenizer_max_length is not None and args.tokenizer_max_length < 1:
-        raise dt.ConfigError(f"--tokenizer_max_length must be >= 1, got {args.tokenizer_max_length}.")
-    if args.class_data_dir and os.path.isfile(args.class_data_dir):
-        raise dt.ConfigError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
     if args.with_prior_preservation:
         args.class_data_dir = args.class_data_dir or os.path.join(args.output_dir, "class_images")
         if os.path.exists(os.path.join(args.class_data_dir, dt.MANIFEST_NAME)):
@@ -704,11 +685,8 @@ def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusion
     for name, default in {**family.flag_defaults, **family.defaults}.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if family.flow_matching and not 1 <= args.max_sequence_length <= 512:
-        raise dt.ConfigError(f"--max_sequence_length must be 1..512 (the {family.name} pipeline's limit), got "
-                             f"{args.max_sequence_length}.")
-    if family.flow_matching and not args.logit_std > 0:
-        raise dt.ConfigError(f"--logit_std must be > 0, got {args.logit_std}.")
+    if family.flow_matching:  # e.g. --logit_mean 1e6: every draw at the last sigma, a loss of 0 that trains nothing
+        dt.check_flow_density(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
     args.lora_target_modules = args.lora_layers or args.lora_target_modules or family.lora_target_modules
     if args.lora_blocks:  # upstream's SD3 rule: the chosen layers, in the chosen blocks only
         layers = [m.strip() for m in args.lora_target_modules.split(",")]
@@ -719,6 +697,7 @@ def check_family_flags(args: argparse.Namespace, family: type[mf.StableDiffusion
                       "its multiplier, and upstream advises 1.0.", stacklevel=2)
 
 
+@tp.claims_output_dir
 def main(args: argparse.Namespace) -> None:
     from accelerate.utils import DistributedType
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -730,13 +709,35 @@ def main(args: argparse.Namespace) -> None:
                              f"{accelerator.distributed_type.value} prepares one: leave the flag out or launch "
                              "without the sharding config.")
     # --- Models -------------------------------------------------------------------------------
+    # given (--lora_target_modules or --lora_layers), else the family's (upstream's) defaults
+    targets_given = args.lora_target_modules is not None or args.lora_layers is not None
     model_index, family_class = base_family(args)  # all checked before the weights load (FLUX.1-dev's are ~34 GB)
     check_family_flags(args, family_class)
     family_class.check_supported(args.pretrained_model_name_or_path, model_index.get("scheduler", [None, ""])[1],
                                  base_vae_config(args))
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
+
+    # --- The subject's data (checked before the weights load and the class samples are generated) ----------
+    columns = {"--image_column": args.image_column, **({"--caption_column": args.caption_column}
+                                                        if args.caption_column else {})}
+    dataset = tp.load_train_dataset(args, columns, "--instance_data_dir")
+    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
+    if args.with_prior_preservation and len(dataset) < args.train_batch_size * accelerator.num_processes:
+        raise dt.ConfigError(f"There are {len(dataset)} subject images, fewer than one batch of "
+                             f"{args.train_batch_size} on each of {accelerator.num_processes} process(es); lower "
+                             "--train_batch_size.")
+    captions = list(dataset[args.caption_column]) if args.caption_column else [args.instance_prompt] * len(dataset)
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise dt.ConfigError(f"--caption_column: row {i} holds {type(caption).__name__}, not a string.")
+    prompts = list(dict.fromkeys(captions)) + ([args.class_prompt] if args.with_prior_preservation else [])
+    prompt_rows = [prompts.index(c) for c in captions]
+
+    # --- The base model -------------------------------------------------------------------------
     pipeline, family = load_base_pipeline(args)
     denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
+    if targets_given:  # (upstream's SD3 list names to_add_out, which a transformer of one block lacks)
+        tp.check_lora_targets(denoiser, args.lora_target_modules)  # before the class samples are generated
     scheduler_class = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
     noise_scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -763,18 +764,7 @@ def main(args: argparse.Namespace) -> None:
     if args.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
 
-    # --- The subject's data (checked before the expensive class-sample generation) --------------------
-    columns = {"--image_column": args.image_column, **({"--caption_column": args.caption_column}
-                                                        if args.caption_column else {})}
-    dataset = tp.load_train_dataset(args, columns, "--instance_data_dir")
-    dataset, _ = tp.check_images(dataset, {"--image_column": args.image_column}, args.skip_bad_images)
     tp.describe_image_conversion(dataset, args.image_column, 3, args.resolution)
-    captions = list(dataset[args.caption_column]) if args.caption_column else [args.instance_prompt] * len(dataset)
-    for i, caption in enumerate(captions):
-        if not isinstance(caption, str):
-            raise dt.ConfigError(f"--caption_column: row {i} holds {type(caption).__name__}, not a string.")
-    prompts = list(dict.fromkeys(captions)) + ([args.class_prompt] if args.with_prior_preservation else [])
-    prompt_rows = [prompts.index(c) for c in captions]
 
     # --- Class images: upstream's folder, encoded once into the knowledge bank -------------------------
     bank, bank_time_ids = None, None
@@ -828,10 +818,6 @@ def main(args: argparse.Namespace) -> None:
 
     # --- Data loader: a seeded permutation per epoch, per-sample augmentation from (seed, epoch, index) ---
     per_step = args.train_batch_size * accelerator.num_processes
-    if args.with_prior_preservation and len(dataset) < per_step:
-        raise dt.ConfigError(f"There are {len(dataset)} subject images, fewer than one batch of "
-                             f"{args.train_batch_size} on each of {accelerator.num_processes} process(es); lower "
-                             "--train_batch_size.")
     if len(dataset) * args.repeats < per_step:  # upstream trains on a shorter batch
         logger.warning(f"{len(dataset)} subject images x --repeats {args.repeats} are fewer than one batch of "
                        f"{per_step}: each batch shows some of them more than once.")
@@ -885,7 +871,8 @@ def main(args: argparse.Namespace) -> None:
     rows_per_step = args.train_batch_size * (2 if bank is not None else 1)
     log = tp.TrainingLog(accelerator, args.logging_steps,
                          rows_per_step * accelerator.num_processes * args.gradient_accumulation_steps,
-                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps)
+                         flops_per_image, tp.peak_flops(accelerator.mixed_precision), args.checkpointing_steps,
+                         params, args.output_dir)
     logger.info(f"***** Training: {family.name}, {len(dataset)} subject images, {max_train_steps} steps, "
                 f"{args.train_batch_size} subject + {rows_per_step - args.train_batch_size} class samples per device "
                 f"batch, difftuning={args.difftuning}, train_text_encoder={args.train_text_encoder} *****")
@@ -934,13 +921,16 @@ def main(args: argparse.Namespace) -> None:
         saved_dtype = torch.float32 if args.upcast_before_saving else weight_dtype
         denoiser_layers = {k: v.to(saved_dtype) for k, v in
                            lora_layers(tp.unwrap(accelerator, denoiser), family, denoiser_state).items()}
-        with dt.disk_space_guard(args.output_dir, "the LoRA weights"):
-            trained_denoiser = tp.unwrap(accelerator, denoiser)
-            family.save_lora_weights(args.output_dir, denoiser_layers,
+        trained_denoiser = tp.unwrap(accelerator, denoiser)
+
+        def write(folder: str) -> None:
+            family.save_lora_weights(folder, denoiser_layers,
                                      [lora_layers(e, family) if e is not None else None for e in encoders],
                                      [lora_metadata(m) for m in (trained_denoiser, *encoders)])
             if args.output_kohya_format:
-                save_kohya_copy(args.output_dir)
+                save_kohya_copy(folder)
+
+        tp.save_final(args.output_dir, "the LoRA weights", write)
         del pipeline, denoiser, text_encoders, step
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.

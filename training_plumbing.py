@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import functools
 import logging
 import math
 import os
@@ -93,9 +95,8 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
     train.add_argument("--learning_rate", type=float, default=5e-6, help="Initial learning rate (after warmup).")
     train.add_argument("--scale_lr", action="store_true",
                        help="Scale the lr by the number of GPUs, accumulation steps and batch size.")
-    train.add_argument("--lr_scheduler", type=str, default="constant",
-                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                            '"constant_with_warmup".')
+    train.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
+                       help="The learning-rate schedule (diffusers' get_scheduler).")
     train.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr scheduler.")
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
@@ -133,8 +134,8 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
     log.add_argument("--logging_steps", type=int, default=10,
                      help="Read the losses and log them (and throughput) every N optimizer steps; the GPU is not "
                           "synchronised in between.")
-    log.add_argument("--report_to", type=str, default="tensorboard",
-                     help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    log.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO,
+                     help="Where to log (accelerate's trackers): one of them, all installed ones, or none.")
     log.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, under --output_dir.")
     log.add_argument("--tracker_project_name", type=str, default=None, help="Project name passed to the trackers.")
     log.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
@@ -144,13 +145,81 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
     log.add_argument("--hub_model_id", type=str, default=None, help="Hub repository; default: output_dir's name.")
 
 
-def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train_data_dir") -> None:
-    """Fail fast, naming the flag, on common settings that cannot work."""
+class Range(NamedTuple):
+    """The values a numeric flag accepts: ``low`` .. ``high`` (None: unbounded), each end closed unless ``*_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+
+AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+SEED = Range(0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
+# Every numeric flag of the three scripts, in one table (a flag a script lacks is skipped). The float flags are
+# also refused when non-finite. Checks that need more than the value (a resolution the VAE can divide, a density
+# that does not collapse, a batch the data can fill) are made where that is known, still before the model loads.
+FLAG_RANGES: dict[str, Range] = {
+    # training_plumbing.add_common_args
+    "learning_rate": POSITIVE, "seed": SEED, "train_batch_size": AT_LEAST_ONE, "num_train_epochs": AT_LEAST_ONE,
+    "max_train_steps": AT_LEAST_ONE, "gradient_accumulation_steps": AT_LEAST_ONE, "lr_warmup_steps": NOT_NEGATIVE,
+    "lr_num_cycles": AT_LEAST_ONE, "lr_power": POSITIVE, "adam_beta1": FRACTION, "adam_beta2": FRACTION,
+    "adam_weight_decay": NOT_NEGATIVE, "adam_epsilon": POSITIVE, "max_grad_norm": NOT_NEGATIVE,
+    "ddp_timeout": AT_LEAST_ONE, "checkpointing_steps": AT_LEAST_ONE, "checkpoints_total_limit": AT_LEAST_ONE,
+    "validation_steps": AT_LEAST_ONE, "num_validation_images": AT_LEAST_ONE, "logging_steps": AT_LEAST_ONE,
+    "max_train_samples": AT_LEAST_ONE, "dataloader_num_workers": NOT_NEGATIVE, "resolution": Range(8),
+    "validation_num_inference_steps": AT_LEAST_ONE,
+    # LoRA (add_lora_args; --lora_alpha may be negative, as upstream, and 0 is refused by lora_alpha)
+    "rank": AT_LEAST_ONE,
+    # Diff-Tuning (difftuning_utils.add_difftuning_args)
+    "difftuning_tau": NOT_NEGATIVE, "retention_tau": NOT_NEGATIVE, "retention_ratio": FRACTION,
+    "retention_weight": NOT_NEGATIVE, "knowledge_bank_size": AT_LEAST_ONE, "knowledge_bank_batch_size": AT_LEAST_ONE,
+    "knowledge_bank_num_inference_steps": AT_LEAST_ONE, "knowledge_bank_guidance_scale": NOT_NEGATIVE,
+    "knowledge_bank_seed": SEED,
+    # DiT
+    "label_dropout_prob": FRACTION, "ema_decay": FRACTION, "validation_guidance_scale": NOT_NEGATIVE,
+    # ControlNet
+    "proportion_empty_prompts": Range(0, 1),
+    # DreamBooth (and its flow-matching flags; --logit_mean is checked with the density it shapes)
+    "num_class_images": AT_LEAST_ONE, "prior_loss_weight": NOT_NEGATIVE, "sample_batch_size": AT_LEAST_ONE,
+    "snr_gamma": POSITIVE, "validation_epochs": AT_LEAST_ONE, "logit_std": POSITIVE,
+    "mode_scale": Range(-1, 1.75),  # beyond, SD3's "mode" quantile 1 - u - s(cos^2(pi u / 2) - 1 + u) folds back
+    "max_sequence_length": Range(1, 512), "guidance_scale": NOT_NEGATIVE, "repeats": AT_LEAST_ONE,
+    "lora_dropout": FRACTION, "text_encoder_lr": POSITIVE, "adam_weight_decay_text_encoder": NOT_NEGATIVE,
+    "prodigy_beta3": FRACTION, "tokenizer_max_length": AT_LEAST_ONE, "local_rank": Range(-1),  # -1: not launched
+}
+# Enumerations: argparse's choices (so --help lists them and a misspelling is refused as the flags are parsed).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
+             "none")
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag and the bound it breaks, a value outside :data:`FLAG_RANGES` or a non-finite float."""
     for name, value in vars(args).items():  # inf or nan in any numeric flag: nothing sensible can follow
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{name} must be a finite number, got {value}.")
-    if args.learning_rate is not None and not args.learning_rate > 0:  # None: a default the script fills later
-        raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    for name, bounds in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        low, high, low_open, high_open = bounds
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            if low is not None and high is not None:
+                allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            elif too_low:
+                allowed = f"{'>' if low_open else '>='} {low}"
+            else:
+                allowed = f"{'<' if high_open else '<='} {high}"
+            raise ConfigError(f"--{name} must be {allowed}, got {value}.")
+
+
+def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train_data_dir") -> None:
+    """Fail fast, naming the flag, on common settings that cannot work."""
+    check_ranges(args)
     if not args.output_dir:
         raise ConfigError("--output_dir is required.")
     if args.dataset_name is None and args.train_data_dir is None:
@@ -159,25 +228,7 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
         raise ConfigError(f"Specify only one of --dataset_name or {data_dir_flag}.")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ConfigError(f"{data_dir_flag} {args.train_data_dir} is not a folder.")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "num_train_epochs", "logging_steps", "ddp_timeout"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    ranges = {  # flag: (lowest allowed, whether the lowest itself is allowed)
-        "max_grad_norm": (0, True), "lr_warmup_steps": (0, True), "lr_num_cycles": (1, True), "lr_power": (0, False),
-        "dataloader_num_workers": (0, True), "max_train_samples": (1, True), "num_validation_images": (1, True),
-        "checkpoints_total_limit": (1, True), "adam_epsilon": (0, False), "adam_weight_decay": (0, True),
-        "adam_beta1": (0, True), "adam_beta2": (0, True), "resolution": (8, True)}
-    for flag, (lowest, inclusive) in ranges.items():
-        value = getattr(args, flag, None)
-        if value is not None and (value < lowest or (value == lowest and not inclusive)):
-            raise ConfigError(f"--{flag} must be {'>=' if inclusive else '>'} {lowest}, got {value}.")
-    for flag in ("adam_beta1", "adam_beta2"):
-        if getattr(args, flag) >= 1:
-            raise ConfigError(f"--{flag} must be < 1, got {getattr(args, flag)}.")
     check_output_paths(args, data_dir_flag)
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ConfigError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.resolution is not None and args.resolution % 8 != 0:
         raise ConfigError(f"--resolution must be divisible by 8, got {args.resolution}.")
     if args.enable_xformers_memory_efficient_attention:
@@ -199,12 +250,32 @@ def validate_common_args(args: argparse.Namespace, data_dir_flag: str = "--train
             raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
 
 
+# Flags that may name a local model folder, which --output_dir must not be: its files (weights, README with the
+# licence) would be overwritten.
+MODEL_FLAGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "pretrained_vae_model_name_or_path")
+
+
+def _finished_bank(folder: str) -> bool:
+    """Whether ``folder`` holds a finished knowledge bank with its preview: a run that reuses it writes nothing."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            complete = json.load(f).get("complete")
+    except (OSError, ValueError):
+        return False
+    return bool(complete) and os.path.exists(os.path.join(folder, "preview.png"))
+
+
 def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
-    """Folders the run writes must be folders (or not exist yet) and must not lie inside the training data,
-    where the next run would read the model, checkpoints and samples as training images."""
+    """Folders the run writes must be folders (or not exist yet), writable, not inside the training data (where
+    the next run would read the model, checkpoints, samples or class images as training images) and not a model's
+    folder. (DreamBooth's --class_data_dir may be read-only when it holds enough images; its script says so when
+    it would have to write there.)"""
     outputs = {"--output_dir": args.output_dir}
-    if getattr(args, "knowledge_bank_dir", None):  # (DreamBooth's --class_data_dir is checked by its script)
-        outputs["--knowledge_bank_dir"] = args.knowledge_bank_dir
+    for flag in ("knowledge_bank_dir", "class_data_dir"):
+        if getattr(args, flag, None):
+            outputs[f"--{flag}"] = getattr(args, flag)
     data = os.path.realpath(args.train_data_dir) if args.train_data_dir else None
     for flag, path in outputs.items():
         if os.path.exists(path) and not os.path.isdir(path):
@@ -213,6 +284,19 @@ def check_output_paths(args: argparse.Namespace, data_dir_flag: str) -> None:
         if data and (real == data or real.startswith(data + os.sep)):
             raise ConfigError(f"{flag} {path} is inside {data_dir_flag} {args.train_data_dir}: the next run would "
                               "read what this one writes as training data; write it elsewhere.")
+        existing = real
+        while not os.path.exists(existing):  # the folder that will hold it, when it does not exist yet
+            existing = os.path.dirname(existing)
+        if flag == "--class_data_dir" or (flag != "--output_dir" and _finished_bank(path)):
+            continue  # only read: a folder of class images with enough of them (as upstream), a finished bank
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path} is not writable ({existing} is read-only for this user); make it "
+                              "writable or write elsewhere.")
+    for flag in MODEL_FLAGS:
+        model = getattr(args, flag, None)
+        if model and os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(args.output_dir):
+            raise ConfigError(f"--output_dir {args.output_dir} is the folder of --{flag}: the run would overwrite "
+                              "that model's files (its README with the licence, its weights); write elsewhere.")
 
 
 def add_lora_args(group: argparse._ArgumentGroup) -> None:
@@ -259,6 +343,20 @@ def lora_alpha(args: argparse.Namespace) -> int:
     return args.rank if args.lora_alpha is None else args.lora_alpha
 
 
+def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
+    """Refuse, before any sample is generated, a --lora_target_modules entry that names no module of ``model`` (peft
+    matches a module whose name is the entry or ends with "." + the entry; it fails only when nothing matches, after
+    a knowledge bank may have been built, and a misspelt entry among good ones would be silently ignored)."""
+    names = [name for name, _ in model.named_modules()]
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not wanted:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora_target_modules: {', '.join(repr(t) for t in missing) or 'nothing'} names no "
+                          f"module of the {type(model).__name__} (its linear layers are named e.g. "
+                          f"{', '.join(linear[:12])}).")
+
+
 def run_cli(main: Any, parse_args: Any) -> None:
     """Run ``main(parse_args())``; bad input (a ConfigError) exits with status 2 and one sentence, no
     traceback. Anything else is a bug or an environment problem and keeps its traceback."""
@@ -267,6 +365,38 @@ def run_cli(main: Any, parse_args: Any) -> None:
     except ConfigError as err:
         tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, also under a progress bar
         sys.exit(2)
+
+
+def claims_output_dir(main: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """Decorate a script's ``main``: the run holds an exclusive lock on ``--output_dir`` (an ``flock`` on the folder
+    itself, taken by the main process, released when the run ends or dies), so a second run given the same folder
+    is refused in one sentence instead of replacing the first run's checkpoints and weights. A folder created for
+    the lock is removed again when the run is refused before writing anything into it."""
+
+    @functools.wraps(main)
+    def locked(args: argparse.Namespace) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:  # one lock per run, held by its main process
+            return main(args)
+        created = not os.path.exists(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        handle = os.open(args.output_dir, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"--output_dir {args.output_dir} is in use by another run (it holds the folder's "
+                                  "lock); wait for that run to end or pass another --output_dir.") from None
+            try:
+                main(args)
+            except ConfigError:
+                if created:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(args.output_dir)  # only when empty: nothing written is ever removed
+                raise
+        finally:
+            os.close(handle)
+
+    return locked
 
 
 def load_pretrained(loader: Any, flag: str, name_or_path: str, what: str, **kwargs: Any) -> Any:
@@ -368,8 +498,8 @@ def setup_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dtyp
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    # --output_dir is made by the first thing written into it (the bank, a checkpoint, the model), so an input
-    # refused before the first step leaves nothing behind.
+    # --output_dir was made (empty) for its lock (claims_output_dir), which removes it again when the run is
+    # refused before anything is written into it.
     check_sharding(accelerator, args)
     return accelerator, mixed_precision_dtype(accelerator)
 
@@ -707,7 +837,12 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
     else:
         from datasets.data_files import EmptyDatasetError
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
+        extensions = tuple(ImageFolder.EXTENSIONS)
+        if not any(name.lower().endswith(extensions) for _, _, files in os.walk(args.train_data_dir)
+                   for name in files):  # datasets' own error for it is a traceback ("corresponds to no data")
+            raise ConfigError(f"{data_dir_flag} {args.train_data_dir} holds no image files.")
         try:
             dataset = load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
                                    split="train")
@@ -737,14 +872,20 @@ def load_train_dataset(args: argparse.Namespace, required_columns: dict[str, str
     return dataset
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def _decode_fully(item: dict) -> tuple[int, int] | str:
-    """An image cell as stored (``{"bytes", "path"}``) decoded to the last pixel: its size, or why it failed."""
+    """An image cell as stored (``{"bytes", "path"}``) decoded to the last pixel: its size as training sees it
+    (after the EXIF rotation datasets applies), or why it failed."""
     import io
 
     try:
         with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
             image.load()  # headers alone do not catch a truncated file
-            return image.size
+            # Training sees the image as datasets decodes it, EXIF orientation applied: 5-8 swap width and height.
+            rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            return (image.height, image.width) if rotated else image.size
     except Exception as err:  # noqa: BLE001 - every decoder failure is reported the same way
         return f"{type(err).__name__}: {err}"
 
@@ -835,12 +976,12 @@ def log_throughput(accelerator: Accelerator, log: TrainingLog, global_step: int,
     if accelerator.is_main_process:
         folder = os.path.join(args.output_dir, args.logging_dir)
         os.makedirs(folder, exist_ok=True)
-        atomic_write_json(os.path.join(folder, "throughput.json"),
-                          {**summary, "images_per_step": log.images_per_step, "flops_per_image": log.flops_per_image,
-                           "peak_flops": log.peak, "mixed_precision": accelerator.mixed_precision,
-                           "num_processes": accelerator.num_processes, "global_step": global_step,
-                           "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                               if torch.cuda.is_available() else None)})
+        with disk_space_guard(folder, "throughput.json"):
+            atomic_write_json(os.path.join(folder, "throughput.json"), {
+                **summary, "images_per_step": log.images_per_step, "flops_per_image": log.flops_per_image,
+                "peak_flops": log.peak, "mixed_precision": accelerator.mixed_precision,
+                "num_processes": accelerator.num_processes, "global_step": global_step,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
     if summary:
         accelerator.log(summary, step=global_step)
         tflops = f", {summary['steady_model_tflops']:.3g} model TFLOP/s" if "steady_model_tflops" in summary else ""
@@ -1329,9 +1470,13 @@ class TrainingLog:
 
     def __init__(self, accelerator: Accelerator, logging_steps: int, images_per_step: int,
                  flops_per_image: float | None = None, peak: float | None = None,
-                 checkpointing_steps: int | None = None) -> None:
+                 checkpointing_steps: int | None = None, params: Sequence[torch.nn.Parameter] = (),
+                 output_dir: str | None = None) -> None:
         self.accelerator, self.logging_steps, self.images_per_step = accelerator, logging_steps, images_per_step
         self.checkpointing_steps = checkpointing_steps  # also read before every checkpoint: never save a NaN model
+        self.params = list(params)  # the trained weights, checked finite before each checkpoint and the final save
+        self.output_dir = output_dir  # where the checkpoints are, for the advice after a divergence
+        self.last_finite_read: int | None = None  # the last step whose losses were read finite
         self.flops_per_image, self.peak = flops_per_image, peak
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
@@ -1365,8 +1510,11 @@ class TrainingLog:
         bad = [name for name, value in zip(names, values, strict=True) if not math.isfinite(value)]
         if bad:  # stop before a non-finite model is checkpointed, saved or pushed
             raise NonFiniteLoss(f"The loss became non-finite by step {global_step} ({', '.join(bad)} = "
-                                f"{values[names.index(bad[0])]}); nothing was saved after the last checkpoint. Lower "
-                                "--learning_rate (or set --max_grad_norm) and resume from that checkpoint.")
+                                f"{values[names.index(bad[0])]}); {self.where_to_resume()}")
+        self.last_finite_read = global_step
+        if (force or before_checkpoint) and not self.weights_finite():
+            raise NonFiniteLoss(f"The trained weights became non-finite at step {global_step} (its loss was still "
+                                f"finite); {self.where_to_resume()}")
         seconds = max(time.perf_counter() - self.window_start - self.paused_seconds, 1e-9)
         logs = dict(zip(names, values, strict=True)) | {"lr": lr}
         logs["images_per_sec"] = self.window_steps * self.images_per_step / seconds
@@ -1381,6 +1529,37 @@ class TrainingLog:
         self.sums, self.count, self.windows = {}, 0, self.windows + 1
         self.window_steps, self.window_start, self.paused_seconds = 0, time.perf_counter(), 0.0
         return logs
+
+    def where_to_resume(self) -> str:
+        """The end of the divergence sentence: which checkpoint to resume from. Every checkpoint holds finite weights
+        (checked before it is saved), but the loss of a step is computed before its update: checkpoint-N's weights
+        first meet the data at step N + 1, so they may already have diverged (Adam moves every weight by about the
+        learning rate at once) unless a later loss read was finite. The newest checkpoint before the last finite
+        read is the one known to train."""
+        lower = "a lower --learning_rate (or set --max_grad_norm)"
+        found = list_checkpoints(self.output_dir) if self.output_dir else []
+        steps = [int(CHECKPOINT_PATTERN.match(os.path.basename(c))[1]) for c in found]
+        good = [c for c, step in zip(found, steps, strict=True)
+                if self.last_finite_read is not None and step < self.last_finite_read]
+        if not good:
+            newest = f" ({os.path.basename(found[-1])} was saved after the last finite loss, so its weights may " \
+                     "already have diverged)" if found else ""
+            return f"no checkpoint's weights were seen to give a finite loss{newest}; start again with {lower}."
+        later = found[found.index(good[-1]) + 1:]
+        caveat = (f" ({', '.join(os.path.basename(c) for c in later)} was saved after the last finite loss, so its "
+                  "weights may already have diverged)") if later else ""
+        return (f"resume from {os.path.basename(good[-1])}, the newest checkpoint whose weights gave a finite loss"
+                f"{caveat}, with {lower}: --resume_from_checkpoint {good[-1]}.")
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite on every process (one sync; each process checks its own shards)."""
+        if not self.params:
+            return True
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        bad = torch.stack([(~p.detach().isfinite()).any() for p in local]).sum().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        return int(bad.item()) == 0
 
     def summary(self) -> dict[str, float]:
         """Steady-state images/s (and model TFLOP/s, MFU) over every window after the first."""
@@ -1496,7 +1675,8 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
         cols = min(len(images), 8)
         rows = math.ceil(len(images) / cols)
         images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
-        make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
+        with disk_space_guard(args.output_dir, "the model card's samples.png"):
+            make_image_grid(list(images), rows=rows, cols=cols).save(os.path.join(args.output_dir, "samples.png"))
         description += "\n\n## Samples\n\n![samples](./samples.png)\n"
     flags = {k: display_path(v) for k, v in sorted(public_flags(args).items()) if v not in (None, False)}
     description += ("\n\n## Training flags\n\n" + "\n".join(f"- `--{k}`: `{v}`" for k, v in flags.items()) + "\n")
@@ -1505,7 +1685,8 @@ def save_model_card(args: argparse.Namespace, base_model: str, description: str,
                              **card_data)
     card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{description}")
     path = os.path.join(args.output_dir, "README.md")
-    card.save(path)
+    with disk_space_guard(args.output_dir, "the model card"):
+        card.save(path)
     return path
 
 
@@ -1533,6 +1714,27 @@ def cast(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype
     if getattr(module, "_keep_in_fp32_modules", None):
         return module.to(device, dtype=dtype)
     return torch.nn.Module.to(module, device, dtype=dtype)
+
+
+def save_final(output_dir: str, what: str, write: Callable[[str], None]) -> None:
+    """Write the final weights atomically: ``write(folder)`` fills a temporary folder inside ``output_dir``, whose
+    entries then replace their namesakes in ``output_dir`` by rename. A full disk (or any failure) while writing
+    leaves the earlier files as they were, removes the partial folder and, for a full disk, ends in one sentence."""
+    tmp = os.path.join(output_dir, "final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with disk_space_guard(output_dir, what, tmp):
+            os.makedirs(tmp)
+            write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in sorted(os.listdir(tmp)):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)  # a folder (transformer/, vae/) cannot be renamed over
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
 
 
 def push_output_dir(args: argparse.Namespace, repo_id: str) -> None:

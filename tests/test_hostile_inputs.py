@@ -9,10 +9,12 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, error_line, run_script
 from PIL import Image
 
@@ -46,6 +48,7 @@ def truncated_png(path: str) -> None:
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # the header reads, the pixels do not
 
 
+SMALL_BANK = ["--difftuning", "--knowledge_bank_size", "4", "--knowledge_bank_num_inference_steps", "2"]
 # (case, extra flags, the sentence's words): refused when the flags are parsed or before the first step,
 # and no --output_dir is written.
 EARLY = [
@@ -54,12 +57,20 @@ EARLY = [
     ("tau nan", ["--difftuning", "--difftuning_tau", "nan"], "--difftuning_tau must be a finite number, got nan."),
     ("resolution 0", ["--resolution", "0"], "--resolution must be >= 8, got 0."),
     ("no checkpoints kept", ["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1, got 0."),
-    ("adam beta 1", ["--adam_beta2", "1"], "--adam_beta2 must be < 1, got 1.0."),
+    ("adam beta 1", ["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1.0."),
     ("unknown validation class", ["--validation_class_labels", "triangle"],
      "--validation_class_labels: 'triangle' is not a class of the dataset"),
     ("push offline", ["--push_to_hub"], "--push_to_hub: the Hub repository 'out' could not be created"),
     ("token to wandb", ["--report_to", "wandb", "--hub_token", "hf_x"], "--report_to wandb with --hub_token would "
      "expose the token"),
+    ("seed -1", ["--seed", "-1"], "--seed must be in [0, 4294967295], got -1."),
+    ("no sampling steps", ["--validation_num_inference_steps", "0"],
+     "--validation_num_inference_steps must be >= 1, got 0."),
+    # checked once the model's module names are known, before the bank (in --output_dir) is built
+    ("LoRA targets match nothing", ["--finetune", "lora", "--lora_target_modules", "to_q,to_qq", *SMALL_BANK],
+     "--lora_target_modules: 'to_qq' names no module of the DiTTransformer2DModel"),
+    ("fewer images than a batch", ["--train_batch_size", "64", *SMALL_BANK],
+     "The dataset has 12 images, fewer than one batch of 51 target samples"),
 ]
 
 
@@ -229,7 +240,9 @@ def test_a_saved_checkpoint_records_its_set_up(three_checkpoints):
     assert "/" not in info["pretrained_model_name_or_path"]  # by last component: a moved model still matches
 
 
-DREAMBOOTH_EARLY = [case for case in EARLY if case[0] not in ("unknown validation class", "tau nan")] + [
+DREAMBOOTH_EARLY = [case for case in EARLY if case[0] not in ("unknown validation class", "tau nan",
+                                                               "LoRA targets match nothing",
+                                                               "fewer images than a batch")] + [
     ("tau nan", ["--difftuning", "--difftuning_tau", "nan"], "--difftuning_tau must be a finite number, got nan."),
 ]
 
@@ -266,3 +279,353 @@ def test_dreambooth_truncated_subject_image(tiny_sd, tmp_path):
                                        "--output_dir", out, "--instance_prompt", "a sks square", "--resolution",
                                        "32", "--max_train_steps", "1", "--report_to", "none"]))
     assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Second round (issue 38)
+# ----------------------------------------------------------------------------------------------
+
+
+def dreambooth_args(model: str, subject: str, out: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", subject, "--output_dir", out,
+            "--instance_prompt", "a sks square", "--resolution", "32", "--max_train_steps", "1", "--report_to",
+            "none", "--train_batch_size", "2", "--checkpointing_steps", "1", "--num_validation_images", "1",
+            "--validation_num_inference_steps", "2", "--rank", "2"]
+
+
+def dreambooth_error(args: list[str]) -> str:
+    import train_dreambooth_lora_difftuning as script
+
+    with pytest.raises(dt.ConfigError) as err:
+        script.main(script.parse_args(args))
+    return str(err.value)
+
+
+def fake_pipeline(path, class_name: str) -> str:
+    """A model folder with only its model_index.json: enough for the checks made before any weights load, and
+    a load error (not the expected sentence) if the script got as far as loading weights."""
+    os.makedirs(path)
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": class_name, "_diffusers_version": "0.42.0"}, f)
+    return str(path)
+
+
+PRIOR = ["--with_prior_preservation", "--class_prompt", "a square", "--num_class_images", "2", "--sample_batch_size",
+         "2", "--knowledge_bank_num_inference_steps", "2"]
+# (case, model: "sd" or a family's pipeline class for a weightless folder, extra flags, the sentence's words);
+# "{subject}" in a flag is the subject folder. Refused before any class sample is generated: no --output_dir,
+# no bank.
+DREAMBOOTH_SECOND_ROUND = [
+    ("blank instance prompt", "sd", ["--instance_prompt", "   "], "--instance_prompt is required"),
+    ("class_data_dir inside the subject", "sd", [*PRIOR, "--class_data_dir", "{subject}/bank"],
+     "--class_data_dir {subject}/bank is inside --instance_data_dir {subject}"),
+    ("LoRA targets match nothing", "sd", [*PRIOR, "--lora_target_modules", "to_k,to_kk"],
+     "--lora_target_modules: 'to_kk' names no module of the UNet2DConditionModel"),
+    ("fewer subject images than a batch", "sd", [*PRIOR, "--train_batch_size", "8"],
+     "There are 4 subject images, fewer than one batch of 8"),
+    ("Flux guidance -50", "FluxPipeline", ["--guidance_scale", "-50"], "--guidance_scale must be >= 0, got -50.0."),
+    ("SD3 logit mean 1e6", "StableDiffusion3Pipeline", ["--logit_mean", "1e6"],
+     "--logit_mean 1000000.0 with --logit_std 1.0 (--weighting_scheme logit_normal) puts 100% of the training "
+     "timesteps on one sigma"),
+]
+
+
+@pytest.mark.parametrize("case, model, flags, words", DREAMBOOTH_SECOND_ROUND,
+                         ids=[c[0] for c in DREAMBOOTH_SECOND_ROUND])
+def test_dreambooth_refused_before_any_sample(tiny_sd, tmp_path, case, model, flags, words):
+    from benchmark.tiny_models import make_subject_folder
+
+    subject = make_subject_folder(str(tmp_path / "subject"))
+    before = sorted(os.listdir(subject))
+    model = tiny_sd if model == "sd" else fake_pipeline(tmp_path / "model", model)
+    out = str(tmp_path / "out")
+    flags = [flag.replace("{subject}", subject) for flag in flags]
+    assert words.replace("{subject}", subject) in dreambooth_error(dreambooth_args(model, subject, out) + flags)
+    assert not os.path.exists(out) and sorted(os.listdir(subject)) == before
+
+
+@pytest.mark.parametrize("script", ["train_dit_difftuning", "train_controlnet_difftuning",
+                                    "train_dreambooth_lora_difftuning"])
+@pytest.mark.parametrize("flag, value", [("--lr_scheduler", "cosin"), ("--report_to", "tensorbord")])
+def test_misspelt_choice_refused_as_flags_are_parsed(script, flag, value, tmp_path, capsys):
+    """Enumerations are argparse choices: a misspelling ends the parse (exit 2, argparse's one line) instead of
+    failing in get_scheduler or accelerate after the bank was built."""
+    import importlib
+
+    module = importlib.import_module(script)
+    args = ["--pretrained_model_name_or_path", "m", "--train_data_dir" if "dreambooth" not in script else
+            "--instance_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--instance_prompt", "a",
+            flag, value]
+    if "dreambooth" not in script:
+        args = args[:6] + args[8:]
+    with pytest.raises(SystemExit) as err:
+        module.parse_args(args)
+    assert err.value.code == 2 and f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_every_numeric_flag_has_its_range_in_one_table():
+    """tp.FLAG_RANGES is where each numeric flag of the three scripts gets its range: a new flag without one fails
+    here. (--logit_mean is checked with the density it shapes, --lora_alpha by tp.lora_alpha (any value but 0, as
+    upstream); --precondition_outputs is a choice.)"""
+    import importlib
+
+    checked_elsewhere = {"logit_mean", "precondition_outputs", "lora_alpha"}
+    for script in ("train_dit_difftuning", "train_controlnet_difftuning", "train_dreambooth_lora_difftuning"):
+        parser = importlib.import_module(script).build_parser()
+        numeric = {a.dest for a in parser._actions if a.type in (int, float)}
+        assert numeric - checked_elsewhere <= set(tp.FLAG_RANGES), (script, numeric - set(tp.FLAG_RANGES))
+        assert tp.LR_SCHEDULERS == next(a.choices for a in parser._actions if a.dest == "lr_scheduler")
+    from diffusers.optimization import SchedulerType
+
+    assert set(tp.LR_SCHEDULERS) <= {t.value for t in SchedulerType}
+
+
+def read_only(path, monkeypatch) -> None:
+    """Make ``path`` read-only; root ignores permission bits, so there os.access is told the same."""
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o555)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: not (
+            os.path.realpath(p).startswith(str(path)) and mode & os.W_OK) and real(p, mode, **kw))
+
+
+@pytest.mark.parametrize("case", ["output_dir", "bank under a read-only folder"])
+def test_read_only_output_refused_before_the_first_step(tiny_dit, image_folder, tmp_path, monkeypatch, case):
+    locked = tmp_path / "locked"
+    read_only(locked, monkeypatch)
+    try:
+        if case == "output_dir":
+            message = dit_error(dit_args(tiny_dit, image_folder, str(locked)))
+            assert f"--output_dir {locked} is not writable ({locked} is read-only for this user)" in message
+        else:
+            message = dit_error(dit_args(tiny_dit, image_folder, str(tmp_path / "out")) + [
+                *SMALL_BANK, "--knowledge_bank_dir", str(locked / "bank")])
+            assert f"--knowledge_bank_dir {locked}/bank is not writable ({locked} is read-only" in message
+            assert not os.path.exists(tmp_path / "out")
+    finally:
+        os.chmod(locked, 0o755)
+    assert os.listdir(locked) == []
+
+
+def test_read_only_finished_bank_is_reused(tmp_path, monkeypatch):
+    """A finished bank (a shared, read-only one, say) is only read: its folder need not be writable. One without
+    its preview would get it written, so it must be."""
+    banks = {}
+    for name, files in (("finished", ("preview.png",)), ("no preview yet", ())):
+        bank = tmp_path / name
+        bank.mkdir()
+        (bank / dt.MANIFEST_NAME).write_text(json.dumps({"complete": True}))
+        for file in files:
+            (bank / file).write_bytes(b"png")
+        read_only(bank, monkeypatch)
+        banks[name] = bank
+    try:
+        tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), knowledge_bank_dir=str(
+            banks["finished"]), train_data_dir=None), "--train_data_dir")
+        with pytest.raises(dt.ConfigError, match="--knowledge_bank_dir .* is not writable"):
+            tp.check_output_paths(SimpleNamespace(output_dir=str(tmp_path / "out"), knowledge_bank_dir=str(
+                banks["no preview yet"]), train_data_dir=None), "--train_data_dir")
+    finally:
+        for bank in banks.values():
+            os.chmod(bank, 0o755)
+
+
+def test_folder_without_images_named(tiny_dit, tmp_path):
+    data = tmp_path / "notes"
+    (data / "circle").mkdir(parents=True)
+    (data / "circle" / "a.txt").write_text("not an image")
+    (data / "b.csv").write_text("x\n1\n")
+    assert f"--train_data_dir {data} holds no image files." in dit_error(dit_args(tiny_dit, str(data),
+                                                                                   str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("script", ["dit", "dreambooth"])
+def test_output_dir_is_not_the_base_models_folder(tiny_dit, tiny_sd, image_folder, tmp_path, script):
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_dit if script == "dit" else tiny_sd, model)
+    with open(os.path.join(model, "README.md"), "w") as f:
+        f.write("---\nlicense: openrail\n---\nThe base model's card.\n")
+    before = {name: os.path.getmtime(os.path.join(model, name)) for name in os.listdir(model)}
+    if script == "dit":
+        message = dit_error(dit_args(model, image_folder, model))
+    else:
+        from benchmark.tiny_models import make_subject_folder
+
+        message = dreambooth_error(dreambooth_args(model, make_subject_folder(str(tmp_path / "subject")), model))
+    assert f"--output_dir {model} is the folder of --pretrained_model_name_or_path" in message
+    assert {name: os.path.getmtime(os.path.join(model, name)) for name in os.listdir(model)} == before
+    assert open(os.path.join(model, "README.md")).read().endswith("The base model's card.\n")
+
+
+def snapshot(folder: str) -> dict[str, tuple[int, float]]:
+    """Every file under ``folder``: (size, modification time)."""
+    return {os.path.relpath(os.path.join(d, f), folder): (os.path.getsize(os.path.join(d, f)),
+                                                           os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_second_run_on_one_output_dir_refused(tiny_dit, image_folder, three_checkpoints, tmp_path):
+    """The first run holds the folder's lock (here: this test); the second is refused and writes nothing."""
+    import fcntl
+
+    out = copy_run(three_checkpoints, tmp_path)
+    before = snapshot(out)
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = dit_error(dit_args(tiny_dit, image_folder, out, steps=4) + ["--resume_from_checkpoint", "latest"])
+    finally:
+        os.close(handle)
+    assert f"--output_dir {out} is in use by another run" in message
+    assert snapshot(out) == before
+
+
+def disk_full_safetensors(monkeypatch, fails: Callable[[str], bool]) -> None:
+    """safetensors' save_file writes half the file and raises what it raises on a full disk (SafetensorError, which
+    is neither OSError nor RuntimeError) for the paths ``fails`` picks."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if not fails(str(filename)):
+            return real(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(dt, "save_file", save_file)
+
+
+@pytest.mark.parametrize("script", ["dit", "dreambooth"])
+def test_full_disk_at_the_final_save(tiny_dit, tiny_sd, image_folder, tmp_path, monkeypatch, script):
+    """The final weights go to a temporary folder renamed when complete: a full disk there ends in the full-disk
+    sentence, the partial folder is removed, the checkpoints and the bank are kept."""
+    out = str(tmp_path / "out")
+    disk_full_safetensors(monkeypatch, lambda path: "checkpoint" not in path and "knowledge_bank" not in path)
+    if script == "dit":
+        message = dit_error(dit_args(tiny_dit, image_folder, out) + SMALL_BANK)
+        what, unwanted = "the fine-tuned pipeline", ["transformer", "vae", "model_index.json"]
+    else:
+        from benchmark.tiny_models import make_subject_folder
+
+        subject = make_subject_folder(str(tmp_path / "subject"))
+        message = dreambooth_error(dreambooth_args(tiny_sd, subject, out) + PRIOR)
+        what, unwanted = "the LoRA weights", ["pytorch_lora_weights.safetensors"]
+    assert message.startswith(f"The disk is full: writing {what} into {out} failed with")
+    left = os.listdir(out)
+    assert not [name for name in left if name in unwanted or ".tmp" in name], left
+    bank = "knowledge_bank" if script == "dit" else "class_images.knowledge_bank"  # DreamBooth's class images' bank
+    assert "checkpoint-1" in left and bank in left and (script == "dit" or len(os.listdir(f"{out}/class_images")) == 2)
+
+
+def test_full_disk_at_a_bank_shard(tmp_path, monkeypatch):
+    bank = str(tmp_path / "bank")
+    disk_full_safetensors(monkeypatch, lambda path: "shard-00001" in path)
+    with pytest.raises(dt.ConfigError, match=rf"The disk is full: writing knowledge-bank shard 1 into {bank} failed"):
+        dt.build_knowledge_bank(bank, lambda batch, gen: torch.randn(len(batch), 4, 2, 2, generator=gen),
+                                list(range(6)), 2, 0, {"model": "x"})
+    assert sorted(os.listdir(bank)) == [".lock", dt.MANIFEST_NAME, "shard-00000.safetensors"]
+
+
+def test_bank_finished_with_other_settings_while_waiting_refused(tmp_path, monkeypatch):
+    """Run A holds the bank's lock and finishes it with its own settings while run B (this call) waits: B refuses
+    instead of writing its manifest over A's samples."""
+    import contextlib
+
+    bank = str(tmp_path / "bank")
+    theirs = {"format_version": dt.BANK_FORMAT_VERSION, "complete": True, "count": 2,
+              "settings": {"model": "x", "prompt": "a dog", "seed": 0, "size": 2, "batch_size": 2}}
+
+    @contextlib.contextmanager
+    def lock_released_after_the_other_run(bank_dir, is_main_process):
+        os.makedirs(bank_dir, exist_ok=True)
+        dt.atomic_write_json(os.path.join(bank_dir, dt.MANIFEST_NAME), theirs)
+        yield
+
+    monkeypatch.setattr(dt, "_build_lock", lock_released_after_the_other_run)
+    sampled = []
+    with pytest.raises(dt.ConfigError, match=r"was built with other settings \(prompt: 'a dog' there, 'a cat' now"):
+        dt.build_knowledge_bank(bank, lambda batch, gen: sampled.append(batch) or torch.zeros(len(batch), 4, 2, 2),
+                                [0, 1], 2, 0, {"model": "x", "prompt": "a cat"})
+    assert json.load(open(os.path.join(bank, dt.MANIFEST_NAME))) == theirs and not sampled
+
+
+def test_diverged_run_names_a_checkpoint_that_trains(tiny_dit, image_folder, tmp_path):
+    """Adam moves every weight by about the learning rate at the first step: with --learning_rate 1e30 checkpoint-1
+    holds finite weights of 1e30 whose loss (first computed at step 2) is nan. The sentence must not send the
+    user back to it."""
+    out = str(tmp_path / "out")
+    message = dit_error(dit_args(tiny_dit, image_folder, out) + ["--learning_rate", "1e30", "--logging_steps", "100",
+                                                                  "--max_grad_norm", "0"])
+    assert message.startswith("The loss became non-finite by step 2") and "resume from that checkpoint" not in message
+    assert ("no checkpoint's weights were seen to give a finite loss (checkpoint-1 was saved after the last finite "
+            "loss, so its weights may already have diverged); start again with a lower --learning_rate") in message
+    assert os.listdir(out).count("checkpoint-1") == 1 and "checkpoint-2" not in os.listdir(out)
+
+
+def test_non_finite_weights_stop_before_a_checkpoint(tmp_path):
+    """The weights are checked before each checkpoint (and the final save): an optimizer step can make them
+    non-finite while the loss read at that step, computed before it, was finite. The advice names the newest
+    checkpoint whose weights gave a finite loss."""
+    accelerator = SimpleNamespace(log=lambda logs, step: None, num_processes=1)
+    weight = torch.nn.Parameter(torch.ones(3))
+    log = tp.TrainingLog(accelerator, logging_steps=10, images_per_step=1, checkpointing_steps=2, params=[weight],
+                         output_dir=str(tmp_path))
+    for step in (1, 2):
+        log.add({"loss": torch.tensor(0.5)})
+        assert (log.step(step, 1e-4) is None) == (step == 1)  # read before the checkpoint only: no sync in between
+    (tmp_path / "checkpoint-2").mkdir()
+    with torch.no_grad():
+        weight[1] = float("nan")
+    log.add({"loss": torch.tensor(0.5)})
+    assert log.step(3, 1e-4) is None
+    log.add({"loss": torch.tensor(0.5)})
+    with pytest.raises(tp.NonFiniteLoss, match="The trained weights became non-finite at step 4") as err:
+        log.step(4, 1e-4)  # before checkpoint-4
+    assert ("resume from checkpoint-2, the newest checkpoint whose weights gave a finite loss, with a lower "
+            f"--learning_rate (or set --max_grad_norm): --resume_from_checkpoint {tmp_path}/checkpoint-2."
+            ) in str(err.value)
+    (tmp_path / "checkpoint-4").mkdir()  # had it been saved, its weights would not have met the data yet
+    log.add({"loss": torch.tensor(float("inf"))})
+    with pytest.raises(tp.NonFiniteLoss, match="The loss became non-finite by step 5") as err:
+        log.step(5, 1e-4, force=True)
+    assert "resume from checkpoint-2, the newest checkpoint whose weights gave a finite loss (checkpoint-4 was " \
+           "saved after the last finite loss" in str(err.value)
+
+
+def exif_rotated_png(path: str, size: tuple[int, int], orientation: int) -> None:
+    image = Image.new("RGB", size, (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif)
+
+
+@pytest.mark.parametrize("case, image_size, orientation, condition_size, accepted", [
+    ("rotated photo, upright condition", (60, 40), 6, (40, 60), True),  # training sees the photo as 40x60
+    ("rotated photo, condition of its raw size", (60, 40), 6, (60, 40), False),
+    ("no rotation", (60, 40), 1, (60, 40), True),
+])
+def test_controlnet_pairs_compared_as_training_sees_them(tmp_path, case, image_size, orientation, condition_size,
+                                                         accepted):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    import train_controlnet_difftuning as script
+
+    exif_rotated_png(str(tmp_path / "image.png"), image_size, orientation)
+    Image.new("RGB", condition_size).save(tmp_path / "condition.png")
+    dataset = Dataset.from_dict({"image": [str(tmp_path / "image.png")],
+                                 "conditioning_image": [str(tmp_path / "condition.png")]})
+    dataset = dataset.cast_column("image", ImageFeature()).cast_column("conditioning_image", ImageFeature())
+    assert dataset[0]["image"].size == (image_size[::-1] if orientation == 6 else image_size)  # what training reads
+    args = SimpleNamespace(image_column="image", conditioning_image_column="conditioning_image", skip_bad_images=False)
+    if accepted:
+        assert len(script.check_image_pairs(args, dataset)) == 1
+    else:
+        with pytest.raises(dt.ConfigError, match="Row 0: image is 40x60 but conditioning_image is 60x40"):
+            script.check_image_pairs(args, dataset)

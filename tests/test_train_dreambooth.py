@@ -145,8 +145,9 @@ def test_reloaded_lora_is_the_trained_model(tiny_sd, tiny_sdxl, tiny_sd3, tiny_f
     save = family_class.save_lora_weights
 
     def save_recording_output(self, folder, *args):  # the in-memory trained model's prediction at each save
-        name = os.path.basename(folder)
-        trained[name.split(".")[0] if name.startswith("checkpoint-") else name] = unet_output(self.pipeline)
+        name = os.path.basename(folder)  # checkpoint-2.tmp, or final.tmp in out (renamed into out when written)
+        key = name.split(".")[0] if name.startswith("checkpoint-") else os.path.basename(os.path.dirname(folder))
+        trained[key] = unet_output(self.pipeline)
         save(self, folder, *args)
 
     monkeypatch.setattr(family_class, "save_lora_weights", save_recording_output)
