@@ -409,6 +409,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     a bank built from another base model is caught without hashing gigabytes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if type(tensor) is not torch.Tensor and hasattr(tensor, "dequantize"):  # torchao's quantized weights
+            tensor = tensor.dequantize()
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to("cpu", torch.float32).contiguous()
