@@ -116,9 +116,10 @@ def add_common_args(parser: argparse.ArgumentParser, data_dir_flag: str = "--tra
                        help="Use xformers attention (needs xformers and a CUDA GPU; PyTorch SDPA is the default).")
     train.add_argument("--set_grads_to_none", action="store_true", help="Free gradients instead of zeroing them.")
     train.add_argument("--torch_compile", action="store_true",
-                       help="Compile the trained model's forward and backward with torch.compile (inductor) for "
-                            "faster steps, after a one-off compile (a minute or more at full size). Only the training "
-                            "step runs compiled: checkpoints, the saved model and validation are unchanged.")
+                       help="Compile the denoiser of the training step (DiT's transformer; the ControlNet and its "
+                            "UNet; DreamBooth's UNet or transformer) with torch.compile (inductor): faster steps after "
+                            "a one-off compile (a minute or more at full size). Only the training step runs compiled: "
+                            "checkpoints, the saved model and validation are unchanged.")
     train.add_argument("--ddp_timeout", type=int, default=1800,
                        help="Seconds a process waits in a collective (a barrier, a gradient all-reduce) before it "
                             "fails with a traceback instead of hanging; multi-process runs only.")
@@ -412,7 +413,7 @@ def create_optimizer(args: argparse.Namespace, params: Sequence[torch.nn.Paramet
 QUANTIZED_BASES = {
     "nf4": ("bitsandbytes", "bitsandbytes 4-bit NormalFloat, CUDA only (diffusers' Flux QLoRA example)"),
     "int8": ("torchao", "torchao int8 weight-only, CPU or GPU"),
-    "fp8": ("torchao", "torchao float8 weight-only, CPU or GPU (fast on GPUs with fp8 units: Ada, Hopper)"),
+    "fp8": ("torchao", "torchao float8 weight-only, CPU or GPU"),
 }
 
 

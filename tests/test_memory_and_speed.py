@@ -85,26 +85,55 @@ def load_and_sample(kind: str, models: dict, data: dict, out: str) -> None:
         pipe("a red square", num_inference_steps=2, height=32, width=32, max_sequence_length=32)
 
 
+STEPS = {"dit": ("train_dit_difftuning", "DiTStep", "transformer"),
+         "controlnet": ("train_controlnet_difftuning", "ControlNetStep", "controlnet"),
+         "dreambooth": ("train_dreambooth_lora_difftuning", "DreamBoothStep", "denoiser")}
+
+
+def run_in_process(kind: str, argv: list[str], monkeypatch) -> tuple[list[float], bool]:
+    """Run a script in this process; the loss of each step, and whether the step's denoiser was compiled."""
+    import importlib
+
+    module_name, step_class, denoiser = STEPS[kind]
+    script = importlib.import_module(module_name)
+    losses, compiled = [], []
+    step = getattr(script, step_class)
+    loss = step.loss
+
+    def spy_loss(self, batch, step_rng):
+        value, logs = loss(self, batch, step_rng)
+        losses.append(value.item())
+        compiled.append(hasattr(getattr(self, denoiser), "_orig_mod"))  # torch.compile's wrapper
+        return value, logs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(step, "loss", spy_loss)
+        script.main(script.parse_args(argv))
+    return losses, all(compiled)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dit", "controlnet", "dreambooth"])
 def test_torch_compile_trains_saves_loads_and_resumes_exactly(kind, tiny_dit, tiny_sd, tiny_flux, image_folder,
-                                                                circles, subject, tmp_path):
-    """--torch_compile (inductor, on the CPU): the compiled step trains what the eager one does (to float
+                                                                circles, subject, tmp_path, monkeypatch):
+    """--torch_compile (inductor, on the CPU): the compiled step computes the eager step's loss (to float
     rounding), a run resumed from its step-1 checkpoint ends bit-identical to the straight run, no saved key
-    carries torch.compile's ``_orig_mod.`` prefix, and the result loads and samples. About 1-3 minutes per script
-    on two CPU cores with a cold inductor cache (the compile itself), ~20 s warm."""
+    carries torch.compile's ``_orig_mod.`` prefix, and the result loads and samples. The compile makes this
+    slow: about 1-2 minutes per script on two busy CPU cores with a cold inductor cache, ~20 s warm."""
     models = {"dit": tiny_dit, "sd": tiny_sd, "flux": tiny_flux}
     data = {"images": image_folder, "circles": circles, "subject": subject}
     straight, resumed, eager = (str(tmp_path / name) for name in ("straight", "resumed", "eager"))
-    run_script(SCRIPTS[kind], script_args(kind, models, data, straight) + ["--torch_compile"])
+    compiled_losses, compiled = run_in_process(kind, script_args(kind, models, data, straight) + ["--torch_compile"],
+                                               monkeypatch)
+    eager_losses, not_compiled = run_in_process(kind, script_args(kind, models, data, eager), monkeypatch)
+    assert compiled and not not_compiled
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4) and len(compiled_losses) == 2
     os.makedirs(resumed)
     shutil.copytree(os.path.join(straight, "checkpoint-1"), os.path.join(resumed, "checkpoint-1"))
     run_script(SCRIPTS[kind], script_args(kind, models, data, resumed) + ["--torch_compile",
                                                                           "--resume_from_checkpoint", "latest"])
-    run_script(SCRIPTS[kind], script_args(kind, models, data, eager))
-    a, b, c = (saved_weights(kind, out) for out in (straight, resumed, eager))
-    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
+    a, b = saved_weights(kind, straight), saved_weights(kind, resumed)
+    assert a.keys() == b.keys() == saved_weights(kind, eager).keys() and all(torch.equal(a[k], b[k]) for k in a)
     for root, _, files in os.walk(straight):
         for name in files:
             if name.endswith(".safetensors"):
