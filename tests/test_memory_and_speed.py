@@ -364,3 +364,20 @@ def test_sampling_from_pipeline_prompt_embeddings_equals_sampling_from_the_promp
     assert pipe.text_encoder is None and family.text_encoders == []
     from_embeds = pipe(**embeds, generator=torch.manual_seed(0), **kwargs).images
     assert (from_embeds - from_prompt).abs().max() < 1e-5
+
+
+def test_torch_compile_refused_under_deepspeed():
+    """DeepSpeed's engine gathers and frees parameters in hooks torch.compile does not trace: refused in one
+    sentence before any model loads (the accelerate check runs first)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, DynamoBackend
+
+    from difftuning_common import ConfigError
+
+    state = SimpleNamespace(dynamo_plugin=SimpleNamespace(backend=DynamoBackend.NO), deepspeed_plugin=None)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=state,
+                                  gradient_accumulation_steps=1)
+    args = SimpleNamespace(gradient_accumulation_steps=1, torch_compile=True)
+    with pytest.raises(ConfigError, match="--torch_compile cannot wrap DeepSpeed's engine"):
+        tp.check_sharding(accelerator, args)
