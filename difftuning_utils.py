@@ -409,9 +409,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     a bank built from another base model is caught without hashing gigabytes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if type(tensor).__module__.startswith("torchao"):  # quantized weights (--quantize_base): their values
-            tensor = tensor.dequantize()
-        flat = tensor.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes': their packed storage
+        flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to("cpu", torch.float32).contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
