@@ -126,6 +126,18 @@ class StableDiffusionFamily:
     def unet_kwargs(self, prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": prompts.hidden.to(dtype)}
 
+    def pipeline_prompt_embeds(self, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """``prompt`` (and the empty negative prompt of classifier-free guidance) encoded by the pipeline itself, as
+        the keyword arguments of its ``__call__``: sampling with them needs no text encoder, so frozen encoders can
+        be released once the training prompts are encoded (as upstream frees them)."""
+        embeds, negative = self.pipeline.encode_prompt(prompt, device, 1, True)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
+    def release_text_encoders(self) -> None:
+        """Drop the frozen text encoders from the pipeline and the family (their outputs are cached)."""
+        self.pipeline.register_modules(**{name: None for name in self.component_names})
+        self.text_encoders = []
+
     def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
                           metadata: list[dict | None]) -> None:
         """Save the LoRA as upstream does, with each model's adapter metadata (its LoraConfig: alpha, rank, DoRA,
@@ -188,6 +200,11 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def unet_kwargs(self, prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": prompts.hidden.to(dtype),
                 "added_cond_kwargs": {"text_embeds": prompts.pooled.to(dtype), "time_ids": time_ids.to(dtype)}}
+
+    def pipeline_prompt_embeds(self, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(prompt, device=device)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
 
     def save_lora_weights(self, folder: str, unet_layers: dict, text_encoder_layers: list[dict | None],
                           metadata: list[dict | None]) -> None:
@@ -263,6 +280,12 @@ class StableDiffusion3Family(StableDiffusionFamily):
             t5 = torch.zeros(clip.shape[0], self.max_sequence_length, width, device=clip.device, dtype=clip.dtype)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return PromptEmbeddings(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))
+
+    def pipeline_prompt_embeds(self, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
+            prompt, None, None, device=device, max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -346,6 +369,11 @@ class FluxFamily(StableDiffusionFamily):
         clip, t5 = self.text_encoders
         pooled = clip(token_ids[0].to(_device(clip)), output_hidden_states=False).pooler_output
         return PromptEmbeddings(t5(token_ids[1].to(_device(t5)))[0], pooled)
+
+    def pipeline_prompt_embeds(self, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompt, None, device=device,
+                                                         max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 prompts: PromptEmbeddings, time_ids: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

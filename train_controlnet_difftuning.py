@@ -347,23 +347,22 @@ class ControlNetStep:
         return dt.difftuning_loss(per_sample, num_target, self.retention_weight, weights if self.use_weights else None)
 
 
-def denoiser_flops_per_image(controlnet: torch.nn.Module, unet: torch.nn.Module, latent_shape: list[int],
-                             resolution: int, context: torch.Tensor) -> int:
-    """Forward + backward FLOPs of the ControlNet and the frozen UNet it feeds, for one training image."""
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    x = torch.zeros(2, *latent_shape, device=device, dtype=dtype)
-    t, cond = torch.tensor([10, 900], device=device), torch.zeros(2, 3, resolution, resolution, device=device)
-    context = context.expand(2, -1, -1).to(dtype)
+def denoiser_flops_per_image(controlnet: torch.nn.Module, unet: torch.nn.Module, args: argparse.Namespace,
+                             latent_shape: list[int], resolution: int, context: torch.Tensor) -> int:
+    """Forward + backward FLOPs of the ControlNet (what is trained of it) and the frozen UNet it feeds, for one
+    training image, counted on weightless copies: no memory, no computation."""
+    with torch.device("meta"):
+        controlnet, unet = tp.meta_copy(controlnet), tp.meta_copy(unet)
+        configure_finetuning(controlnet, args)
+        x, t = torch.zeros(2, *latent_shape), torch.tensor([10, 900])
+        cond, context = torch.zeros(2, 3, resolution, resolution), torch.zeros(2, *context.shape[1:])
 
     def fwd_bwd() -> None:
-        down, mid = controlnet(x.float(), t, encoder_hidden_states=context.float(), controlnet_cond=cond,
-                               return_dict=False)
-        unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=[d.to(dtype) for d in down],
-             mid_block_additional_residual=mid.to(dtype)).sample.float().square().mean().backward()
+        down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+        unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+             mid_block_additional_residual=mid).sample.float().square().mean().backward()
 
-    flops = tp.count_flops(fwd_bwd)
-    controlnet.zero_grad(set_to_none=True)
-    return flops // 2
+    return tp.count_flops(fwd_bwd) // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,11 +470,9 @@ def main(args: argparse.Namespace) -> None:
     latent_size = args.resolution // vae_scale
     with torch.no_grad():
         context = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
-    # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
-    # would upset its gradient hooks.
-    flops_per_image = denoiser_flops_per_image(controlnet.to(accelerator.device), unet,
-                                               [unet.config.in_channels, latent_size, latent_size], args.resolution,
-                                               context)
+    controlnet.to(accelerator.device)
+    flops_per_image = denoiser_flops_per_image(controlnet, unet, args, [unet.config.in_channels, latent_size,
+                                                                        latent_size], args.resolution, context)
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     if args.scale_lr:
@@ -507,7 +504,8 @@ def main(args: argparse.Namespace) -> None:
     num_timesteps = noise_scheduler.config.num_train_timesteps
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
     step = ControlNetStep(
-        controlnet=controlnet, unet=unet, text_encoder=text_encoder, vae=None if args.cache_latents else vae,
+        controlnet=tp.compile_for_training(controlnet, args), unet=tp.compile_for_training(unet, args),
+        text_encoder=text_encoder, vae=None if args.cache_latents else vae,
         noise_scheduler=noise_scheduler,
         psi=dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
                                args.timestep_sampling),

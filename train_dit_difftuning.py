@@ -251,14 +251,15 @@ class DiTStep:
         return dt.difftuning_loss(per_sample, num_target, self.retention_weight, weights if self.use_weights else None)
 
 
-def denoiser_flops_per_image(transformer: torch.nn.Module, latent_shape: list[int], null_class: int) -> int:
-    """The transformer's forward + backward FLOPs for one training image (its requires_grad as trained)."""
-    device = next(transformer.parameters()).device
-    x = torch.zeros(2, *latent_shape, device=device)
-    t, y = torch.tensor([10, 900], device=device), torch.tensor([0, null_class], device=device)
-    flops = tp.count_flops(lambda: transformer(x, timestep=t, class_labels=y).sample.float().square().mean().backward())
-    transformer.zero_grad(set_to_none=True)
-    return flops // 2
+def denoiser_flops_per_image(transformer: torch.nn.Module, args: argparse.Namespace, latent_shape: list[int],
+                             null_class: int) -> int:
+    """The transformer's forward + backward FLOPs for one training image (what --finetune trains), counted on a
+    weightless copy: no memory, no computation."""
+    with torch.device("meta"):
+        model = tp.meta_copy(transformer)
+        configure_finetuning(model, args)
+        x, t, y = torch.zeros(2, *latent_shape), torch.tensor([10, 900]), torch.tensor([0, null_class])
+    return tp.count_flops(lambda: model(x, timestep=t, class_labels=y).sample.float().square().mean().backward()) // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,9 +401,8 @@ def main(args: argparse.Namespace) -> None:
 
     # --- What to train --------------------------------------------------------------------------
     params = configure_finetuning(transformer, args)
-    # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
-    # would upset its gradient hooks.
-    flops_per_image = denoiser_flops_per_image(transformer.to(accelerator.device), latent_shape, null_class)
+    transformer.to(accelerator.device)
+    flops_per_image = denoiser_flops_per_image(transformer, args, latent_shape, null_class)  # model FLOPs
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.scale_lr:
@@ -438,7 +438,8 @@ def main(args: argparse.Namespace) -> None:
 
     num_timesteps = noise_scheduler.config.num_train_timesteps
     step = DiTStep(
-        transformer=transformer, vae=None if args.cache_latents else vae, noise_scheduler=noise_scheduler,
+        transformer=tp.compile_for_training(transformer, args), vae=None if args.cache_latents else vae,
+        noise_scheduler=noise_scheduler,
         vb=dt.LearnedSigmaVB(noise_scheduler) if learned_sigma else None,
         psi=dt.TimestepSampler(num_timesteps, args.difftuning_tau if args.difftuning else 0.0, "adaptation",
                                args.timestep_sampling),

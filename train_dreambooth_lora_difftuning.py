@@ -90,12 +90,21 @@ def base_vae_config(args: argparse.Namespace) -> dict:
                               revision=args.revision, cache_dir=args.cache_dir)
 
 
-def load_base_pipeline(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, mf.StableDiffusionFamily]:
+def load_base_pipeline(args: argparse.Namespace, quantized_dtype: torch.dtype | None = None,
+                       **kwargs: Any) -> tuple[Any, mf.StableDiffusionFamily]:
     """The base pipeline of the family named by its ``model_index.json``, and that family, built with the
-    family's flags (T5's --max_sequence_length, Flux's --guidance_scale)."""
+    family's flags (T5's --max_sequence_length, Flux's --guidance_scale). ``quantized_dtype``: given
+    --quantize_base, the denoiser is loaded quantized, its other weights and its computation in this dtype."""
     import diffusers
 
     config, family = base_family(args)
+    if quantized_dtype is not None and args.quantize_base:
+        class_name = config[family.denoiser_name][1]
+        kwargs[family.denoiser_name] = tp.load_pretrained(
+            getattr(diffusers, class_name).from_pretrained, "--pretrained_model_name_or_path",
+            args.pretrained_model_name_or_path, f"a {class_name}", subfolder=family.denoiser_name,
+            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, torch_dtype=quantized_dtype,
+            quantization_config=tp.quantization_config(args.quantize_base, quantized_dtype))
     if args.pretrained_vae_model_name_or_path:
         kwargs["vae"] = tp.load_pretrained(diffusers.AutoencoderKL.from_pretrained,
                                            "--pretrained_vae_model_name_or_path",
@@ -165,9 +174,10 @@ def lora_metadata(model: torch.nn.Module | None) -> dict | None:
 
 
 def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
-                              text_encoders: list[torch.nn.Module]) -> None:
+                              text_encoders: list[torch.nn.Module]) -> list[Any]:
     """Checkpoints hold only the LoRA weights, in diffusers' format (``checkpoint-N`` loads with
-    ``load_lora_weights``, as upstream's do), not a full copy of the frozen model."""
+    ``load_lora_weights``, as upstream's do), not a full copy of the frozen model. ``text_encoders``: the trained
+    ones. Returns the hooks' handles (removing them lets go of the models)."""
     from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -179,8 +189,8 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         states = [tp.full_state_dict(accelerator, model) for model in models]  # every process: gathers shards
         if accelerator.is_main_process:
-            layers: list[dict | None] = [None] * (1 + len(text_encoders))
-            metadata: list[dict | None] = [None] * (1 + len(text_encoders))
+            layers: list[dict | None] = [None] * (1 + len(family.component_names))
+            metadata: list[dict | None] = [None] * (1 + len(family.component_names))
             for model, state in zip(models, states, strict=True):
                 plain = tp.unwrap(accelerator, model)
                 layers[role(model)] = lora_layers(plain, family, state)
@@ -213,8 +223,17 @@ def register_checkpoint_hooks(accelerator: Any, family: mf.StableDiffusionFamily
             trained.append(plain)
         cast_training_params(trained, dtype=torch.float32)
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
+
+
+def cast_frozen(modules: tuple[torch.nn.Module, ...], device: torch.device, dtype: torch.dtype) -> None:
+    """:func:`tp.cast` of each frozen part; a quantized denoiser (--quantize_base) keeps its storage and is only
+    moved to the device (bitsandbytes loads it there)."""
+    for module in modules:
+        if not getattr(module, "is_quantized", False):
+            tp.cast(module, device, dtype)
+        elif module.device.type != torch.device(device).type:
+            module.to(device)
 
 
 class InstanceImages(torch.utils.data.Dataset):
@@ -448,25 +467,33 @@ def validation_due(args: argparse.Namespace, global_step: int, updates_per_epoch
     return epoch_ends and (global_step - 1) // updates_per_epoch % args.validation_epochs == 0
 
 
-def denoiser_flops_per_image(family: mf.StableDiffusionFamily, denoiser: torch.nn.Module,
-                             prompt_ids: list[torch.Tensor],
-                             prompt_table: mf.PromptEmbeddings | None, latent_shape: list[int], resolution: int,
-                             weight_dtype: torch.dtype) -> int:
-    """The forward + backward FLOPs of one training image: the denoiser, and the text encoders when they train."""
-    device = next(denoiser.parameters()).device
-    x = torch.zeros(2, *latent_shape, device=device, dtype=weight_dtype)
-    t = torch.tensor([10, 900], device=device)
-    rows = torch.zeros(2, dtype=torch.long, device=device)
-    ids = mf.time_ids((resolution, resolution), (0, 0), resolution).expand(2, -1).to(device)
+def denoiser_flops_per_image(family: mf.StableDiffusionFamily, denoiser: torch.nn.Module, args: argparse.Namespace,
+                             prompt_ids: list[torch.Tensor], prompt_table: mf.PromptEmbeddings | None,
+                             latent_shape: list[int], resolution: int) -> int:
+    """The forward + backward FLOPs of one training image: the denoiser with its LoRA, counted on a weightless
+    (and unquantized) copy, so no memory and no computation; with --train_text_encoder also the text encoders, by
+    a real pass over two prompts (small beside the denoiser)."""
+    text_flops = 0
+    if prompt_table is None:
+        def encode_backward() -> None:
+            encoded = family.encode([ids[:1].expand(2, -1) for ids in prompt_ids])
+            sum(e.float().square().mean() for e in (encoded.hidden, encoded.pooled) if e is not None).backward()
 
-    def fwd_bwd() -> None:
-        prompts = prompt_table.take(rows) if prompt_table is not None else family.encode([i[rows] for i in prompt_ids])
-        family.predict(denoiser, x, t, prompts, ids, weight_dtype).float().square().mean().backward()
-
-    flops = tp.count_flops(fwd_bwd)
-    for model in (denoiser, *family.text_encoders):
-        model.zero_grad(set_to_none=True)
-    return flops // 2
+        text_flops = tp.count_flops(encode_backward)
+        for encoder in family.text_encoders:
+            encoder.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            prompt_table = family.encode([ids[:1] for ids in prompt_ids])
+    with torch.device("meta"):
+        model = tp.meta_copy(denoiser)
+        model.add_adapter(tp.lora_config(args))
+        x, t = torch.zeros(2, *latent_shape), torch.tensor([10, 900])
+        ids = mf.time_ids((resolution, resolution), (0, 0), resolution).expand(2, -1)
+        pooled = None if prompt_table.pooled is None else prompt_table.pooled[:1].expand(2, -1).to("meta")
+        prompts = mf.PromptEmbeddings(prompt_table.hidden[:1].expand(2, -1, -1).to("meta"), pooled)
+    flops = tp.count_flops(lambda: family.predict(model, x, t, prompts, ids, torch.float32).float().square().mean()
+                           .backward())
+    return (flops + text_flops) // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(FLUX.1-schnell) ignores it.")
     dt.add_difftuning_args(parser, class_prior=True)
     # None: the family's upstream default (model_families.py), filled in once the base model's family is known.
+    next(g for g in parser._action_groups if g.title == "Training").add_argument(
+        "--quantize_base", type=str, default=None, choices=list(tp.QUANTIZED_BASES),
+        help="Keep the frozen UNet/transformer quantized while its LoRA trains (QLoRA, as diffusers' Flux QLoRA "
+             "example), through diffusers' backends: "
+             + "; ".join(f"{kind}: {what}" for kind, (_, what) in tp.QUANTIZED_BASES.items())
+             + ". The saved LoRA loads into the unquantized base.")
     parser.set_defaults(lora_target_modules=None, validation_steps=None,
                         **{name: None for name in mf.StableDiffusionFamily.defaults})
     short = {mf.StableDiffusionFamily: "SD", mf.StableDiffusionXLFamily: "SDXL", mf.StableDiffusion3Family: "SD3",
@@ -657,6 +690,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                                  "an earlier version of this script, which now keeps class images there as upstream "
                                  "does: pass another folder, or delete that one.")
         check_class_images(args.class_data_dir)
+    tp.check_quantization_backend(args.quantize_base)
     dt.validate_difftuning_args(args, bank_num_inference_steps=50)
     return args
 
@@ -715,6 +749,9 @@ def main(args: argparse.Namespace) -> None:
     check_family_flags(args, family_class)
     family_class.check_supported(args.pretrained_model_name_or_path, model_index.get("scheduler", [None, ""])[1],
                                  base_vae_config(args))
+    if args.quantize_base and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise dt.ConfigError(f"--quantize_base keeps the frozen base in quantized storage, which "
+                             f"{accelerator.distributed_type.value} cannot shard: leave one of them out.")
     repo_id = tp.hub_repo_id(args) if accelerator.is_main_process else None
 
     # --- The subject's data (checked before the weights load and the class samples are generated) ----------
@@ -734,7 +771,7 @@ def main(args: argparse.Namespace) -> None:
     prompt_rows = [prompts.index(c) for c in captions]
 
     # --- The base model -------------------------------------------------------------------------
-    pipeline, family = load_base_pipeline(args)
+    pipeline, family = load_base_pipeline(args, quantized_dtype=weight_dtype)
     denoiser, vae, text_encoders = getattr(pipeline, family.denoiser_name), pipeline.vae, family.text_encoders
     if targets_given:  # (upstream's SD3 list names to_add_out, which a transformer of one block lacks)
         tp.check_lora_targets(denoiser, args.lora_target_modules)  # before the class samples are generated
@@ -751,12 +788,13 @@ def main(args: argparse.Namespace) -> None:
     vae_fingerprint = dt.model_fingerprint(vae) if args.with_prior_preservation else None
     for frozen in (denoiser, vae, *text_encoders):
         frozen.requires_grad_(False)
+    del frozen  # the loop variable would keep a text encoder alive after its release
     # Frozen parts in the mixed-precision dtype (upstream); first in --prior_generation_precision's, if given,
     # while the class samples are generated.
     generation_dtype = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                         "bf16": torch.bfloat16}.get(args.prior_generation_precision, weight_dtype)
-    for module in (denoiser, *text_encoders):
-        tp.cast(module, accelerator.device, generation_dtype if args.with_prior_preservation else weight_dtype)
+    cast_frozen((denoiser, *text_encoders), accelerator.device,
+                generation_dtype if args.with_prior_preservation else weight_dtype)
     # The fp16 VAE overflows (SDXL's especially): keep it in fp32 unless another VAE was given, as upstream.
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path or weight_dtype == torch.bfloat16 else (
         torch.float32)
@@ -783,31 +821,31 @@ def main(args: argparse.Namespace) -> None:
         bank = dt.BankReplay(class_bank, "images", args.random_flip, args.train_batch_size, args.seed,
                              accelerator.process_index, accelerator.device, args.class_data_dir)
         bank_time_ids = torch.stack([centre_crop_ids(size, args.resolution) for size in sizes]).to(accelerator.device)
-        for module in (denoiser, *text_encoders):
-            tp.cast(module, accelerator.device, weight_dtype)
+        cast_frozen((denoiser, *text_encoders), accelerator.device, weight_dtype)
 
     # --- What to train --------------------------------------------------------------------------
     param_lists = add_lora_adapters(denoiser, family.lora_text_encoders, args)
     params = [p for model_params in param_lists for p in model_params]
-    register_checkpoint_hooks(accelerator, family, denoiser, family.lora_text_encoders)
+    hook_handles = register_checkpoint_hooks(accelerator, family, denoiser,
+                                             family.lora_text_encoders if args.train_text_encoder else [])
     prompt_ids = [ids.to(accelerator.device) for ids in family.tokenize(prompts)]
     prompt_table = None
-    if not args.train_text_encoder:  # fixed prompts, frozen encoders: encode them once
+    sample_kwargs = family.call_kwargs  # what the validation samples are called with
+    if not args.train_text_encoder:  # fixed prompts, frozen encoders: encode them once, then release the encoders
         with torch.no_grad():
             prompt_table = family.encode(prompt_ids)
-    sample_kwargs = family.call_kwargs  # what the validation samples are called with
-    if args.pre_compute_text_embeddings:  # SD: the validation prompt's embeddings too, then no text encoder
-        with torch.no_grad():
-            embeds = family.encode([ids.to(accelerator.device) for ids in family.tokenize(
-                [args.validation_prompt or args.instance_prompt, ""])]).hidden
-        sample_kwargs = {**sample_kwargs, "prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
-        pipeline.text_encoder = None
-        text_encoders.clear()  # (the family's list): nothing holds the encoder any more
+            if args.pre_compute_text_embeddings:  # SD: the validation prompt encoded as the training prompts
+                embeds = family.encode([ids.to(accelerator.device) for ids in family.tokenize(
+                    [args.validation_prompt or args.instance_prompt, ""])]).hidden
+                sample_kwargs = {**sample_kwargs, "prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+            elif args.validation_prompt:  # as the pipeline encodes it: the same samples as from the prompt
+                sample_kwargs = {**sample_kwargs,
+                                 **family.pipeline_prompt_embeds(args.validation_prompt, accelerator.device)}
+        family.release_text_encoders()  # as upstream frees them (T5-XXL is ~9 GB in bf16)
+        text_encoders = []
         free_memory()
-    # Model FLOPs (no recomputation), counted before accelerator.prepare: a pass outside DDP's forward
-    # would upset its gradient hooks.
-    flops_per_image = denoiser_flops_per_image(family, denoiser, prompt_ids, prompt_table, latent_shape,
-                                               args.resolution, weight_dtype)
+    flops_per_image = denoiser_flops_per_image(family, denoiser, args, prompt_ids, prompt_table, latent_shape,
+                                               args.resolution)  # model FLOPs, counted without a real pass
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for encoder in family.lora_text_encoders if args.train_text_encoder else ():
@@ -830,6 +868,9 @@ def main(args: argparse.Namespace) -> None:
         mean, std = tp.cache_posteriors(vae, crops, args.random_flip, 32, args.dataloader_num_workers,
                                         accelerator.device)
         latent_cache = (mean, std, crops.time_ids())
+        if not args.validation_prompt:  # nothing left to encode or decode (upstream frees it too)
+            pipeline.register_modules(vae=None)
+            vae = None
     num_rows = epoch_rows(args, len(dataset), accelerator.num_processes)
     sampler = tp.EpochShuffleSampler(num_rows, args.seed)
     train_dataloader = tp.make_dataloader(InstanceImages(dataset, args, prompt_rows, num_rows, latent_cache),
@@ -863,7 +904,8 @@ def main(args: argparse.Namespace) -> None:
         psi = dt.TimestepSampler(num_timesteps, psi_tau, "adaptation", args.timestep_sampling)
         xi = dt.TimestepSampler(num_timesteps, xi_tau, "retention", args.timestep_sampling)
     step = DreamBoothStep(
-        family=family, denoiser=denoiser, vae=None if args.cache_latents else vae, noise_scheduler=noise_scheduler,
+        family=family, denoiser=tp.compile_for_training(denoiser, args), vae=None if args.cache_latents else vae,
+        noise_scheduler=noise_scheduler,
         psi=psi, xi=xi, weighting_scheme=args.weighting_scheme, precondition_outputs=bool(args.precondition_outputs),
         prompt_ids=prompt_ids, prompt_table=prompt_table, prior_loss_weight=args.prior_loss_weight,
         snr_gamma=args.snr_gamma, weight_dtype=weight_dtype, bank=bank, bank_prompt_row=len(prompts) - 1,
@@ -931,7 +973,17 @@ def main(args: argparse.Namespace) -> None:
                 save_kohya_copy(folder)
 
         tp.save_final(args.output_dir, "the LoRA weights", write)
-        del pipeline, denoiser, text_encoders, step
+        # One pipeline at a time: every reference to the training one (accelerate's and the hooks' too) goes
+        # before the base model is loaded again.
+        for handle in hook_handles:
+            handle.remove()
+        card = family.card_metadata(args.pretrained_model_name_or_path)
+        description = model_description(args, family, args.validation_prompt or args.instance_prompt, repo_id)
+        pipeline = family = denoiser = trained_denoiser = vae = text_encoders = encoders = denoiser_state = None
+        step = prepared_encoders = trained_encoders = params = optimizer = lr_scheduler = train_dataloader = None
+        accelerator.free_memory()
+        if args.torch_compile:
+            torch.compiler.reset()  # compiled code may hold the trained model
         # The saved file, loaded as a user would, every part in one dtype: left to themselves, transformers loads
         # half-precision text encoders (e.g. --variant fp16) as saved and diffusers the UNet in float32.
         final_dtype = weight_dtype if accelerator.device.type == "cuda" else torch.float32
@@ -941,8 +993,7 @@ def main(args: argparse.Namespace) -> None:
         images = generate_images(args, final.to(accelerator.device), prompt, accelerator.device,
                                  final_family.call_kwargs)
         tp.log_images(accelerator, images, [prompt] * len(images), global_step, tag="final")
-        card = family.card_metadata(args.pretrained_model_name_or_path)
-        tp.save_model_card(args, args.pretrained_model_name_or_path, model_description(args, family, prompt, repo_id),
+        tp.save_model_card(args, args.pretrained_model_name_or_path, description,
                            ["text-to-image", "diffusers-training", "diffusers", "dora" if args.use_dora else "lora",
                             "template:sd-lora", *card.pop("tags"), "dreambooth", "diff-tuning"], images,
                            widget_prompt=prompt, instance_prompt=args.instance_prompt, **card)

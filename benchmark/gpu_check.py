@@ -3,6 +3,7 @@
 
     python -m benchmark.gpu_check --output_dir outputs/gpu_check                 # one GPU, every run: ~25 minutes
     python -m benchmark.gpu_check --steps 40 --deadline_s 380 --runs ...         # a short lease: what matters first
+    python -m benchmark.gpu_check --steps 20 --deadline_s 400 --runs priority    # compiled DiT rate, Flux QLoRA...
     python -m benchmark.gpu_check --size tiny --output_dir /tmp/gpu_check        # CPU smoke (the tests run it)
 
 What it does, with no Hub access:
@@ -14,12 +15,18 @@ What it does, with no Hub access:
 2. writes generated datasets large enough that epochs do not dominate: 2,048 class-labelled 256 px images
    for DiT, 1,024 (image, condition, caption) triples at 512 px for ControlNet, 8 subject images for DreamBooth;
 3. runs the scripts for ``--steps`` steps, standard vs Diff-Tuning, in bf16 and fp16, with and without
-   ``--cache_latents``, and reads each run's steady-state throughput and peak memory (``logs/throughput.json``);
+   ``--cache_latents``, and reads each run's steady-state throughput and peak memory (``logs/throughput.json``):
+   also the DiT step under ``--torch_compile`` at batches 32-128, and the memory runs users ask for first, with
+   upstream's low-memory settings: FLUX.1-dev-shaped QLoRA (``--quantize_base nf4``, gradient checkpointing,
+   8-bit Adam, cached latents and prompts) at 512 and 1,024 px, SDXL and SD3 LoRA at 1,024 px; the report puts
+   published anchors and targets beside them and the Diff-Tuning / standard step-time and memory ratios of each
+   pair;
 4. loads the outputs with ``DiffusionPipeline`` / ``ControlNetModel`` / ``load_lora_weights`` and samples them;
 5. runs ``benchmark/overhead.py`` (the scripts' own step, timed in isolation) at the same batches;
 6. writes ``summary.md`` and ``gpu_check.json`` in ``--output_dir`` after every run (a machine taken back
    mid-way leaves what was measured), and lists what ``--deadline_s`` skipped.
 
+Without CUDA (the tests' tiny mode) torchao's int8 stands in for bitsandbytes' NF4 and AdamW for 8-bit Adam.
 Numbers on random weights measure speed and plumbing, not quality.
 """
 
@@ -39,7 +46,12 @@ from training_plumbing import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (script, precision, cache latents, extra flags)
+# The settings diffusers' Flux QLoRA example trains with (NF4 base, gradient checkpointing, 8-bit Adam; latents and
+# prompt embeddings cached), and upstream's low-memory DreamBooth LoRA settings for SDXL and SD3.
+QLORA = ["--quantize_base", "nf4", "--gradient_checkpointing", "--use_8bit_adam"]
+LOW_MEMORY = ["--gradient_checkpointing", "--use_8bit_adam"]
+PRIOR = ["--with_prior_preservation"]
+# name -> (script, precision, cache latents, extra flags[, {"batch": global batch, "resolution": px at real size}])
 RUNS = {
     "dit-standard-bf16": ("dit", "bf16", False, []),
     "dit-difftuning-bf16": ("dit", "bf16", False, ["--difftuning"]),
@@ -69,7 +81,57 @@ RUNS = {
     "dreambooth-flux-prior-bf16": ("dreambooth-flux", "bf16", True, ["--with_prior_preservation"]),
     "dreambooth-flux-difftuning-bf16": ("dreambooth-flux", "bf16", True, ["--with_prior_preservation",
                                                                           "--difftuning"]),
+    # Rate: the DiT-XL/2 step compiled (--torch_compile), cached latents, at larger batches; standard and
+    # Diff-Tuning at the same batch for the ratios.
+    "dit-standard-bf16-cached-compile-b128": ("dit", "bf16", True, ["--torch_compile"], {"batch": 128}),
+    "dit-difftuning-bf16-cached-compile-b128": ("dit", "bf16", True, ["--torch_compile", "--difftuning"],
+                                                {"batch": 128}),
+    "dit-standard-bf16-cached-compile-b64": ("dit", "bf16", True, ["--torch_compile"], {"batch": 64}),
+    "dit-standard-bf16-cached-compile-b32": ("dit", "bf16", True, ["--torch_compile"], {"batch": 32}),
+    # Memory: FLUX.1-dev-shaped QLoRA at batch 1 as diffusers' example (no class images), then with prior
+    # preservation (1 subject + 1 class row) standard vs Diff-Tuning, and Diff-Tuning at 1,024 px.
+    "dreambooth-flux-qlora-512": ("dreambooth-flux", "bf16", True, QLORA, {"batch": 1}),
+    "dreambooth-flux-qlora-512-prior": ("dreambooth-flux", "bf16", True, QLORA + PRIOR, {"batch": 1}),
+    "dreambooth-flux-qlora-512-difftuning": ("dreambooth-flux", "bf16", True, QLORA + PRIOR + ["--difftuning"],
+                                             {"batch": 1}),
+    "dreambooth-flux-qlora-1024-difftuning": ("dreambooth-flux", "bf16", True, QLORA + PRIOR + ["--difftuning"],
+                                              {"batch": 1, "resolution": 1024}),
+    "dreambooth-sdxl-lora-1024-prior": ("dreambooth-sdxl", "bf16", True, LOW_MEMORY + PRIOR, {"batch": 1}),
+    "dreambooth-sdxl-lora-1024-difftuning": ("dreambooth-sdxl", "bf16", True, LOW_MEMORY + PRIOR + ["--difftuning"],
+                                             {"batch": 1}),
+    "dreambooth-sd3-lora-1024-prior": ("dreambooth-sd3", "bf16", True, LOW_MEMORY + PRIOR, {"batch": 1}),
+    "dreambooth-sd3-lora-1024-difftuning": ("dreambooth-sd3", "bf16", True, LOW_MEMORY + PRIOR + ["--difftuning"],
+                                            {"batch": 1}),
 }
+# What users compare a run with: published figures (anchors) and the targets this check was written for.
+ANCHORS = {
+    "dit-standard-bf16-cached": "LightningDiT ~284 img/s per H800; fast-DiT ~107 img/s per A100",
+    "dit-standard-bf16-cached-compile-b128": "LightningDiT ~284 img/s per H800 (target >= 290 on H100/H200)",
+    "dreambooth-flux-qlora-512": "diffusers' Flux QLoRA: ~9 GB peak (bf16 LoRA ~26 GB)",
+    "dreambooth-flux-qlora-1024-difftuning": "target < 24 GiB (a 24 GB card)",
+    "dreambooth-sdxl-lora-1024-prior": "target < 12 GiB",
+    "dreambooth-sdxl-lora-1024-difftuning": "target < 12 GiB",
+}
+# `--runs priority`: what one short GPU lease measures first (with --deadline_s, the rest is skipped and listed):
+# the compiled DiT rate and its Diff-Tuning ratio, Flux QLoRA memory at 512 and 1,024 px, SDXL, the eager DiT
+# baseline at the batch of the 2026-11-30 check, SD3.
+PRIORITY = ["dit-standard-bf16-cached-compile-b128", "dit-difftuning-bf16-cached-compile-b128",
+            "dreambooth-flux-qlora-512", "dreambooth-flux-qlora-512-difftuning", "dreambooth-flux-qlora-512-prior",
+            "dreambooth-flux-qlora-1024-difftuning", "dreambooth-sdxl-lora-1024-difftuning",
+            "dreambooth-sdxl-lora-1024-prior", "dit-standard-bf16-cached", "dit-standard-bf16-cached-compile-b32",
+            "dit-standard-bf16-cached-compile-b64", "dreambooth-sd3-lora-1024-difftuning",
+            "dreambooth-sd3-lora-1024-prior"]
+# (standard, Diff-Tuning) run pairs whose step time and peak memory the report compares.
+PAIRS = [("dit-standard-bf16", "dit-difftuning-bf16"), ("dit-standard-bf16-cached", "dit-difftuning-bf16-cached"),
+         ("dit-standard-bf16-cached-compile-b128", "dit-difftuning-bf16-cached-compile-b128"),
+         ("controlnet-none-bf16", "controlnet-replay-bf16"),
+         ("dreambooth-sd-prior-bf16", "dreambooth-sd-difftuning-bf16"),
+         ("dreambooth-sdxl-prior-bf16", "dreambooth-sdxl-difftuning-bf16"),
+         ("dreambooth-sdxl-lora-1024-prior", "dreambooth-sdxl-lora-1024-difftuning"),
+         ("dreambooth-sd3-prior-bf16", "dreambooth-sd3-difftuning-bf16"),
+         ("dreambooth-sd3-lora-1024-prior", "dreambooth-sd3-lora-1024-difftuning"),
+         ("dreambooth-flux-prior-bf16", "dreambooth-flux-difftuning-bf16"),
+         ("dreambooth-flux-qlora-512-prior", "dreambooth-flux-qlora-512-difftuning")]
 SIZES = {  # dataset size, image resolution, global batch (DreamBooth: subject images; as many class samples join)
     "real": {"dit": (2048, 256, 32), "controlnet": (1024, 512, 8), "dreambooth-sd": (8, 512, 4),
              "dreambooth-sdxl": (8, 1024, 2), "dreambooth-sd3": (8, 1024, 2), "dreambooth-flux": (8, 512, 2)},
@@ -80,6 +142,25 @@ DREAMBOOTH_SCRIPT = "train_dreambooth_lora_difftuning.py"
 SCRIPTS = {"dit": "train_dit_difftuning.py", "controlnet": "train_controlnet_difftuning.py",
            "dreambooth-sd": DREAMBOOTH_SCRIPT, "dreambooth-sdxl": DREAMBOOTH_SCRIPT,
            "dreambooth-sd3": DREAMBOOTH_SCRIPT, "dreambooth-flux": DREAMBOOTH_SCRIPT}
+
+
+def run_shape(name: str, size: str) -> tuple[int, int]:
+    """(resolution, global batch) of a run: its kind's, or the run's own (the tiny models keep their resolution,
+    and their datasets their batch)."""
+    kind, *_, extra = RUNS[name] if len(RUNS[name]) == 5 else (*RUNS[name], {})
+    _, resolution, batch = SIZES[size][kind]
+    if size == "real":
+        resolution, batch = extra.get("resolution", resolution), extra.get("batch", batch)
+    return resolution, batch
+
+
+def run_flags(name: str, device: str) -> list[str]:
+    """A run's own flags; without CUDA, torchao's int8 stands in for bitsandbytes' NF4 and plain AdamW for the
+    8-bit one (bitsandbytes needs the GPU), so the CPU rehearsal takes the same code path."""
+    extra = list(RUNS[name][3])
+    if device != "cuda":
+        extra = ["int8" if flag == "nf4" else flag for flag in extra if flag != "--use_8bit_adam"]
+    return extra
 
 
 def build_models(size: str, folder: str, device: str, kinds: set[str]) -> dict[str, str]:
@@ -325,10 +406,16 @@ def write_datasets(size: str, folder: str) -> dict[str, str]:
 
 def train(name: str, args: argparse.Namespace, models: dict, data: dict) -> dict:
     """One run of a training script as a user launches it; its steady-state throughput and wall time."""
-    kind, precision, cached, extra = RUNS[name]
-    _, resolution, batch = SIZES[args.size][kind]
+    import torch
+
+    kind, precision, cached = RUNS[name][:3]
+    extra = run_flags(name, "cuda" if torch.cuda.is_available() else "cpu")
+    resolution, batch = run_shape(name, args.size)
     out = os.path.join(args.output_dir, "runs", name)
-    bank = os.path.join(args.output_dir, f"bank-{kind}")
+    # One bank per model, shape and batch (a bank built for other settings is refused, and a quantized base
+    # samples its own)
+    quantized = f"-{extra[extra.index('--quantize_base') + 1]}" if "--quantize_base" in extra else ""
+    bank = os.path.join(args.output_dir, f"bank-{kind}-{resolution}px-b{batch}{quantized}")
     cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[kind]), "--pretrained_model_name_or_path", models[kind],
            "--train_data_dir" if kind in ("dit", "controlnet") else "--instance_data_dir", data[kind],
            "--output_dir", out, "--max_train_steps", str(args.steps), "--train_batch_size", str(batch),
@@ -338,9 +425,10 @@ def train(name: str, args: argparse.Namespace, models: dict, data: dict) -> dict
            "--knowledge_bank_num_inference_steps", "10", *(["--cache_latents"] if cached else []),
            *(["--center_crop"] if kind != "controlnet" else []), *extra]
     if kind.startswith("dreambooth"):
-        cmd += ["--instance_prompt", "a sks circle", "--class_prompt", "a circle", "--class_data_dir", bank,
-                "--num_class_images", str(2 * batch), "--sample_batch_size", str(batch), "--learning_rate", "1e-4",
-                "--validation_num_inference_steps", "5"]
+        cmd += ["--instance_prompt", "a sks circle", "--learning_rate", "1e-4", "--validation_num_inference_steps", "5"]
+        if "--with_prior_preservation" in extra:
+            cmd += ["--class_prompt", "a circle", "--class_data_dir", bank,
+                    "--num_class_images", str(2 * batch), "--sample_batch_size", str(batch)]
     else:
         cmd += ["--knowledge_bank_dir", bank, "--knowledge_bank_size", str(2 * batch),
                 "--knowledge_bank_batch_size", str(batch)]
@@ -349,10 +437,13 @@ def train(name: str, args: argparse.Namespace, models: dict, data: dict) -> dict
     start = time.time()
     with open(out + ".log", "w") as log:
         returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    result = {"returncode": returncode, "wall_s": round(time.time() - start, 1), "log": out + ".log"}
+    result = {"returncode": returncode, "wall_s": round(time.time() - start, 1), "log": out + ".log",
+              "batch": batch, "resolution": resolution, "flags": extra}
     throughput = os.path.join(out, "logs", "throughput.json")
     if returncode == 0 and os.path.exists(throughput):
         result.update(json.load(open(throughput)))
+    elif returncode != 0:  # the report may be all that comes back from a leased machine
+        result["log_tail"] = open(out + ".log", errors="replace").read()[-3000:]
     print(f"[gpu_check] {name}: {'ok' if returncode == 0 else 'FAILED'} in {result['wall_s']} s, "
           f"{result.get('steady_images_per_sec', float('nan')):.1f} images/s", flush=True)
     return result
@@ -387,7 +478,7 @@ def load_and_sample(name: str, args: argparse.Namespace, models: dict, data: dic
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             pipe = DiffusionPipeline.from_pretrained(models[kind], **absent, torch_dtype=dtype).to(device)
             pipe.load_lora_weights(out)
-            resolution = SIZES[args.size][kind][1]
+            resolution = run_shape(name, args.size)[0]
             pipe("a sks circle", num_inference_steps=4, height=resolution, width=resolution)
         return "ok"
     except Exception as err:  # noqa: BLE001 - reported in the summary, not raised
@@ -399,7 +490,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="real")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "gpu_check"))
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--report_dir", default=None,
+                        help="Where summary.md and gpu_check.json are written after every run; default --output_dir "
+                             "(which also holds the models: ~40 GB at real size).")
+    parser.add_argument("--runs", nargs="+", choices=[*RUNS, "priority"], default=list(RUNS),
+                        help="Runs in the order given; 'priority': the PRIORITY list, for a short lease.")
     parser.add_argument("--steps", type=int, default=100, help="Training steps per run.")
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     parser.add_argument("--overhead_repeats", type=int, default=10, help="0 skips the overhead harness.")
@@ -407,6 +502,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Start no new run or harness measurement after this many seconds (a lease's limit); "
                              "what was skipped is listed in the report.")
     args = parser.parse_args(argv)
+    args.runs = [run for name in args.runs for run in (PRIORITY if name == "priority" else [name])]
     if args.steps < 2 or args.dataloader_num_workers < 0 or args.overhead_repeats < 0:
         parser.error("--steps must be >= 2, --dataloader_num_workers and --overhead_repeats >= 0.")
     if args.deadline_s is not None and not 0 < args.deadline_s < float("inf"):
@@ -420,18 +516,19 @@ def main(args: argparse.Namespace) -> dict:
     start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
-    kinds = {RUNS[name][0] for name in args.runs}
-    models = build_models(args.size, args.output_dir, device, kinds)
     data = write_datasets(args.size, args.output_dir)
-    print(f"[gpu_check] models and data ready in {time.time() - start:.0f} s", flush=True)
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "size": args.size, "steps": args.steps, "runs": {}, "overhead": {}, "skipped": []}
+              "size": args.size, "steps": args.steps, "runs": {}, "overhead": {}, "skipped": [],
+              "stand_ins": "" if device == "cuda" else "without CUDA: torchao int8 for NF4, AdamW for 8-bit Adam"}
+
+    report_dir = args.report_dir or args.output_dir
+    os.makedirs(report_dir, exist_ok=True)
 
     def write_report() -> None:  # after every run: a machine taken back mid-way still leaves its figures
         report["wall_s"] = round(time.time() - start, 1)
-        with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
+        with open(os.path.join(report_dir, "summary.md"), "w") as f:
             f.write(markdown(report))
-        atomic_write_json(os.path.join(args.output_dir, "gpu_check.json"), report)
+        atomic_write_json(os.path.join(report_dir, "gpu_check.json"), report)
 
     def out_of_time() -> bool:
         return args.deadline_s is not None and time.time() - start > args.deadline_s
@@ -440,6 +537,9 @@ def main(args: argparse.Namespace) -> dict:
         if out_of_time():
             report["skipped"].append(name)
             continue
+        # Each model is built when a run first needs it (FLUX.1-dev-shaped: ~25 GB written), so a lease's deadline
+        # is not spent on models of runs it skips.
+        models = build_models(args.size, args.output_dir, device, {RUNS[name][0]})
         result = train(name, args, models, data)
         result["load_and_sample"] = load_and_sample(name, args, models, data) if result["returncode"] == 0 else "-"
         report["runs"][name] = result
@@ -470,14 +570,26 @@ def markdown(report: dict) -> str:
     def num(value: float | None, spec: str) -> str:
         return "—" if value is None else format(value, spec)
 
+    stand_ins = f"; {report['stand_ins']}" if report.get("stand_ins") else ""
     lines = [f"GPU check on {report['device']} (torch {report['torch']}, size {report['size']}, {report['steps']} "
-             f"steps per run, {report['wall_s']:.0f} s in all).", "",
-             "| run | exit | images/s (steady) | model TFLOP/s | MFU | peak GiB | wall (s) | load + sample |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"steps per run, {report['wall_s']:.0f} s in all{stand_ins}).", "",
+             "| run | batch x px | exit | images/s (steady) | model TFLOP/s | MFU | peak GiB | anchor / target | "
+             "wall (s) | load + sample |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
-        lines.append(f"| {name} | {r['returncode']} | {num(r.get('steady_images_per_sec'), '.1f')} | "
-                     f"{num(r.get('steady_model_tflops'), '.3g')} | {num(r.get('steady_mfu'), '.1%')} | "
-                     f"{num(r.get('peak_memory_gib'), '.1f')} | {r['wall_s']:.0f} | {r['load_and_sample']} |")
+        lines.append(f"| {name} | {r.get('batch', '?')} x {r.get('resolution', '?')} | {r['returncode']} | "
+                     f"{num(r.get('steady_images_per_sec'), '.1f')} | {num(r.get('steady_model_tflops'), '.3g')} | "
+                     f"{num(r.get('steady_mfu'), '.1%')} | {num(r.get('peak_memory_gib'), '.1f')} | "
+                     f"{ANCHORS.get(name, '')} | {r['wall_s']:.0f} | {r['load_and_sample']} |")
+    pairs = [(a, b) for a, b in PAIRS if report["runs"].get(a, {}).get("steady_images_per_sec")
+             and report["runs"].get(b, {}).get("steady_images_per_sec")]
+    if pairs:
+        lines += ["", "| Diff-Tuning / standard (same batch) | step time | peak memory |", "|---|---|---|"]
+        for a, b in pairs:
+            ra, rb = report["runs"][a], report["runs"][b]
+            memory = (rb["peak_memory_gib"] / ra["peak_memory_gib"] if ra.get("peak_memory_gib")
+                      and rb.get("peak_memory_gib") else None)
+            lines.append(f"| {b} / {a} | {ra['steady_images_per_sec'] / rb['steady_images_per_sec']:.3f} | "
+                         f"{num(memory, '.3f')} |")
     if report["overhead"]:
         lines += ["", "| harness (the scripts' step alone) | standard images/s | DT images/s | DT / standard step time "
                       "| peak memory ratio | script / harness (standard) |", "|---|---|---|---|---|---|"]

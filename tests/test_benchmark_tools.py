@@ -271,19 +271,24 @@ def test_docs_flag_tables_match_the_parsers() -> None:
 
 @pytest.mark.slow
 def test_gpu_check_tiny_mode(tmp_path) -> None:
-    """The GPU check's CPU mode: real scripts at tiny size, outputs loaded and sampled, harness beside them."""
+    """The GPU check's CPU mode: real scripts at tiny size, outputs loaded and sampled, harness beside them; the
+    compiled DiT run and the QLoRA run (torchao int8 standing in for NF4 without CUDA) beside their standard
+    counterparts, with the Diff-Tuning / standard ratios."""
     from benchmark import gpu_check
 
     report = gpu_check.main(gpu_check.parse_args([
         "--size", "tiny", "--output_dir", str(tmp_path), "--steps", "4", "--overhead_repeats", "1",
         "--dataloader_num_workers", "0", "--runs", "dit-standard-bf16-cached", "controlnet-replay-bf16",
-        "dreambooth-sdxl-difftuning-bf16"]))
+        "dreambooth-sdxl-difftuning-bf16", "dit-standard-bf16-cached-compile-b128",
+        "dreambooth-flux-qlora-512-prior", "dreambooth-flux-qlora-512-difftuning"]))
     for name, run in report["runs"].items():
         assert run["returncode"] == 0 and run["load_and_sample"] == "ok", (name, run)
         assert run["steady_images_per_sec"] > 0 and run["flops_per_image"] > 0
+    assert report["runs"]["dreambooth-flux-qlora-512-prior"]["flags"][:2] == ["--quantize_base", "int8"]
     assert set(report["overhead"]) == {"dit-bf16", "dit-bf16-cached", "controlnet-bf16"}
     summary = (tmp_path / "summary.md").read_text()
-    assert "| dit-standard-bf16-cached | 0 |" in summary and "script / harness" in summary
+    assert "| dit-standard-bf16-cached | 8 x 32 | 0 |" in summary and "script / harness" in summary
+    assert "| dreambooth-flux-qlora-512-difftuning / dreambooth-flux-qlora-512-prior |" in summary
     assert (tmp_path / "gpu_check.json").exists()
 
 
