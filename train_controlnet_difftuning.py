@@ -7,7 +7,7 @@ examples/controlnet/train_controlnet.py (same flags, dataset columns and outputs
         --dataset_name fusing/fill50k --output_dir controlnet-fill50k --mixed_precision fp16 --difftuning
 
 The result loads with ``ControlNetModel.from_pretrained(output_dir)``. Diff-Tuning itself lives in
-difftuning_utils.py, the shared training plumbing in training_plumbing.py; docs/controlnet.md says
+difftuning_utils.py, the shared training plumbing in the training_plumbing package; docs/controlnet.md says
 which parts of the ControlNet recipe are the paper's and which are ours.
 """
 

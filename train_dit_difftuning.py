@@ -6,7 +6,7 @@
 
 The result is a DiTPipeline folder: ``DiffusionPipeline.from_pretrained(output_dir)`` generates by
 class name with guidance. Diff-Tuning itself lives in difftuning_utils.py; the shared training
-plumbing in training_plumbing.py.
+plumbing in the training_plumbing package.
 """
 
 from __future__ import annotations

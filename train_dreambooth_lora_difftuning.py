@@ -14,7 +14,7 @@ Prior preservation already replays the base model's own samples of a class promp
 timesteps (toward small t), where upstream gives both halves the same uniform draw. The result is a
 diffusers-format LoRA: ``pipe.load_lora_weights(output_dir)``. The model family (SD, SDXL, SD3 or Flux) is
 read from the base pipeline (model_families.py); the method lives in difftuning_utils.py and the shared
-plumbing in training_plumbing.py.
+plumbing in the training_plumbing package.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture
 def captured_hub(monkeypatch) -> dict:
     """The Hub is unreachable: record create_repo/upload_folder calls instead (keys 'create', 'upload')."""
-    import training_plumbing
+    import training_plumbing.hub
 
     calls: dict = {}
 
@@ -125,9 +125,9 @@ def captured_hub(monkeypatch) -> dict:
         def __init__(self, repo_id: str) -> None:
             self.repo_id = repo_id
 
-    monkeypatch.setattr(training_plumbing, "create_repo",
+    monkeypatch.setattr(training_plumbing.hub, "create_repo",
                         lambda **kw: calls.setdefault("create", kw) and Repo(kw["repo_id"]))
-    monkeypatch.setattr(training_plumbing, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    monkeypatch.setattr(training_plumbing.hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     return calls
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of training_plumbing.py: the shared pieces the three scripts rely on for exact resumes, correct
+"""Unit tests of the training_plumbing package: the shared pieces the three scripts rely on for exact resumes, correct
 crops, schedules and honest model cards."""
 
 from __future__ import annotations
