@@ -162,7 +162,7 @@ def test_readme_commands_run_unchanged(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux, 
     if name == "sd-if-stage-1-flags":  # --pre_compute_text_embeddings: validated from embeddings, encoder released
         assert validations and all(encoder is None and "prompt_embeds" in kw for encoder, kw in validations)
     elif "--validation_prompt" in command:  # the end of the first epoch (--validation_epochs 25 or 50)
-        assert validations and validations[0][0] is not None
+        assert validations  # (frozen text encoders are released once the prompts are encoded, on every family)
     transformer = [v for k, v in saved.items() if k.startswith("transformer.")]
     if family == "flux":  # bf16 training: upstream saves the transformer's LoRA in bf16 unless upcast
         assert {v.dtype for v in transformer} == {torch.float32 if "upcast" in name else torch.bfloat16}
