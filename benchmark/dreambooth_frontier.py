@@ -205,6 +205,38 @@ def report(arms: dict[str, dict[int, dict]], baseline: str, alpha: float) -> dic
             "base": next(iter(next(iter(arms.values())).values()))["base"]}
 
 
+def pool(reports: dict[str, dict], alpha: float) -> dict:
+    """Every subject's report together: per family and quantity, the paired differences against the baseline of all
+    (subject, seed) pairs, one t-test over them per space, and the verdict under the same rule."""
+    from scipy import stats
+
+    baselines = {r["baseline"] for r in reports.values()}
+    if len(baselines) != 1:
+        raise ConfigError(f"the reports have different baselines ({', '.join(sorted(baselines))}): pool alike ones.")
+    baseline = baselines.pop()
+    families = sorted(set.intersection(*(set(r["families"]) for r in reports.values())) - {baseline})
+    pooled = {}
+    for family in families:
+        pooled[family] = {"tests": {}, "verdicts": {}}
+        for quantity in ("at_level", "area"):
+            pooled[family]["tests"][quantity], pooled[family]["verdicts"][quantity] = {}, {}
+            for axis in AXES:
+                tests = {}
+                for space in SPACES:
+                    diffs = []
+                    for rep in reports.values():
+                        arm, base = rep["families"][family], rep["families"][baseline]
+                        shared = sorted(set(arm["seeds"]) & set(base["seeds"]))
+                        diffs += [arm[quantity][space][axis][arm["seeds"].index(s)]
+                                  - base[quantity][space][axis][base["seeds"].index(s)] for s in shared]
+                    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if len(diffs) > 1 and any(diffs) else None
+                    tests[space] = {"pairs": len(diffs), "difference": statistics.mean(diffs) if diffs else None,
+                                    "p": p}
+                pooled[family]["tests"][quantity][axis] = tests
+                pooled[family]["verdicts"][quantity][axis] = verdict(tests, alpha)
+    return {"baseline": baseline, "alpha": alpha, "reports": sorted(reports), "families": pooled}
+
+
 # ----------------------------------------------------------------------------------------------
 # Table, plot, records
 # ----------------------------------------------------------------------------------------------
@@ -308,11 +340,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", default=None, help="Write the markdown table here too.")
     parser.add_argument("--output_json", default=None, help="The report (tuning, levels, per-seed values, tests).")
     parser.add_argument("--plot", default=None, help="PNG of the frontiers.")
+    parser.add_argument("--pool", nargs="+", default=None, metavar="REPORT_JSON",
+                        help="Pool these per-subject reports (pairs = subject x seed) instead of reading --arm runs.")
     parser.add_argument("--keep_records", nargs=2, metavar=("OUTPUT_DIR", "DEST"), default=None,
                         help="Copy a benchmark folder's per-run records to DEST, then stop.")
     args = parser.parse_args(argv)
-    if args.keep_records is None and not args.arm:
-        parser.error("give --arm (one per family or config) or --keep_records.")
+    if args.keep_records is None and args.pool is None and not args.arm:
+        parser.error("give --arm (one per family or config), --pool or --keep_records.")
     arms = {}
     for spec in args.arm:
         name, sep, where = spec.partition("=")
@@ -328,6 +362,15 @@ def main(args: argparse.Namespace) -> None:
     if args.keep_records:
         copied = keep_records(*args.keep_records)
         print(f"[dreambooth frontier] {len(copied)} run records copied to {args.keep_records[1]}")
+        return
+    if args.pool:
+        pooled = pool({path: json.load(open(path)) for path in args.pool}, args.alpha)
+        print("\n".join(f"{family} vs {pooled['baseline']}: " + "; ".join(
+            f"{q} {AXES[a]} " + " / ".join(format_test(t) for t in pooled["families"][family]["tests"][q][a].values())
+            + f" -> {pooled['families'][family]['verdicts'][q][a]}" for q in ("at_level", "area") for a in AXES)
+            for family in pooled["families"]))
+        if args.output_json:
+            atomic_write_json(args.output_json, pooled)
         return
     arms = {name: load_runs(*where) for name, where in args.arms.items()}
     rep = report(arms, args.baseline, args.alpha)

@@ -983,6 +983,30 @@ def test_dreambooth_frontier_interpolates_on_the_curve_and_tunes_on_validation_o
     assert fr.report(arms, "prior", 0.05)["families"]["dt"]["verdicts"]["at_level"]["prior_kept"] == "no difference"
     with pytest.raises(ConfigError, match="--baseline plain is not a family"):
         fr.report(arms, "plain", 0.05)
+    pooled = fr.pool({"one": rep, "two": rep}, 0.05)  # pairs = subject x seed
+    test = pooled["families"]["dt"]["tests"]["at_level"]["prior_kept"]["openmoji"]
+    assert test["pairs"] == 8 and test["difference"] == pytest.approx(0.03)
+    assert pooled["families"]["dt"]["verdicts"]["at_level"]["prior_kept"] == "higher" and "prior" not in pooled[
+        "families"]
+
+
+def test_dreambooth_frontier_keeps_run_records_with_a_relative_model_path(tmp_path) -> None:
+    """Only finished runs are copied, with the model folder relative to the repository (records move between
+    machines); the report reads them back."""
+    from benchmark import dreambooth_frontier as fr
+
+    for seed, done in ((0, True), (1, False)):
+        run = tmp_path / "out" / "runs" / f"prior-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "settings.json").write_text(json.dumps({"base_model": os.path.join(ROOT, "benchmark", "m"),
+                                                       "learning_rate": 2e-4}))
+        if done:
+            (run / "result.json").write_text(json.dumps(_dreambooth_run(seed, [(0, 1.0, 0.1, 0.2),
+                                                                               (100, 0.9, 0.2, 0.5)])))
+    assert fr.keep_records(str(tmp_path / "out"), str(tmp_path / "kept")) == ["prior-seed0"]
+    settings = json.load(open(tmp_path / "kept" / "runs" / "prior-seed0" / "settings.json"))
+    assert settings == {"base_model": os.path.join("benchmark", "m"), "learning_rate": 2e-4}
+    assert list(fr.load_runs(str(tmp_path / "kept"), "prior")) == [0]
 
 
 def _committed_frontier_reports() -> list[str]:
@@ -1010,3 +1034,17 @@ def test_committed_dreambooth_frontier_reports_follow_from_the_committed_run_rec
     monkeypatch.chdir(ROOT)  # the reports name their sources relative to the repository
     fr.main(fr.parse_args(argv))
     assert _first_difference(json.load(open(tmp_path / "report.json")), committed) is None
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier.json")),
+                    reason="no pooled frontier report committed yet")
+def test_committed_pooled_dreambooth_frontier_follows_from_the_committed_reports(tmp_path, monkeypatch) -> None:
+    """The pooled DreamBooth verdicts are what benchmark.dreambooth_frontier --pool computes from the per-subject
+    reports (each of which the test above re-derives from its run records)."""
+    from benchmark import dreambooth_frontier as fr
+
+    committed = json.load(open(os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier.json")))
+    monkeypatch.chdir(ROOT)
+    fr.main(fr.parse_args(["--pool", *committed["reports"], "--alpha", str(committed["alpha"]), "--output_json",
+                           str(tmp_path / "pooled.json")]))
+    assert _first_difference(json.load(open(tmp_path / "pooled.json")), committed) is None
