@@ -133,11 +133,12 @@ def tune(arms: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return tuning
 
 
-def paired(values: dict[int, float], base: dict[int, float]) -> dict:
-    """Mean paired difference over the shared seeds and the paired t-test's p (None for one pair)."""
+def paired(values: dict[int, float | None], base: dict[int, float | None]) -> dict:
+    """Mean paired difference over the shared seeds and the paired t-test's p (None for one pair). A run that never
+    kept as much as the matched level (None: the 1 - pres of a run that only collapsed further) has no pair."""
     from scipy import stats
 
-    seeds = sorted(set(values) & set(base))
+    seeds = sorted(s for s in set(values) & set(base) if values[s] is not None and base[s] is not None)
     a, b = [values[s] for s in seeds], [base[s] for s in seeds]
     p = float(stats.ttest_rel(a, b).pvalue) if len(seeds) > 1 and a != b else None
     return {"seeds": seeds, "difference": statistics.mean(a) - statistics.mean(b) if seeds else None, "p": p}
@@ -227,8 +228,9 @@ def pool(reports: dict[str, dict], alpha: float) -> dict:
                     for rep in reports.values():
                         arm, base = rep["families"][family], rep["families"][baseline]
                         shared = sorted(set(arm["seeds"]) & set(base["seeds"]))
-                        diffs += [arm[quantity][space][axis][arm["seeds"].index(s)]
-                                  - base[quantity][space][axis][base["seeds"].index(s)] for s in shared]
+                        pairs = [(arm[quantity][space][axis][arm["seeds"].index(s)],
+                                  base[quantity][space][axis][base["seeds"].index(s)]) for s in shared]
+                        diffs += [a - b for a, b in pairs if a is not None and b is not None]
                     p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if len(diffs) > 1 and any(diffs) else None
                     tests[space] = {"pairs": len(diffs), "difference": statistics.mean(diffs) if diffs else None,
                                     "p": p}
@@ -247,6 +249,13 @@ def format_test(test: dict) -> str:
     return f"{test['difference']:+.3f} ({p})"
 
 
+def mean_of_reached(values: list[float | None]) -> str:
+    """The mean over the runs that reached the level, and how many did not."""
+    reached = [v for v in values if v is not None]
+    missing = f" ({len(values) - len(reached)} never kept that much)" if len(reached) < len(values) else ""
+    return (f"{statistics.mean(reached):.3f}" if reached else "—") + missing
+
+
 def table(rep: dict) -> str:
     """Markdown: per family its tuned config and chosen steps, its fidelity at the matched level and its frontier
     area (mean over seeds, per space), and the tests against the baseline with the verdict."""
@@ -262,7 +271,7 @@ def table(rep: dict) -> str:
         cells = [family, e["config"], f"{', '.join(map(str, e['chosen_steps']))} ({e['interior']} / "
                  f"{len(e['seeds'])})"]
         for quantity, axis in (("at_level", "prior_kept"), ("at_level", "class_kept"), ("area", "prior_kept")):
-            cells.append(" / ".join(f"{statistics.mean(e[quantity][s][axis]):.3f}" for s in SPACES))
+            cells.append(" / ".join(mean_of_reached(e[quantity][s][axis]) for s in SPACES))
             if family == baseline:
                 cells += ["—", "—"]
             else:
@@ -298,7 +307,7 @@ def plot(arms: dict[str, dict[int, dict]], rep: dict, path: str) -> None:
                     xs, ys = zip(*curve_points(r, space, axis), strict=True)
                     ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.25, linewidth=0.8)
                 mean = [statistics.mean(frontier(curve_points(r, space, axis), lv) for r in runs.values())
-                        for lv in levels]
+                        for lv in levels]  # defined on the range: it ends at the lowest of the runs' highest x
                 ax.plot(levels, mean, color=colours[i % len(colours)], linewidth=2.2,
                         label=f"{family} ({entry['config'].partition('@')[2] or 'default'})")
             ax.axvline(rep["levels"][space][axis], color="grey", linestyle="--", linewidth=1)

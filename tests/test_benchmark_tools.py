@@ -983,6 +983,8 @@ def test_dreambooth_frontier_interpolates_on_the_curve_and_tunes_on_validation_o
     assert fr.report(arms, "prior", 0.05)["families"]["dt"]["verdicts"]["at_level"]["prior_kept"] == "no difference"
     with pytest.raises(ConfigError, match="--baseline plain is not a family"):
         fr.report(arms, "plain", 0.05)
+    unreached = fr.paired({0: None, 1: 0.5, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.5})  # seed 0 never kept that much
+    assert unreached["seeds"] == [1, 2] and unreached["difference"] == pytest.approx(0.15)
     pooled = fr.pool({"one": rep, "two": rep}, 0.05)  # pairs = subject x seed
     test = pooled["families"]["dt"]["tests"]["at_level"]["prior_kept"]["openmoji"]
     assert test["pairs"] == 8 and test["difference"] == pytest.approx(0.03)
