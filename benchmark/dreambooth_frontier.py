@@ -18,8 +18,8 @@ checkpoints, so a level between two checkpoints is interpolated). Then, per feat
 Arms come from finished ``dreambooth_benchmark`` folders (``--arm NAME=OUTPUT_DIR:RUN_ARM``). ``NAME`` is
 ``FAMILY`` or ``FAMILY@CONFIG``: of a family given at several configs (learning rates, ``--prior_loss_weight``),
 the one with the largest validation frontier is kept (the area under F of ``val_fidelity``, first feature space,
-``prior_kept`` axis, over the family's own x range: the validation images play the reference's part, the
-reference takes no part in the choice), as a user with a validation set would tune it.
+``prior_kept`` axis, over the family's own x range, on the seeds all its configs have: the validation images play
+the reference's part, the reference takes no part in the choice), as a user with a validation set would tune it.
 
     python -m benchmark.dreambooth_frontier --baseline prior \\
         --arm prior@w1_lr2e-4=outputs/frontier/openmoji_cat_face/w1_lr2e-4:prior \\
@@ -118,18 +118,21 @@ def load_runs(folder: str, run_arm: str) -> dict[int, dict]:
 
 def tune(arms: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """Per family, the config with the largest mean validation frontier (``val_fidelity``, first space,
-    ``prior_kept`` axis, over the family's own range) and every config's score."""
+    ``prior_kept`` axis, over the family's own range), scored on the seeds every config of the family has (the
+    sweep's: the chosen config's later seeds do not change the choice), and every config's score."""
     families: dict[str, list[str]] = {}
     for name in arms:
         families.setdefault(name.split("@")[0], []).append(name)
     tuning = {}
     for family, names in families.items():
-        runs = [r for n in names for r in arms[n].values()]
-        low, high = x_range(runs, SPACES[0], "prior_kept")
-        scores = {n: statistics.mean(frontier_area(curve_points(r, SPACES[0], "prior_kept", "val_fidelity"),
-                                                   low, high) for r in arms[n].values()) for n in names}
-        tuning[family] = {"chosen": max(scores, key=lambda n: (scores[n], n)), "scores": scores,
-                          "seeds": {n: sorted(arms[n]) for n in names}}
+        seeds = sorted(set.intersection(*(set(arms[n]) for n in names)))
+        if not seeds:
+            raise ConfigError(f"the settings of {family} share no seed, so they cannot be compared: "
+                              f"{', '.join(names)}.")
+        low, high = x_range([arms[n][s] for n in names for s in seeds], SPACES[0], "prior_kept")
+        scores = {n: statistics.mean(frontier_area(curve_points(arms[n][s], SPACES[0], "prior_kept", "val_fidelity"),
+                                                   low, high) for s in seeds) for n in names}
+        tuning[family] = {"chosen": max(scores, key=lambda n: (scores[n], n)), "scores": scores, "seeds": seeds}
     return tuning
 
 

@@ -969,6 +969,8 @@ def test_dreambooth_frontier_interpolates_on_the_curve_and_tunes_on_validation_o
 
     arms = {"prior@a": family(0.0, 0.0), "prior@b": family(0.05, -0.2),  # b: better on the reference, worse on val
             "dt": family(0.03, 0.0)}
+    rep = fr.report({**arms, "prior@b": {0: arms["prior@b"][0]}}, "prior", 0.05)
+    assert rep["tuning"]["prior"]["seeds"] == [0]  # the seeds both settings have choose
     rep = fr.report(arms, "prior", 0.05)
     assert rep["tuning"]["prior"]["chosen"] == "prior@a" and rep["tuning"]["dt"]["chosen"] == "dt"
     assert rep["levels"]["openmoji"]["prior_kept"] == pytest.approx(0.9)  # seeds chose 100, 200, 100, 200
