@@ -248,6 +248,8 @@ def pool(reports: dict[str, dict], alpha: float) -> dict:
 
 
 def format_test(test: dict) -> str:
+    if test["difference"] is None:
+        return "no pair"
     p = f"p {test['p']:.3f}" if test["p"] is not None else "no test"
     return f"{test['difference']:+.3f} ({p})"
 
@@ -314,7 +316,7 @@ def plot(arms: dict[str, dict[int, dict]], rep: dict, path: str) -> None:
                 ax.plot(levels, mean, color=colours[i % len(colours)], linewidth=2.2,
                         label=f"{family} ({entry['config'].partition('@')[2] or 'default'})")
             ax.axvline(rep["levels"][space][axis], color="grey", linestyle="--", linewidth=1)
-            ax.set_xlabel(f"{AXES[axis]} ({space} features) →  less forgetting")
+            ax.set_xlabel(f"{AXES[axis]} ({space} features); to the right: more forgetting")
             ax.set_ylabel("subject fidelity")
             ax.invert_xaxis()  # training moves right: from the base model (keeps all) to more forgetting
             ax.grid(alpha=0.3)

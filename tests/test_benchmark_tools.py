@@ -987,6 +987,8 @@ def test_dreambooth_frontier_interpolates_on_the_curve_and_tunes_on_validation_o
         fr.report(arms, "plain", 0.05)
     unreached = fr.paired({0: None, 1: 0.5, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.5})  # seed 0 never kept that much
     assert unreached["seeds"] == [1, 2] and unreached["difference"] == pytest.approx(0.15)
+    assert fr.format_test(fr.paired({0: None}, {0: 0.4})) == "no pair"
+    assert "| dt | dt | 100, 200, 100, 200 (2 / 4) |" in fr.table(rep)
     pooled = fr.pool({"one": rep, "two": rep}, 0.05)  # pairs = subject x seed
     test = pooled["families"]["dt"]["tests"]["at_level"]["prior_kept"]["openmoji"]
     assert test["pairs"] == 8 and test["difference"] == pytest.approx(0.03)
