@@ -304,15 +304,16 @@ def plot(arms: dict[str, dict[int, dict]], rep: dict, path: str) -> None:
     for row, axis in enumerate(AXES):
         for col, space in enumerate(SPACES):
             ax = axes[row][col]
-            low, high = rep["ranges"][space][axis]
-            levels = np.linspace(low, high, GRID)
+            low = rep["ranges"][space][axis][0]
             for i, (family, entry) in enumerate(rep["families"].items()):
                 runs = arms[entry["config"]]
                 for r in runs.values():
                     xs, ys = zip(*curve_points(r, space, axis), strict=True)
                     ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.25, linewidth=0.8)
+                # the family's mean frontier where every one of its runs has one: up to the lowest of their highest x
+                levels = np.linspace(low, x_range(list(runs.values()), space, axis)[1], GRID)
                 mean = [statistics.mean(frontier(curve_points(r, space, axis), lv) for r in runs.values())
-                        for lv in levels]  # defined on the range: it ends at the lowest of the runs' highest x
+                        for lv in levels]
                 ax.plot(levels, mean, color=colours[i % len(colours)], linewidth=2.2,
                         label=f"{family} ({entry['config'].partition('@')[2] or 'default'})")
             ax.axvline(rep["levels"][space][axis], color="grey", linestyle="--", linewidth=1)
