@@ -3,10 +3,12 @@
 
 Base model: the tiny text-to-image model (benchmark/emoji_text2image_model, Twemoji + Noto Emoji with
 their CLDR names), or its flow-matching counterpart (``--base_model benchmark/emoji_sd3_model``, SD3-shaped,
-made by ``pretrain_text2image.py --family sd3``), where Diff-Tuning's split is over sigma. Subject:
-OpenMoji's nine cat faces, a style the base never saw (black outlines, flat fills): five train the LoRA
-("sks cat face"), two choose each run's checkpoint, two are the fidelity reference. Class prompt: "cat
-face", a 🐱 the base model draws in its own styles.
+made by ``pretrain_text2image.py --family sd3``), where Diff-Tuning's split is over sigma. Subject
+(``--subject``, SUBJECTS): nine images of one kind of emoji in a style the base never saw, by default
+OpenMoji's nine cat faces (black outlines, flat fills): five train the LoRA ("sks cat face"), two choose
+each run's checkpoint, two are the fidelity reference. Class prompt: "cat face", a 🐱 the base model draws
+in its own styles. ``--base_only`` scores the base model itself against a subject (its fidelity before
+training), and every run records that point too: ``dreambooth_frontier`` draws each run's curve from it.
 
 Every arm is one ``train_dreambooth_lora_difftuning.py`` run (the real script) with the same steps,
 batch, learning rate and seed, saving a LoRA checkpoint every ``--eval_every`` steps. Each checkpoint
@@ -35,9 +37,11 @@ Finished runs are reused (their settings are checked), so an interrupted benchma
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,9 +52,58 @@ from benchmark.runner import ROOT
 from difftuning_common import ConfigError, atomic_write_json
 from training_plumbing import run_cli
 
-INSTANCE_PROMPT, CLASS_PROMPT = "sks cat face", "cat face"
 UNRELATED_PROMPTS = ("grinning face", "red heart", "dog face", "pizza", "rocket", "sun")
-PRIOR = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT]
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A DreamBooth subject: nine images of one kind of emoji in one vendor's style, split by SUBJECT_SPLIT."""
+
+    vendor: str  # "openmoji", or a key of emoji_data.ICONIFY_PACKAGES
+    names: tuple[str, ...]  # the nine images: OpenMoji's CLDR names, or the Iconify set's icon names
+    class_prompt: str  # a name the base model was trained on; the instance prompt is "sks <class prompt>"
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"sks {self.class_prompt}"
+
+
+CATS = ("grinning cat", "grinning cat with smiling eyes", "cat with tears of joy", "smiling cat with heart-eyes",
+        "cat with wry smile", "kissing cat", "weary cat", "crying cat", "pouting cat")  # in OpenMoji's order
+MOONS = ("new moon", "waxing crescent moon", "first quarter moon", "waxing gibbous moon", "full moon",
+         "waning gibbous moon", "last quarter moon", "waning crescent moon", "crescent moon")
+CLOCKS = ("one o’clock", "two o’clock", "three o’clock", "four o’clock", "five o’clock", "six o’clock",
+          "seven o’clock", "eight o’clock", "nine o’clock")
+
+HANDS = ("OK hand", "pinched fingers", "pinching hand", "victory hand", "crossed fingers",
+         "hand with index finger and thumb crossed", "love-you gesture", "sign of the horns", "call me hand")
+
+
+def slugs(names: tuple[str, ...]) -> tuple[str, ...]:
+    """CLDR names as Iconify icon names ("cat with wry smile" -> "cat-with-wry-smile")."""
+    return tuple(n.lower().replace("’", "").replace(" ", "-") for n in names)
+
+
+# The candidates the frontier's subjects were registered from (docs/results.md, "DreamBooth frontier").
+SUBJECTS: dict[str, Subject] = {
+    "openmoji_cat_face": Subject("openmoji", CATS, "cat face"),  # the miniature's first subject
+    "openmoji_moon": Subject("openmoji", MOONS, "moon"),
+    "openmoji_clock": Subject("openmoji", CLOCKS, "clock"),
+    "fluent_flat_cat_face": Subject("fluent_flat", slugs(CATS), "cat face"),
+    "fluent_flat_moon": Subject("fluent_flat", slugs(MOONS), "moon"),
+    "fluent_flat_clock": Subject("fluent_flat", slugs(CLOCKS), "clock"),
+    "emojione_v1_cat_face": Subject("emojione_v1", (  # Unicode's names, as this set spells them
+        "grinning-cat-face", "grinning-cat-face-with-smiling-eyes", "cat-face-with-tears-of-joy",
+        "smiling-cat-face-with-heart-eyes", "cat-face-with-wry-smile", "kissing-cat-face", "weary-cat-face",
+        "crying-cat-face", "pouting-cat-face"), "cat face"),
+    "openmoji_hand": Subject("openmoji", HANDS, "hand"),
+    "fluent_flat_hand": Subject("fluent_flat", slugs(HANDS), "hand"),
+    "emojione_v1_moon": Subject("emojione_v1", slugs(MOONS), "moon"),
+    "emojione_v1_clock": Subject("emojione_v1", slugs(CLOCKS), "clock"),
+}
+DEFAULT_SUBJECT = "openmoji_cat_face"  # what runs made before subjects were named ran with
+# The arms' flags; "{class_prompt}" is the subject's.
+PRIOR = ["--with_prior_preservation", "--class_prompt", "{class_prompt}"]
 ARMS: dict[str, list[str]] = {
     "plain": [],  # DreamBooth LoRA without prior preservation
     "prior": PRIOR,  # diffusers' prior preservation: class samples at the subject's uniform timesteps
@@ -59,10 +112,11 @@ ARMS: dict[str, list[str]] = {
     "psi_only": ["--difftuning"],  # subject at psi, no bank
 }
 BASELINES = ("prior", "plain")
+SETTING_DEFAULTS = {"subject": DEFAULT_SUBJECT}  # of settings added after older runs were made
 METRICS = {"fidelity": "higher", "pres": "lower", "prior_kept": "higher", "drift": "lower", "div": "higher"}
 FEATURE_SPACES = ("openmoji", "emoji_heldout")
-BASE_SAMPLE_SETTINGS = ("base_model", "samples_per_prompt", "num_inference_steps", "guidance_scale")
-RUN_SETTINGS = ("base_model", "max_train_steps", "train_batch_size", "learning_rate", "rank", "eval_every",
+BASE_SAMPLE_SETTINGS = ("base_model", "subject", "samples_per_prompt", "num_inference_steps", "guidance_scale")
+RUN_SETTINGS = ("base_model", "subject", "max_train_steps", "train_batch_size", "learning_rate", "rank", "eval_every",
                 "num_class_images", "samples_per_prompt", "num_inference_steps", "guidance_scale", "extra_flags")
 SUBJECT_SPLIT = {"train": [0, 2, 4, 6, 8], "val": [1, 5], "reference": [3, 7]}  # of the nine, in OpenMoji order
 # Evaluation sampling per base pipeline, the defaults of --num_inference_steps and --guidance_scale. SD: DPM-Solver++
@@ -77,16 +131,19 @@ SAMPLING_DEFAULTS = {"StableDiffusionPipeline": {"num_inference_steps": 10, "gui
 # ----------------------------------------------------------------------------------------------
 
 
-def subject_images() -> np.ndarray:
-    """OpenMoji's nine cat faces, uint8 [9, 32, 32, 3] on white, in OpenMoji's order."""
+@functools.cache
+def subject_images(name: str = DEFAULT_SUBJECT) -> np.ndarray:
+    """The subject's nine images, uint8 [9, 32, 32, 3] on white, in the order of its names."""
     from benchmark import emoji_data
 
+    subject = SUBJECTS[name]
+    if subject.vendor != "openmoji":
+        return emoji_data.load_iconify(subject.vendor, list(subject.names))
     openmoji = emoji_data.load_openmoji()
-    index = [i for i, s in enumerate(openmoji.subgroups) if s == "cat-face"]
-    return openmoji.images[index]
+    return openmoji.images[[openmoji.names.index(n) for n in subject.names]]
 
 
-def write_instance_folder(output_dir: str) -> str:
+def write_instance_folder(output_dir: str, name: str = DEFAULT_SUBJECT) -> str:
     """The five training images of the subject as a flat image folder (DreamBooth's --instance_data_dir)."""
     from PIL import Image
 
@@ -95,13 +152,20 @@ def write_instance_folder(output_dir: str) -> str:
         tmp = folder + ".tmp"
         os.makedirs(tmp, exist_ok=True)
         for i in SUBJECT_SPLIT["train"]:
-            Image.fromarray(subject_images()[i]).save(os.path.join(tmp, f"cat-{i}.png"))
+            Image.fromarray(subject_images(name)[i]).save(os.path.join(tmp, f"{name}-{i}.png"))
         os.replace(tmp, folder)
     return folder
 
 
-def eval_prompts() -> list[str]:
-    return [INSTANCE_PROMPT, CLASS_PROMPT, *UNRELATED_PROMPTS]
+def eval_prompts(name: str = DEFAULT_SUBJECT) -> list[str]:
+    """The subject's instance prompt, its class prompt, then the unrelated prompts of ``drift``."""
+    subject = SUBJECTS[name]
+    return [subject.instance_prompt, subject.class_prompt, *UNRELATED_PROMPTS]
+
+
+def arm_flags(arm: str, name: str = DEFAULT_SUBJECT) -> list[str]:
+    """The training flags of ``arm`` for subject ``name``."""
+    return [flag.format(class_prompt=SUBJECTS[name].class_prompt) for flag in ARMS[arm]]
 
 
 @torch.no_grad()
@@ -110,7 +174,7 @@ def generate(pipe, lora_dir: str | None, args: argparse.Namespace) -> np.ndarray
     LoRA (``None``: the base model), so every comparison is paired."""
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
-    prompts, k = eval_prompts(), args.samples_per_prompt
+    prompts, k = eval_prompts(args.subject), args.samples_per_prompt
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     shape = (k, denoiser.config.in_channels, 8, 8)
     # SD3: T5's length (the zeros in its place) as the DreamBooth script trains and samples its class images
@@ -158,9 +222,9 @@ def features(images: np.ndarray, space: str) -> torch.Tensor:
     return torch.nn.functional.normalize(feats, dim=1).reshape(*images.shape[:-3], -1)
 
 
-def metrics(samples: np.ndarray, base: np.ndarray, space: str) -> dict[str, float]:
+def metrics(samples: np.ndarray, base: np.ndarray, space: str, name: str = DEFAULT_SUBJECT) -> dict[str, float]:
     """The miniature's metrics (see the module docstring) of ``samples`` [P, K, ...] in one feature space."""
-    f, b, subject = features(samples, space), features(base, space), features(subject_images(), space)
+    f, b, subject = features(samples, space), features(base, space), features(subject_images(name), space)
     mean_sim = lambda x, y: (x @ y.T).mean().item()  # noqa: E731
     subject_f, class_f = f[0], f[1]
     k = subject_f.shape[0]
@@ -183,6 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--base_model", default=os.path.join(ROOT, "benchmark", "emoji_text2image_model"))
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "dreambooth_benchmark"))
+    parser.add_argument("--subject", choices=list(SUBJECTS), default=DEFAULT_SUBJECT,
+                        help="The subject (SUBJECTS): nine images of one kind of emoji in one vendor's style.")
+    parser.add_argument("--base_only", action="store_true",
+                        help="Train nothing: the base model's own metrics for the subject (its fidelity before "
+                             "training) and the subject's ceiling, into <output_dir>/base_metrics.json.")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max_train_steps", type=int, default=300)
@@ -237,7 +306,7 @@ def base_samples(args: argparse.Namespace, pipe) -> np.ndarray:
     settings["base_model"] = os.path.abspath(settings["base_model"])
     if os.path.exists(path):
         if os.path.exists(settings_path):
-            stored = json.load(open(settings_path))
+            stored = {"subject": DEFAULT_SUBJECT, **json.load(open(settings_path))}  # kept before subjects had names
             if stored != settings:
                 differ = ", ".join(f"--{k} {stored.get(k)}" for k in settings if stored.get(k) != settings[k])
                 raise ConfigError(f"{path} was made with {differ}: use another --output_dir or the same settings.")
@@ -251,20 +320,41 @@ def base_samples(args: argparse.Namespace, pipe) -> np.ndarray:
     return np.load(path)["images"]
 
 
+def base_metrics(args: argparse.Namespace, base: np.ndarray) -> dict:
+    """The base model's own metrics for the subject (``base``: at step 0 every run starts here: its fidelity is
+    what the subject prompt draws before training) and the subject's ``ceiling`` (its training images scored as
+    samples would be: mean similarity to the two reference images), per feature space; kept in
+    ``base_metrics.json``."""
+    path = os.path.join(args.output_dir, "base_metrics.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    images = subject_images(args.subject)
+    report = {"subject": args.subject, "base": {space: metrics(base, base, space, args.subject)
+                                                for space in FEATURE_SPACES}, "ceiling": {}}
+    for space in FEATURE_SPACES:
+        f = features(images, space)
+        report["ceiling"][space] = {
+            "fidelity": (f[SUBJECT_SPLIT["train"]] @ f[SUBJECT_SPLIT["reference"]].T).mean().item(),
+            "val_fidelity": (f[SUBJECT_SPLIT["train"]] @ f[SUBJECT_SPLIT["val"]].T).mean().item()}
+    atomic_write_json(path, report)
+    return report
+
+
 def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: str) -> dict:
     """One arm = one run of the real script, then the metrics of every checkpoint and the chosen one."""
-    out = runner.start_run(args.output_dir, arm, seed, run_settings(args))
+    out = runner.start_run(args.output_dir, arm, seed, run_settings(args), SETTING_DEFAULTS)
     result_path = os.path.join(out, "result.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
-    bank = "class" if CLASS_PROMPT in ARMS[arm] else "empty"
+    bank = "class" if "{class_prompt}" in ARMS[arm] else "empty"
     cmd = [*runner.script_command("train_dreambooth_lora_difftuning.py"), "--pretrained_model_name_or_path",
-           args.base_model, "--instance_data_dir", subject, "--instance_prompt", INSTANCE_PROMPT, "--output_dir", out,
+           args.base_model, "--instance_data_dir", subject, "--instance_prompt", SUBJECTS[args.subject].instance_prompt,
+           "--output_dir", out,
            "--resolution", "32", "--random_flip", "--seed", str(seed), "--max_train_steps",
            str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size), "--learning_rate",
            str(args.learning_rate), "--lr_warmup_steps", "0", "--rank", str(args.rank), "--checkpointing_steps",
            str(args.eval_every), "--num_class_images", str(args.num_class_images), "--report_to", "none",
-           "--num_validation_images", "2", *ARMS[arm], *args.extra_flags]
+           "--num_validation_images", "2", *arm_flags(arm, args.subject), *args.extra_flags]
     if "--with_prior_preservation" in ARMS[arm]:
         cmd += ["--class_data_dir", os.path.join(args.output_dir, "banks", f"{bank}-seed{seed}")]
     runner.train_once(cmd, out, "pytorch_lora_weights.safetensors",
@@ -280,12 +370,12 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: s
         if str(step) not in curve:
             samples = generate(pipe, os.path.join(out, f"checkpoint-{step}"), args)
             np.savez_compressed(os.path.join(out, f"samples-{step}.npz"), images=samples)
-            curve[str(step)] = {space: metrics(samples, base, space) for space in FEATURE_SPACES}
+            curve[str(step)] = {space: metrics(samples, base, space, args.subject) for space in FEATURE_SPACES}
             atomic_write_json(curve_path, curve)
     # Early stopping: the checkpoint whose subject samples are closest to the validation images (first space).
     chosen = max(curve, key=lambda s: (curve[s][FEATURE_SPACES[0]]["val_fidelity"], -int(s)))
-    result = {"arm": arm, "seed": seed, "chosen_step": int(chosen), "chosen": curve[chosen],
-              "final": curve[str(max(checkpoints))], "curve": curve,
+    result = {"arm": arm, "seed": seed, "subject": args.subject, "chosen_step": int(chosen), "chosen": curve[chosen],
+              "final": curve[str(max(checkpoints))], "curve": curve, "base": base_metrics(args, base)["base"],
               "train_seconds": runner.train_seconds(out)}
     atomic_write_json(result_path, result)
     chosen_metrics = result["chosen"][FEATURE_SPACES[0]]
@@ -351,12 +441,20 @@ def summarize(results: dict[str, dict[int, dict]], at: str = "chosen") -> str:
 
 def main(args: argparse.Namespace) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.base_only:
+        torch.set_num_threads(1)
+        report = base_metrics(args, base_samples(args, load_pipeline(args.base_model)))
+        for space in FEATURE_SPACES:
+            print(f"[dreambooth benchmark] {args.subject}, {space} features: the base model's fidelity "
+                  f"{report['base'][space]['fidelity']:.3f} (validation {report['base'][space]['val_fidelity']:.3f}); "
+                  f"the subject's own training images {report['ceiling'][space]['fidelity']:.3f}", flush=True)
+        return
     if not args.summarize_only:
-        subject = write_instance_folder(args.output_dir)
+        subject = write_instance_folder(args.output_dir, args.subject)
         base_samples(args, load_pipeline(args.base_model))  # once, before the parallel runs
         jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
         runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, subject), jobs, args.jobs)
-    results, _ = runner.collect_results(args.output_dir, ARMS, "result.json")
+    results, _ = runner.collect_results(args.output_dir, ARMS, "result.json", SETTING_DEFAULTS)
     table = summarize(results) + "\n" + summarize(results, at="final")
     print(table)
     with open(args.table or os.path.join(args.output_dir, "results.md"), "w") as f:

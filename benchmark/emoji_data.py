@@ -4,7 +4,10 @@ Three openly licensed emoji sets, each an npm package this project's machines ca
 
 * ``emoji-datasource-twitter@16.0.0``: Twemoji (graphics CC-BY 4.0, Twitter Inc. and contributors);
 * ``emoji-datasource-google@16.0.0``: Noto Emoji (graphics Apache 2.0, Google);
-* ``openmoji@17.0.0``: OpenMoji (CC-BY-SA 4.0, HfG Schwäbisch Gmünd), SVG only, rasterised here.
+* ``openmoji@17.0.0``: OpenMoji (CC-BY-SA 4.0, HfG Schwäbisch Gmünd), SVG only, rasterised here;
+* ``@iconify-json/fluent-emoji-flat@1.2.6`` (Microsoft's Fluent Emoji Flat, MIT) and
+  ``@iconify-json/emojione-v1@1.2.3`` (Emoji One v1, CC-BY-SA 4.0): SVG bodies in Iconify's JSON, rasterised
+  here; only the DreamBooth miniature's subjects are drawn from them.
 
 Twemoji + Noto are the *source* domain (what the pre-trained models learn); OpenMoji, with its
 black outlines and flat fills, is the *target* style the source models never saw. The emoji-datasource
@@ -37,8 +40,13 @@ if TYPE_CHECKING:
 
 PACKAGES = {"twitter": "emoji-datasource-twitter@16.0.0", "google": "emoji-datasource-google@16.0.0",
             "openmoji": "openmoji@17.0.0"}
+# Other vendors' artwork, as Iconify JSON (SVG bodies by CLDR-style slug): the DreamBooth miniature's subjects in
+# styles the base model never saw. Microsoft's Fluent Emoji Flat (MIT) and EmojiOne v1 (CC-BY-SA 4.0).
+ICONIFY_PACKAGES = {"fluent_flat": "@iconify-json/fluent-emoji-flat@1.2.6",
+                    "emojione_v1": "@iconify-json/emojione-v1@1.2.3"}
 CREDITS = ("Twemoji (c) Twitter, Inc. and other contributors, CC-BY 4.0; Noto Emoji (c) Google, Apache 2.0; "
-           "OpenMoji (c) HfG Schwäbisch Gmünd and contributors, CC-BY-SA 4.0")
+           "OpenMoji (c) HfG Schwäbisch Gmünd and contributors, CC-BY-SA 4.0; Fluent Emoji (c) Microsoft, MIT; "
+           "Emoji One v1 (c) Emoji One, CC-BY-SA 4.0")
 # Emoji groups shared by the three sets (Unicode's CLDR groups); "Component" (skin-tone swatches) is left out.
 GROUPS = ("smileys-emotion", "people-body", "animals-nature", "food-drink", "travel-places", "activities",
           "objects", "symbols", "flags")
@@ -172,6 +180,30 @@ def load_openmoji(size: int = 32) -> EmojiSet:
     return EmojiSet(images, [e["annotation"] for e in entries], [e["group"] for e in entries],
                     [e["subgroups"] for e in entries], [_code_key(e["hexcode"]) for e in entries],
                     ["openmoji"] * len(entries))
+
+
+def load_iconify(vendor: str, icons: list[str], size: int = 32) -> np.ndarray:
+    """uint8 [len(icons), size, size, 3] on white: the named icons of an :data:`ICONIFY_PACKAGES` set, rasterised
+    from their SVG bodies with resvg (an alias is drawn as its parent, flipped as the alias says)."""
+    import resvg_py
+    from PIL import Image
+
+    data = json.loads((npm_package(ICONIFY_PACKAGES[vendor]) / "icons.json").read_text())
+    images = []
+    for name in icons:
+        alias = data.get("aliases", {}).get(name, {})
+        icon = data["icons"].get(alias.get("parent", name))
+        if icon is None:
+            raise KeyError(f"{ICONIFY_PACKAGES[vendor]} has no icon {name!r}")
+        width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+        body = icon["body"]
+        if alias.get("hFlip"):
+            body = f'<g transform="translate({width} 0) scale(-1 1)">{body}</g>'
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+               f'viewBox="{icon.get("left", 0)} {icon.get("top", 0)} {width} {height}">{body}</svg>')
+        png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, background="#ffffff")
+        images.append(np.asarray(Image.open(io.BytesIO(bytes(png))).convert("RGB")))
+    return np.stack(images)
 
 
 def load_source(size: int = 32) -> EmojiSet:

@@ -214,7 +214,8 @@ def test_dreambooth_benchmark_smoke(tmp_path):
            "--extra_flags", "--knowledge_bank_num_inference_steps", "2"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(os.path.join(out, "subject"))) == [f"cat-{i}.png" for i in dbb.SUBJECT_SPLIT["train"]]
+    assert sorted(os.listdir(os.path.join(out, "subject"))) == [f"openmoji_cat_face-{i}.png"
+                                                                for i in dbb.SUBJECT_SPLIT["train"]]
     # one folder of class images shared by both arms, and its encodings beside it
     assert sorted(os.listdir(os.path.join(out, "banks"))) == ["class-seed0", "class-seed0.knowledge_bank"]
     result = json.load(open(os.path.join(out, "runs", "difftuning_class-seed0", "result.json")))

@@ -365,9 +365,9 @@ def test_dreambooth_benchmark_sampling_defaults_follow_the_base_model(tmp_path, 
     sd3 = dbb.parse_args(["--base_model", _pipeline_folder(tmp_path / "sd3", "StableDiffusion3Pipeline")])
     assert (sd.num_inference_steps, sd.guidance_scale) == (10, 4.0)
     assert (sd3.num_inference_steps, sd3.guidance_scale) == (20, 4.0)
-    assert set(dbb.run_settings(sd)) == {"base_model", "max_train_steps", "train_batch_size", "learning_rate", "rank",
-                                         "eval_every", "num_class_images", "samples_per_prompt",
-                                         "num_inference_steps", "guidance_scale", "extra_flags"}
+    assert set(dbb.run_settings(sd)) == {"base_model", "subject", "max_train_steps", "train_batch_size",
+                                         "learning_rate", "rank", "eval_every", "num_class_images",
+                                         "samples_per_prompt", "num_inference_steps", "guidance_scale", "extra_flags"}
     explicit = dbb.parse_args(["--base_model", str(tmp_path / "sd3"), "--num_inference_steps", "7",
                                "--guidance_scale", "2"])
     assert (explicit.num_inference_steps, explicit.guidance_scale) == (7, 2.0)
@@ -398,8 +398,26 @@ def test_dreambooth_base_samples_made_with_other_settings_are_refused(tmp_path) 
     with pytest.raises(ConfigError, match="was made with --num_inference_steps 10"):
         dbb.base_samples(args, StableDiffusion3Pipeline())
     with open(os.path.join(args.output_dir, "base_samples.json"), "w") as f:
-        json.dump(settings, f)
+        json.dump({**settings, "subject": "openmoji_hand"}, f)
+    with pytest.raises(ConfigError, match="was made with --subject openmoji_hand"):
+        dbb.base_samples(args, StableDiffusion3Pipeline())
+    with open(os.path.join(args.output_dir, "base_samples.json"), "w") as f:  # kept before subjects had names
+        json.dump({k: v for k, v in settings.items() if k != "subject"}, f)
     assert dbb.base_samples(args, StableDiffusion3Pipeline()).shape == (8, 8, 32, 32, 3)
+
+
+def test_dreambooth_subjects_are_nine_images_with_their_class_prompt() -> None:
+    """Every registered subject names nine images (the split's five, two and two) and its arms train on its own
+    class prompt; the first subject keeps the miniature's original prompts."""
+    from benchmark import dreambooth_benchmark as dbb
+
+    split = sorted(i for part in dbb.SUBJECT_SPLIT.values() for i in part)
+    for name, subject in dbb.SUBJECTS.items():
+        assert len(subject.names) == 9 and len(set(subject.names)) == 9 and split == list(range(9)), name
+        assert dbb.arm_flags("prior", name) == ["--with_prior_preservation", "--class_prompt", subject.class_prompt]
+        assert dbb.eval_prompts(name)[:2] == [f"sks {subject.class_prompt}", subject.class_prompt]
+    assert dbb.eval_prompts()[:2] == ["sks cat face", "cat face"] and dbb.arm_flags("psi_only") == ["--difftuning"]
+    assert dbb.arm_flags("difftuning_empty", "openmoji_hand")[-2:] == ["--class_prompt", ""]
 
 
 def test_run_benchmark_unpaired_baseline_refused_before_any_write(tmp_path) -> None:
@@ -909,3 +927,130 @@ def _first_difference(left, right, where: str = "") -> str | None:
     if isinstance(left, float) or isinstance(right, float):
         return None if left == pytest.approx(right, rel=1e-9, abs=1e-12) else f"{where}: {left} != {right}"
     return None if left == right else f"{where}: {left!r} != {right!r}"
+
+
+def _dreambooth_run(seed: int, points: list[tuple[int, float, float, float]], val_shift: float = 0.0,
+                    chosen_step: int | None = None, space_scale: float = 1.0) -> dict:
+    """A dreambooth_benchmark result.json: (step, prior_kept, pres, fidelity) per checkpoint, step 0 the base model;
+    val_fidelity = fidelity + val_shift; the second feature space the same numbers times space_scale."""
+    def scored(prior_kept, pres, fidelity, scale):
+        return {"fidelity": fidelity * scale, "val_fidelity": (fidelity + val_shift) * scale, "pres": pres,
+                "prior_kept": prior_kept, "drift": 1 - prior_kept, "div": 0.5}
+
+    def both(prior_kept, pres, fidelity):
+        return {"openmoji": scored(prior_kept, pres, fidelity, 1.0),
+                "emoji_heldout": scored(prior_kept, pres, fidelity, space_scale)}
+
+    curve = {str(step): both(*values) for step, *values in points if step}
+    chosen = chosen_step or max(int(s) for s in curve)
+    return {"arm": "x", "seed": seed, "subject": "openmoji_cat_face", "chosen_step": chosen,
+            "chosen": curve[str(chosen)], "final": curve[max(curve, key=int)], "curve": curve,
+            "base": both(*points[0][1:])}
+
+
+def test_dreambooth_frontier_interpolates_on_the_curve_and_tunes_on_validation_only() -> None:
+    """A run's frontier is its best fidelity at prior kept >= L, interpolated between checkpoints; a family's config
+    is chosen by the validation frontier (the reference fidelity takes no part); the matched level is the tuned
+    baseline's mean prior kept at its chosen checkpoints; a verdict needs p < alpha in both spaces."""
+    from benchmark import dreambooth_frontier as fr
+
+    run = _dreambooth_run(0, [(0, 1.0, 0.1, 0.2), (100, 0.9, 0.2, 0.5), (200, 0.7, 0.3, 0.6), (300, 0.8, 0.3, 0.55)])
+    points = fr.curve_points(run, "openmoji", "prior_kept")
+    assert points == [(1.0, 0.2), (0.9, 0.5), (0.7, 0.6), (0.8, 0.55)]
+    assert fr.frontier(points, 0.8) == pytest.approx(0.55)  # the 100 -> 200 segment crosses 0.8 at 0.55
+    assert fr.frontier(points, 0.95) == pytest.approx(0.35)  # between the base model and step 100
+    assert fr.frontier(points, 0.5) == pytest.approx(0.6) and fr.frontier(points, 1.01) is None
+    assert fr.curve_points(run, "openmoji", "class_kept")[1] == pytest.approx((0.8, 0.5))
+
+    def family(offset: float, val_shift: float, scale: float = 1.0) -> dict[int, dict]:
+        return {s: _dreambooth_run(s, [(0, 1.0, 0.1, 0.2), (100, 0.95, 0.15, 0.4 + offset + 0.01 * s),
+                                       (200, 0.85, 0.25, 0.5 + offset + 0.02 * s)], val_shift, 100 + 100 * (s % 2),
+                                   scale) for s in range(4)}
+
+    arms = {"prior@a": family(0.0, 0.0), "prior@b": family(0.05, -0.2),  # b: better on the reference, worse on val
+            "dt": family(0.03, 0.0)}
+    rep = fr.report({**arms, "prior@b": {0: arms["prior@b"][0]}}, "prior", 0.05)
+    assert rep["tuning"]["prior"]["seeds"] == [0]  # the seeds both settings have choose
+    rep = fr.report(arms, "prior", 0.05)
+    assert rep["tuning"]["prior"]["chosen"] == "prior@a" and rep["tuning"]["dt"]["chosen"] == "dt"
+    assert rep["levels"]["openmoji"]["prior_kept"] == pytest.approx(0.9)  # seeds chose 100, 200, 100, 200
+    dt = rep["families"]["dt"]
+    assert dt["at_level"]["openmoji"]["prior_kept"][0] == pytest.approx(0.43 + 0.5 * 0.1)  # halfway from 100 to 200
+    assert dt["interior"] == 2 and dt["chosen_steps"] == [100, 200, 100, 200]
+    assert dt["tests"]["at_level"]["prior_kept"]["openmoji"]["difference"] == pytest.approx(0.03)
+    assert dt["verdicts"]["at_level"]["prior_kept"] == "higher"
+    arms["dt"] = {s: _dreambooth_run(s, [(0, 1.0, 0.1, 0.2), (100, 0.95, 0.15, 0.43 + 0.01 * s - 0.1 * (s == 0)),
+                                         (200, 0.85, 0.25, 0.53 + 0.02 * s)], 0.0, 100 + 100 * (s % 2), -1.0)
+                  for s in range(4)}  # the second space disagrees in sign
+    assert fr.report(arms, "prior", 0.05)["families"]["dt"]["verdicts"]["at_level"]["prior_kept"] == "no difference"
+    with pytest.raises(ConfigError, match="--baseline plain is not a family"):
+        fr.report(arms, "plain", 0.05)
+    unreached = fr.paired({0: None, 1: 0.5, 2: 0.7}, {0: 0.4, 1: 0.4, 2: 0.5})  # seed 0 never kept that much
+    assert unreached["seeds"] == [1, 2] and unreached["difference"] == pytest.approx(0.15)
+    assert fr.format_test(fr.paired({0: None}, {0: 0.4})) == "no pair"
+    assert "| dt | dt | 100, 200, 100, 200 (2 / 4) |" in fr.table(rep)
+    pooled = fr.pool({"one": rep, "two": rep}, 0.05)  # pairs = subject x seed
+    test = pooled["families"]["dt"]["tests"]["at_level"]["prior_kept"]["openmoji"]
+    assert test["pairs"] == 8 and test["difference"] == pytest.approx(0.03)
+    assert pooled["families"]["dt"]["verdicts"]["at_level"]["prior_kept"] == "higher" and "prior" not in pooled[
+        "families"]
+
+
+def test_dreambooth_frontier_keeps_run_records_with_a_relative_model_path(tmp_path) -> None:
+    """Only finished runs are copied, with the model folder relative to the repository (records move between
+    machines); the report reads them back."""
+    from benchmark import dreambooth_frontier as fr
+
+    for seed, done in ((0, True), (1, False)):
+        run = tmp_path / "out" / "runs" / f"prior-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "settings.json").write_text(json.dumps({"base_model": os.path.join(ROOT, "benchmark", "m"),
+                                                       "learning_rate": 2e-4}))
+        if done:
+            (run / "result.json").write_text(json.dumps(_dreambooth_run(seed, [(0, 1.0, 0.1, 0.2),
+                                                                               (100, 0.9, 0.2, 0.5)])))
+    assert fr.keep_records(str(tmp_path / "out"), str(tmp_path / "kept")) == ["prior-seed0"]
+    settings = json.load(open(tmp_path / "kept" / "runs" / "prior-seed0" / "settings.json"))
+    assert settings == {"base_model": os.path.join("benchmark", "m"), "learning_rate": 2e-4}
+    assert list(fr.load_runs(str(tmp_path / "kept"), "prior")) == [0]
+
+
+def _committed_frontier_reports() -> list[str]:
+    """The frontier reports in docs/measurements whose every source is a run folder committed beside them."""
+    names = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "measurements", "dreambooth_frontier_*.json"))):
+        sources = json.load(open(path))["sources"].values()
+        if sources and all(os.path.isdir(os.path.join(ROOT, s.rpartition(":")[0])) for s in sources):
+            names.append(os.path.basename(path))
+    return names
+
+
+@pytest.mark.parametrize("report_name", _committed_frontier_reports())
+def test_committed_dreambooth_frontier_reports_follow_from_the_committed_run_records(report_name, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """Every DreamBooth frontier report in docs/ is what benchmark.dreambooth_frontier computes today from the per-run
+    records committed beside it (tuning, matched levels, per-seed values, tests, verdicts)."""
+    from benchmark import dreambooth_frontier as fr
+
+    committed = json.load(open(os.path.join(ROOT, "docs", "measurements", report_name)))
+    argv = ["--baseline", committed["baseline"], "--alpha", str(committed["alpha"]),
+            "--output_json", str(tmp_path / "report.json")]
+    for name, source in committed["sources"].items():
+        argv += ["--arm", f"{name}={source}"]
+    monkeypatch.chdir(ROOT)  # the reports name their sources relative to the repository
+    fr.main(fr.parse_args(argv))
+    assert _first_difference(json.load(open(tmp_path / "report.json")), committed) is None
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier.json")),
+                    reason="no pooled frontier report committed yet")
+def test_committed_pooled_dreambooth_frontier_follows_from_the_committed_reports(tmp_path, monkeypatch) -> None:
+    """The pooled DreamBooth verdicts are what benchmark.dreambooth_frontier --pool computes from the per-subject
+    reports (each of which the test above re-derives from its run records)."""
+    from benchmark import dreambooth_frontier as fr
+
+    committed = json.load(open(os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier.json")))
+    monkeypatch.chdir(ROOT)
+    fr.main(fr.parse_args(["--pool", *committed["reports"], "--alpha", str(committed["alpha"]), "--output_json",
+                           str(tmp_path / "pooled.json")]))
+    assert _first_difference(json.load(open(tmp_path / "pooled.json")), committed) is None
