@@ -19,6 +19,7 @@ from conftest import ROOT, error_line, run_script
 from PIL import Image
 
 import difftuning_utils as dt
+import knowledge_bank
 import training_plumbing as tp
 from benchmark.tiny_models import make_circle_dataset, make_image_folder
 
@@ -498,7 +499,7 @@ def disk_full_safetensors(monkeypatch, fails: Callable[[str], bool]) -> None:
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    monkeypatch.setattr(dt, "save_file", save_file)
+    monkeypatch.setattr(knowledge_bank, "save_file", save_file)
 
 
 @pytest.mark.parametrize("script", ["dit", "dreambooth"])
@@ -547,7 +548,7 @@ def test_bank_finished_with_other_settings_while_waiting_refused(tmp_path, monke
         dt.atomic_write_json(os.path.join(bank_dir, dt.MANIFEST_NAME), theirs)
         yield
 
-    monkeypatch.setattr(dt, "_build_lock", lock_released_after_the_other_run)
+    monkeypatch.setattr(knowledge_bank, "_build_lock", lock_released_after_the_other_run)
     sampled = []
     with pytest.raises(dt.ConfigError, match=r"was built with other settings \(prompt: 'a dog' there, 'a cat' now"):
         dt.build_knowledge_bank(bank, lambda batch, gen: sampled.append(batch) or torch.zeros(len(batch), 4, 2, 2),
