@@ -2,9 +2,10 @@
 
 What differs between Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1 (the pipeline class, how a prompt
 becomes the denoiser's conditioning, SDXL's size-and-crop ids, Flux's packed latents, how LoRA weights are
-saved, the family's own flags and their defaults) lives here behind one small interface, so the DreamBooth
-loop reads the same for every family. The noise target (epsilon or v) is read from the scheduler's
-``prediction_type``, so SD 2.x's v-prediction needs nothing here.
+saved, the family's own flags and upstream's per-family defaults, the licence and tags of its model card, the
+models it refuses) lives here behind one small interface, so the DreamBooth loop reads the same for every family.
+The noise target (epsilon or v) is read from the scheduler's ``prediction_type``, so SD 2.x's v-prediction needs
+nothing here.
 """
 
 from __future__ import annotations
