@@ -13,9 +13,12 @@ import torch
 
 from benchmark.tiny_models import (
     make_image_folder,
+    make_subject_folder,
     make_tiny_dit_pipeline,
     make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline,
     make_tiny_sd_pipeline,
+    make_tiny_sdxl_pipeline,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +37,22 @@ def tiny_dit(tmp_path_factory) -> str:
 def tiny_sd(tmp_path_factory) -> str:
     """A tiny StableDiffusionPipeline folder (ControlNet and DreamBooth tests)."""
     return make_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    return make_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory) -> str:
+    """A DreamBooth subject folder (four jittered images of one red square with a blue dot)."""
+    return make_subject_folder(str(tmp_path_factory.mktemp("subject")))
 
 
 @pytest.fixture(scope="session")

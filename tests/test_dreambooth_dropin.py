@@ -20,7 +20,6 @@ from test_train_dreambooth import LORA_FILE, base_args, load_pipeline
 import difftuning_utils as dt
 import model_families as mf
 import training_plumbing as tp
-from benchmark.tiny_models import make_subject_folder, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -29,21 +28,6 @@ def fresh_accelerate_state() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory) -> str:
-    return make_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory) -> str:
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
-
-
-@pytest.fixture(scope="session")
-def subject(tmp_path_factory) -> str:
-    return make_subject_folder(str(tmp_path_factory.mktemp("subject")))
 
 
 UPSTREAM = json.load(open(os.path.join(ROOT, "docs", "upstream_dreambooth_lora_flags.json")))

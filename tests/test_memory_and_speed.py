@@ -17,16 +17,11 @@ from safetensors.torch import load_file
 
 import model_families as mf
 import training_plumbing as tp
-from benchmark.tiny_models import make_circle_dataset, make_subject_folder, make_tiny_sd3_pipeline
+from benchmark.tiny_models import make_circle_dataset
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SCRIPTS = {kind: os.path.join(ROOT, f"train_{kind}_difftuning.py") for kind in ("dit", "controlnet")}
 SCRIPTS["dreambooth"] = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory) -> str:
-    return make_subject_folder(str(tmp_path_factory.mktemp("subject")))
 
 
 @pytest.fixture(scope="module")
@@ -339,11 +334,6 @@ def test_dreambooth_flops_counted_without_a_real_pass_match_a_real_pass(tiny_sd,
     ids = mf.time_ids((32, 32), (0, 0), 32).expand(2, -1)
     assert counted == real_flops(lambda: family.predict(denoiser, x, t, table.take(rows), ids, torch.float32)
                                  .square().mean().backward()) > 0
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> str:
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
 
 
 @pytest.mark.parametrize("model", ["sd", "sd3", "flux"])

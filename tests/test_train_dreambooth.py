@@ -3,6 +3,7 @@ offline."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -18,20 +19,9 @@ from safetensors.torch import load_file
 import difftuning_utils as dt
 import model_families as mf
 import training_plumbing as tp
-from benchmark.tiny_models import make_subject_folder, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline
 
 SCRIPT = os.path.join(ROOT, "train_dreambooth_lora_difftuning.py")
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory) -> str:
-    return make_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory) -> str:
-    return make_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
 
 
 def load_pipeline(model: str):
@@ -40,11 +30,6 @@ def load_pipeline(model: str):
 
     absent = {"text_encoder_3": None, "tokenizer_3": None} if "sd3" in os.path.basename(model) else {}
     return DiffusionPipeline.from_pretrained(model, **absent)
-
-
-@pytest.fixture(scope="session")
-def subject(tmp_path_factory) -> str:
-    return make_subject_folder(str(tmp_path_factory.mktemp("subject")))
 
 
 def base_args(model: str, data: str, out: str, steps: int = 4) -> list[str]:
@@ -322,7 +307,7 @@ def test_sdxl_time_ids_follow_resize_and_crop(subject, tmp_path):
 
     path = str(tmp_path / "tall.png")
     Image.new("RGB", (40, 48)).save(path)  # width 40, height 48 -> resized to 32x38, centre crop top 3
-    args = tp.argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False,
+    args = argparse.Namespace(image_column="image", resolution=32, seed=0, center_crop=True, random_flip=False,
                                  image_interpolation_mode="lanczos")
     item = InstanceImages([{"image": Image.open(path)}], args, [0], 1)[tp.SampleKey(0, 0)]
     assert item["time_ids"].tolist() == [48, 40, 3, 0, 32, 32]
