@@ -1042,14 +1042,15 @@ def test_committed_dreambooth_frontier_reports_follow_from_the_committed_run_rec
     assert _first_difference(json.load(open(tmp_path / "report.json")), committed) is None
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier.json")),
-                    reason="no pooled frontier report committed yet")
-def test_committed_pooled_dreambooth_frontier_follows_from_the_committed_reports(tmp_path, monkeypatch) -> None:
-    """The pooled DreamBooth verdicts are what benchmark.dreambooth_frontier --pool computes from the per-subject
-    reports (each of which the test above re-derives from its run records)."""
+@pytest.mark.parametrize("report_name", [os.path.basename(p) for p in sorted(glob.glob(
+    os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier*.json")))])
+def test_committed_pooled_dreambooth_frontier_follows_from_the_committed_reports(report_name, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """Every pooled DreamBooth verdict in docs/ is what benchmark.dreambooth_frontier --pool computes from the
+    per-subject reports (each of which the test above re-derives from its run records)."""
     from benchmark import dreambooth_frontier as fr
 
-    committed = json.load(open(os.path.join(ROOT, "docs", "measurements", "dreambooth_pooled_frontier.json")))
+    committed = json.load(open(os.path.join(ROOT, "docs", "measurements", report_name)))
     monkeypatch.chdir(ROOT)
     fr.main(fr.parse_args(["--pool", *committed["reports"], "--alpha", str(committed["alpha"]), "--output_json",
                            str(tmp_path / "pooled.json")]))
