@@ -41,6 +41,7 @@ import functools
 import json
 import os
 import statistics
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,9 +271,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", default=None,
                         help="Where the markdown table goes (default: <output_dir>/results.md).")
     parser.add_argument("--summarize_only", action="store_true", help="Train nothing: tabulate finished runs.")
+    parser.add_argument("--records_json", default=None,
+                        help="The per-run records as one file: written after the runs; with --summarize_only, the "
+                             "runs are read from it instead of --output_dir (a committed table re-derived).")
     parser.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
                         help="Flags passed on to every training run (last on the line).")
     args = parser.parse_args(argv)
+    if args.summarize_only and args.records_json and not os.path.isfile(args.records_json):
+        parser.error(f"--records_json {args.records_json} does not exist (with --summarize_only it is read).")
     has_model = os.path.isfile(os.path.join(args.base_model, "model_index.json"))
     if not args.summarize_only and not has_model:
         parser.error(f"--base_model {args.base_model} is not a pipeline folder (no model_index.json); make it with "
@@ -389,19 +395,24 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int, subject: s
 # ----------------------------------------------------------------------------------------------
 
 
-def paired(results: dict[str, dict[int, dict]], arm: str, baseline: str, metric: str, space: str,
-           at: str = "chosen") -> tuple[float, float | None, int]:
-    """(mean difference arm - baseline, paired t-test p-value or None, number of paired seeds)."""
-    from scipy.stats import ttest_rel
+def paired_tests(results: dict[str, dict[int, dict]], arm: str, baseline: str, metric: str,
+                 at: str = "chosen") -> dict[str, dict]:
+    """Per feature space: arm - baseline paired by seed, and the paired t-test's p (``dreambooth_frontier.paired``)."""
+    from benchmark.dreambooth_frontier import paired
 
-    seeds = sorted(set(results.get(arm, {})) & set(results.get(baseline, {})))
-    a = [results[arm][s][at][space][metric] for s in seeds]
-    b = [results[baseline][s][at][space][metric] for s in seeds]
-    if not seeds:
-        return float("nan"), None, 0
-    diff = statistics.mean(a) - statistics.mean(b)
-    p = float(ttest_rel(a, b).pvalue) if len(seeds) > 1 and any(x != y for x, y in zip(a, b, strict=True)) else None
-    return diff, p, len(seeds)
+    return {space: paired({s: r[at][space][metric] for s, r in results.get(arm, {}).items()},
+                          {s: r[at][space][metric] for s, r in results.get(baseline, {}).items()})
+            for space in FEATURE_SPACES}
+
+
+def records_to_results(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """A records file's ``{"ARM-seedN": result}`` as {arm: {seed: result}}, arms in ARMS order."""
+    results: dict[str, dict[int, dict]] = {}
+    for arm in ARMS:
+        for name, result in sorted(runs.items()):
+            if name.startswith(f"{arm}-seed") and name[len(arm) + len("-seed"):].isdigit():
+                results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = result
+    return results
 
 
 def summarize(results: dict[str, dict[int, dict]], at: str = "chosen") -> str:
@@ -421,19 +432,19 @@ def summarize(results: dict[str, dict[int, dict]], at: str = "chosen") -> str:
             steps = statistics.mean(r["chosen_step"] for r in runs.values()) if at == "chosen" else "last"
             lines.append(f"| {arm} | {len(runs)} | {steps} | " + " | ".join(cells) + " |")
         lines.append("")
+    from benchmark.dreambooth_frontier import format_test, verdict
+
     for baseline in (b for b in BASELINES if b in results):
-        lines += [f"Against `{baseline}` (mean paired difference, paired t-test p; sign agreement of both feature "
-                  "spaces marked ✓):", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        lines += [f"Against `{baseline}` (mean paired difference, paired t-test p, in the {' / '.join(FEATURE_SPACES)} "
+                  "feature spaces; a verdict (higher / lower) needs p < 0.05 in both spaces with one sign):", "",
+                  "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for arm in results:
             if arm == baseline:
                 continue
             cells = []
             for metric in METRICS:
-                diffs = [paired(results, arm, baseline, metric, space, at) for space in FEATURE_SPACES]
-                agree = "✓" if len({np.sign(d[0]) for d in diffs}) == 1 else ""
-                first = diffs[0]
-                p = f", p={first[1]:.3f}" if first[1] is not None else ""
-                cells.append(f"{first[0]:+.3f}{p} / {diffs[1][0]:+.3f} {agree}")
+                tests = paired_tests(results, arm, baseline, metric, at)
+                cells.append(" / ".join(format_test(t) for t in tests.values()) + f": {verdict(tests, 0.05)}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -454,7 +465,16 @@ def main(args: argparse.Namespace) -> None:
         base_samples(args, load_pipeline(args.base_model))  # once, before the parallel runs
         jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
         runner.run_all(lambda arm, seed: train_and_evaluate(args, arm, seed, subject), jobs, args.jobs)
-    results, _ = runner.collect_results(args.output_dir, ARMS, "result.json", SETTING_DEFAULTS)
+    if args.summarize_only and args.records_json:
+        results = records_to_results(json.load(open(args.records_json))["runs"])
+    else:
+        results, _ = runner.collect_results(args.output_dir, ARMS, "result.json", SETTING_DEFAULTS)
+        if args.records_json:
+            atomic_write_json(args.records_json, {
+                "command": "python -m benchmark.dreambooth_benchmark " + " ".join(sys.argv[1:]),
+                "base_model": os.path.relpath(args.base_model, ROOT),
+                "runs": {f"{arm}-seed{seed}": result for arm, runs in results.items()
+                         for seed, result in runs.items()}})
     table = summarize(results) + "\n" + summarize(results, at="final")
     print(table)
     with open(args.table or os.path.join(args.output_dir, "results.md"), "w") as f:

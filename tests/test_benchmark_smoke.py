@@ -211,6 +211,7 @@ def test_dreambooth_benchmark_smoke(tmp_path):
     cmd = [sys.executable, "-m", "benchmark.dreambooth_benchmark", "--output_dir", out,
            "--arms", "prior", "difftuning_class", "--seeds", "0", "--max_train_steps", "4", "--eval_every", "2",
            "--samples_per_prompt", "2", "--num_class_images", "4", "--num_inference_steps", "2", "--jobs", "1",
+           "--records_json", str(tmp_path / "records.json"),
            "--extra_flags", "--knowledge_bank_num_inference_steps", "2"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,6 +224,14 @@ def test_dreambooth_benchmark_smoke(tmp_path):
     assert set(result["chosen"]) == set(dbb.FEATURE_SPACES) and set(dbb.METRICS) <= set(result["chosen"]["openmoji"])
     table = open(os.path.join(out, "results.md")).read()
     assert "| prior | 1 |" in table and "Against `prior`" in table and "| difftuning_class |" in table
+    # the records file holds every run, and tabulating it alone gives the same table
+    records = json.load(open(tmp_path / "records.json"))
+    assert sorted(records["runs"]) == ["difftuning_class-seed0", "prior-seed0"]
+    proc = subprocess.run([sys.executable, "-m", "benchmark.dreambooth_benchmark", "--summarize_only", "--records_json",
+                           str(tmp_path / "records.json"), "--table", str(tmp_path / "again.md")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert open(tmp_path / "again.md").read() == table
 
 
 @needs_emoji_models

@@ -1055,3 +1055,16 @@ def test_committed_pooled_dreambooth_frontier_follows_from_the_committed_reports
     fr.main(fr.parse_args(["--pool", *committed["reports"], "--alpha", str(committed["alpha"]), "--output_json",
                            str(tmp_path / "pooled.json")]))
     assert _first_difference(json.load(open(tmp_path / "pooled.json")), committed) is None
+
+
+@pytest.mark.parametrize("table_name", [os.path.basename(p) for p in sorted(glob.glob(
+    os.path.join(ROOT, "docs", "measurements", "dreambooth_*.md")))])
+def test_committed_dreambooth_miniature_tables_follow_from_the_committed_records(table_name, tmp_path) -> None:
+    """Each fixed-step DreamBooth miniature table in docs/ (per-arm metrics, paired tests in both feature spaces and
+    the one verdict rule) is what `dreambooth_benchmark --summarize_only` computes today from the records beside it."""
+    from benchmark import dreambooth_benchmark as dbb
+
+    records = os.path.join(ROOT, "docs", "measurements", table_name.replace(".md", ".json"))
+    dbb.main(dbb.parse_args(["--summarize_only", "--records_json", records, "--output_dir", str(tmp_path),
+                             "--table", str(tmp_path / "table.md")]))
+    assert open(tmp_path / "table.md").read() == open(os.path.join(ROOT, "docs", "measurements", table_name)).read()
