@@ -42,6 +42,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,6 +198,11 @@ def pipeline_class_name(base_model: str) -> str:
         return json.load(f)["_class_name"]
 
 
+# Parallel runs (--jobs) are threads of one process, and from_pretrained builds modules on the meta device
+# process-wide: a model another thread builds meanwhile would come out empty. So models load one at a time.
+_MODEL_LOAD_LOCK = threading.Lock()
+
+
 def load_pipeline(base_model: str):
     """The base pipeline with its evaluation sampler: DPM-Solver++ for SD, SD3's own (flow-matching Euler)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
@@ -204,22 +210,32 @@ def load_pipeline(base_model: str):
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    if pipeline_class_name(base_model) == "StableDiffusion3Pipeline":  # saved without T5, as the miniature is
-        pipe = StableDiffusion3Pipeline.from_pretrained(base_model, text_encoder_3=None, tokenizer_3=None)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    with _MODEL_LOAD_LOCK:
+        if pipeline_class_name(base_model) == "StableDiffusion3Pipeline":  # saved without T5, as the miniature is
+            pipe = StableDiffusion3Pipeline.from_pretrained(base_model, text_encoder_3=None, tokenizer_3=None)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None,
+                                                           requires_safety_checker=False)
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@functools.cache
+def feature_model(space: str):
+    """The feature CNN of ``space``, loaded once per process (under the model-loading lock)."""
+    from benchmark import evaluate
+
+    with _MODEL_LOAD_LOCK:
+        return evaluate.load_or_train_classifier(target=space)[0]
 
 
 def features(images: np.ndarray, space: str) -> torch.Tensor:
     """L2-normalised penultimate features [..., 64] of uint8 images [..., 32, 32, 3]."""
     from benchmark import emoji_data, evaluate
 
-    classifier, _ = evaluate.load_or_train_classifier(target=space)
     flat = images.reshape(-1, *images.shape[-3:])
-    feats = evaluate.classify(classifier, emoji_data.to_model_range(flat))[0]
+    feats = evaluate.classify(feature_model(space), emoji_data.to_model_range(flat))[0]
     return torch.nn.functional.normalize(feats, dim=1).reshape(*images.shape[:-3], -1)
 
 
