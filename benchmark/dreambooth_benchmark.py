@@ -175,7 +175,8 @@ def generate(pipe, lora_dir: str | None, args: argparse.Namespace) -> np.ndarray
     """uint8 [P, K, 32, 32, 3]: K samples of each evaluation prompt, from the same initial noise whatever the
     LoRA (``None``: the base model), so every comparison is paired."""
     if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
+        with _MODEL_LOAD_LOCK:  # peft, too, builds the LoRA layers under a process-wide meta-device patch
+            pipe.load_lora_weights(lora_dir)
     prompts, k = eval_prompts(args.subject), args.samples_per_prompt
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     shape = (k, denoiser.config.in_channels, 8, 8)
@@ -198,8 +199,9 @@ def pipeline_class_name(base_model: str) -> str:
         return json.load(f)["_class_name"]
 
 
-# Parallel runs (--jobs) are threads of one process, and from_pretrained builds modules on the meta device
-# process-wide: a model another thread builds meanwhile would come out empty. So models load one at a time.
+# Parallel runs (--jobs) are threads of one process, and from_pretrained and load_lora_weights build modules under
+# process-wide meta-device patches: a model another thread builds meanwhile comes out empty or fails. So models and
+# LoRA weights load one at a time.
 _MODEL_LOAD_LOCK = threading.Lock()
 
 
