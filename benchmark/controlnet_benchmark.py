@@ -167,9 +167,10 @@ def generate(base_model: str, controlnet_dir: str, pairs: list[dict], steps: int
     diffusers_logging.disable_progress_bar()  # one pipeline per checkpoint: no loading bars in the log
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(base_model, controlnet=controlnet, safety_checker=None,
-                                                             requires_safety_checker=False)
+    with runner.MODEL_LOAD_LOCK:  # parallel runs are threads of this process
+        controlnet = ControlNetModel.from_pretrained(controlnet_dir)
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(base_model, controlnet=controlnet,
+                                                                 safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     conditions = [Image.open(p["condition"]).convert("RGB") for p in pairs]
@@ -193,7 +194,8 @@ def quality(images: np.ndarray, pairs: list[dict]) -> dict:
 
     real_u8, labels = evaluate.openmoji_arrays()
     index = [p["index"] for p in pairs]
-    classifier, _ = evaluate.load_or_train_classifier(target="openmoji")
+    with runner.MODEL_LOAD_LOCK:
+        classifier, _ = evaluate.load_or_train_classifier(target="openmoji")
     metrics = evaluate.compute_metrics(emoji_data.to_model_range(images), labels[index],
                                        emoji_data.to_model_range(real_u8[index]), classifier, bootstrap=0,
                                        kid_subset_size=min(50, len(index)))

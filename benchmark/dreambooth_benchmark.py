@@ -42,7 +42,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,7 +174,7 @@ def generate(pipe, lora_dir: str | None, args: argparse.Namespace) -> np.ndarray
     """uint8 [P, K, 32, 32, 3]: K samples of each evaluation prompt, from the same initial noise whatever the
     LoRA (``None``: the base model), so every comparison is paired."""
     if lora_dir is not None:
-        with _MODEL_LOAD_LOCK:  # peft, too, builds the LoRA layers under a process-wide meta-device patch
+        with runner.MODEL_LOAD_LOCK:  # see runner.MODEL_LOAD_LOCK: parallel runs are threads
             pipe.load_lora_weights(lora_dir)
     prompts, k = eval_prompts(args.subject), args.samples_per_prompt
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
@@ -199,12 +198,6 @@ def pipeline_class_name(base_model: str) -> str:
         return json.load(f)["_class_name"]
 
 
-# Parallel runs (--jobs) are threads of one process, and from_pretrained and load_lora_weights build modules under
-# process-wide meta-device patches: a model another thread builds meanwhile comes out empty or fails. So models and
-# LoRA weights load one at a time.
-_MODEL_LOAD_LOCK = threading.Lock()
-
-
 def load_pipeline(base_model: str):
     """The base pipeline with its evaluation sampler: DPM-Solver++ for SD, SD3's own (flow-matching Euler)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
@@ -212,7 +205,7 @@ def load_pipeline(base_model: str):
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    with _MODEL_LOAD_LOCK:
+    with runner.MODEL_LOAD_LOCK:
         if pipeline_class_name(base_model) == "StableDiffusion3Pipeline":  # saved without T5, as the miniature is
             pipe = StableDiffusion3Pipeline.from_pretrained(base_model, text_encoder_3=None, tokenizer_3=None)
         else:
@@ -225,10 +218,10 @@ def load_pipeline(base_model: str):
 
 @functools.cache
 def feature_model(space: str):
-    """The feature CNN of ``space``, loaded once per process (under the model-loading lock)."""
+    """The feature CNN of ``space``, loaded once per process (under ``runner.MODEL_LOAD_LOCK``)."""
     from benchmark import evaluate
 
-    with _MODEL_LOAD_LOCK:
+    with runner.MODEL_LOAD_LOCK:
         return evaluate.load_or_train_classifier(target=space)[0]
 
 

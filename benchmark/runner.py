@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,12 @@ def train_once(cmd: list[str], out: str, done_file: str, what: str) -> None:
 
 def train_seconds(out: str) -> float:
     return json.load(open(os.path.join(out, "train_time.json")))["seconds"]
+
+
+# ``run_all``'s jobs are threads of one process, and diffusers' ``from_pretrained`` and peft's ``load_lora_weights``
+# build modules under process-wide meta-device patches: a model another thread builds meanwhile comes out empty or
+# fails. Jobs that load models in-process (their evaluation) hold this lock while loading.
+MODEL_LOAD_LOCK = threading.Lock()
 
 
 def run_all(job: Callable[..., dict], jobs: list[tuple], parallel: int) -> list[dict]:

@@ -1068,3 +1068,36 @@ def test_committed_dreambooth_miniature_tables_follow_from_the_committed_records
     dbb.main(dbb.parse_args(["--summarize_only", "--records_json", records, "--output_dir", str(tmp_path),
                              "--table", str(tmp_path / "table.md")]))
     assert open(tmp_path / "table.md").read() == open(os.path.join(ROOT, "docs", "measurements", table_name)).read()
+
+
+def test_dreambooth_benchmark_loads_models_under_the_lock(monkeypatch) -> None:
+    """Parallel runs are threads, and from_pretrained / load_lora_weights patch module creation process-wide (a model
+    built meanwhile in another thread came out on the meta device): each load holds runner.MODEL_LOAD_LOCK."""
+    import types
+
+    import diffusers
+
+    from benchmark import dreambooth_benchmark as dbb
+    from benchmark import runner
+
+    held = []
+    real = diffusers.StableDiffusionPipeline.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        held.append(runner.MODEL_LOAD_LOCK.locked())
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", classmethod(recording))
+    pipe = dbb.load_pipeline(os.path.join(ROOT, "benchmark", "emoji_text2image_model"))
+    record = lambda *_: held.append(runner.MODEL_LOAD_LOCK.locked())  # noqa: E731
+    monkeypatch.setattr(type(pipe), "load_lora_weights", record)
+    monkeypatch.setattr(type(pipe), "unload_lora_weights", lambda self: None)
+    args = types.SimpleNamespace(subject=dbb.DEFAULT_SUBJECT, samples_per_prompt=2, num_inference_steps=1,
+                              guidance_scale=1.0)
+    dbb.generate(pipe, "a-lora-folder", args)
+    dbb.feature_model.cache_clear()
+    monkeypatch.setattr("benchmark.evaluate.load_or_train_classifier",
+                        lambda target: (held.append(runner.MODEL_LOAD_LOCK.locked()), None))
+    dbb.feature_model("openmoji")
+    dbb.feature_model.cache_clear()
+    assert held == [True, True, True] and not runner.MODEL_LOAD_LOCK.locked()
