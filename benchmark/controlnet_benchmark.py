@@ -236,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
                         help="Flags passed on to every training run (last on the line).")
     args = parser.parse_args(argv)
+    runner.refuse_secret_flags(parser, args.extra_flags)
     for flag in ("max_train_steps", "train_batch_size", "eval_every", "num_eval_pairs", "knowledge_bank_size",
                  "knowledge_bank_num_inference_steps", "num_inference_steps", "jobs"):
         if getattr(args, flag) < 1:

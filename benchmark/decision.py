@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 
+from benchmark.runner import run_seed
 from difftuning_common import ConfigError, atomic_write_json
 from training_plumbing import run_cli
 
@@ -67,9 +68,9 @@ def load_arm(folder: str, run_arm: str, step: int | None = None) -> dict[int, di
     runs = os.path.join(folder, "runs")
     found = {}
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        seed = name[len(run_arm) + len("-seed"):]
+        seed = run_seed(name, run_arm)
         path = os.path.join(runs, name, "metrics.json")
-        if name.startswith(f"{run_arm}-seed") and seed.isdigit() and os.path.exists(path):
+        if seed is not None and os.path.exists(path):
             metrics = json.load(open(path))
             if "early_stopped" not in metrics:
                 raise ConfigError(f"{path} has no validation curve: run the benchmark with --eval_every.")
@@ -79,7 +80,7 @@ def load_arm(folder: str, run_arm: str, step: int | None = None) -> dict[int, di
                                       f"--score_steps {step}.")
                 scored = metrics["at_step"][str(step)]
                 metrics = {**scored, "early_stopped": {"step": step, **scored}, "val_curve": metrics["val_curve"]}
-            found[int(seed)] = metrics
+            found[seed] = metrics
     if not found:
         raise ConfigError(f"No finished {run_arm} run in {runs}.")
     return found

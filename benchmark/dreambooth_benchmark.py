@@ -288,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
                         help="Flags passed on to every training run (last on the line).")
     args = parser.parse_args(argv)
+    runner.refuse_secret_flags(parser, args.extra_flags)
     if args.summarize_only and args.records_json and not os.path.isfile(args.records_json):
         parser.error(f"--records_json {args.records_json} does not exist (with --summarize_only it is read).")
     has_model = os.path.isfile(os.path.join(args.base_model, "model_index.json"))
@@ -421,8 +422,8 @@ def records_to_results(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     results: dict[str, dict[int, dict]] = {}
     for arm in ARMS:
         for name, result in sorted(runs.items()):
-            if name.startswith(f"{arm}-seed") and name[len(arm) + len("-seed"):].isdigit():
-                results.setdefault(arm, {})[int(name[len(arm) + len("-seed"):])] = result
+            if (seed := runner.run_seed(name, arm)) is not None:
+                results.setdefault(arm, {})[seed] = result
     return results
 
 

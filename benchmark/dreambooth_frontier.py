@@ -41,7 +41,7 @@ import statistics
 
 import numpy as np
 
-from benchmark.runner import ROOT
+from benchmark.runner import ROOT, run_seed
 from difftuning_common import ConfigError, atomic_write_json
 from training_plumbing import run_cli
 
@@ -102,15 +102,15 @@ def load_runs(folder: str, run_arm: str) -> dict[int, dict]:
     runs = os.path.join(folder, "runs")
     found = {}
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        seed = name[len(run_arm) + len("-seed"):]
+        seed = run_seed(name, run_arm)
         path = os.path.join(runs, name, "result.json")
-        if name.startswith(f"{run_arm}-seed") and seed.isdigit() and os.path.exists(path):
+        if seed is not None and os.path.exists(path):
             result = json.load(open(path))
             if "base" not in result:
                 raise ConfigError(f"{path} has no base-model point (made before the frontier was recorded): run "
                                   "it again with the current dreambooth_benchmark.")
             result["settings"] = json.load(open(os.path.join(runs, name, "settings.json")))
-            found[int(seed)] = result
+            found[seed] = result
     if not found:
         raise ConfigError(f"No finished {run_arm} run in {runs}.")
     return found

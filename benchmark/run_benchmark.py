@@ -137,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "none: a sweep made with --extra_flags or another bank size, paired with the plain "
                              "runs. Its runs must share every other setting.")
     args = parser.parse_args(argv)
+    runner.refuse_secret_flags(parser, args.extra_flags)
     miniature = MINIATURES[args.miniature]
     if args.authors_ema_decay != "matched":
         try:

@@ -32,6 +32,18 @@ def child_env() -> dict:
             "PYTHONPATH": path}
 
 
+def refuse_secret_flags(parser: argparse.ArgumentParser, extra_flags: list[str]) -> None:
+    """``--extra_flags`` are recorded (each run's settings.json, the committed records): a secret there would be
+    written to disk. The children run offline anyway, so a token is refused, not passed on."""
+    from training_plumbing import SECRET_FLAGS
+
+    for flag in extra_flags:
+        name = flag.lstrip("-").split("=", 1)[0]
+        if flag.startswith("--") and name in SECRET_FLAGS:
+            parser.error(f"--extra_flags --{name}: benchmark runs are recorded and run offline; a secret is never "
+                         "passed to them (log in with `hf auth login` where a run needs the Hub).")
+
+
 def script_command(script: str) -> list[str]:
     """The command line of one of the repository's training scripts."""
     return [sys.executable, os.path.join(ROOT, script)]
@@ -158,6 +170,12 @@ def run_all(job: Callable[..., dict], jobs: list[tuple], parallel: int) -> list[
         return list(pool.map(lambda args: job(*args), jobs))
 
 
+def run_seed(name: str, arm: str) -> int | None:
+    """The seed of a run folder named ``<arm>-seed<N>``; None for another arm's (or any other) name."""
+    seed = name[len(arm) + len("-seed"):]
+    return int(seed) if name.startswith(f"{arm}-seed") and seed.isdigit() else None
+
+
 def collect_results(output_dir: str, arms: Iterable[str], result_file: str,
                     defaults: dict | None = None) -> tuple[dict[str, dict[int, dict]], dict]:
     """Every finished run under ``output_dir/runs`` (those holding ``result_file``) as {arm: {seed: result}}
@@ -169,14 +187,14 @@ def collect_results(output_dir: str, arms: Iterable[str], result_file: str,
     for arm in arms:
         for name in names:
             path = os.path.join(runs, name, result_file)
-            seed = name[len(arm) + len("-seed"):]
-            if not (name.startswith(f"{arm}-seed") and seed.isdigit() and os.path.exists(path)):
+            seed = run_seed(name, arm)
+            if seed is None or not os.path.exists(path):
                 continue
             settings_path = os.path.join(runs, name, "settings.json")
             if settings is None and os.path.exists(settings_path):
                 settings = json.load(open(settings_path))
             check_run_settings(os.path.join(runs, name), settings or {}, defaults)  # refuses one without settings
-            results.setdefault(arm, {})[int(seed)] = json.load(open(path))
+            results.setdefault(arm, {})[seed] = json.load(open(path))
     if settings is None:
         raise ConfigError(f"No finished run in {runs}: nothing to summarize.")
     return results, settings

@@ -1093,7 +1093,7 @@ def test_dreambooth_benchmark_loads_models_under_the_lock(monkeypatch) -> None:
     monkeypatch.setattr(type(pipe), "load_lora_weights", record)
     monkeypatch.setattr(type(pipe), "unload_lora_weights", lambda self: None)
     args = types.SimpleNamespace(subject=dbb.DEFAULT_SUBJECT, samples_per_prompt=2, num_inference_steps=1,
-                              guidance_scale=1.0)
+                                 guidance_scale=1.0)
     dbb.generate(pipe, "a-lora-folder", args)
     dbb.feature_model.cache_clear()
     monkeypatch.setattr("benchmark.evaluate.load_or_train_classifier",
@@ -1101,3 +1101,17 @@ def test_dreambooth_benchmark_loads_models_under_the_lock(monkeypatch) -> None:
     dbb.feature_model("openmoji")
     dbb.feature_model.cache_clear()
     assert held == [True, True, True] and not runner.MODEL_LOAD_LOCK.locked()
+
+
+@pytest.mark.parametrize("tool", ["run_benchmark", "controlnet_benchmark", "dreambooth_benchmark"])
+@pytest.mark.parametrize("secret", [["--hub_token", "hf_secret123"], ["--hub_token=hf_secret123"]])
+def test_benchmarks_refuse_a_token_in_extra_flags(tool, secret, capsys) -> None:
+    """--extra_flags are recorded in every run's settings.json and in committed records: a Hub token there would be
+    written to disk, so it is refused with one sentence naming the flag (and not echoing the token)."""
+    import importlib
+
+    module = importlib.import_module(f"benchmark.{tool}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--extra_flags", "--push_to_hub", *secret])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--extra_flags --hub_token" in err and "hf_secret123" not in err
